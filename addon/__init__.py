@@ -1,0 +1,1 @@
+"""registry-cache: a Docker Hub pull-through mirror as a mitmproxy addon."""

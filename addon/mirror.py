@@ -1,0 +1,310 @@
+"""The mitmproxy addon: routes registry traffic between the upstream and the store.
+
+Request paths (see README "How it works"):
+- not /v2/: untouched.
+- /v2/ ping, manifests, tags, token flow, uploads: passed to the upstream.
+- blob HEAD: answered here if stored, else passed to the upstream.
+- blob GET, stored: sent by the blob server (307 for plain-HTTP clients, a
+  rewritten, streamed request for TLS clients).
+- blob GET, not stored: one fill per digest fetches it from the upstream; the
+  client is sent to the blob server, which streams the part file as it grows.
+
+Hooks never block the event loop: store calls run in a private thread pool,
+fills and the blob server run in their own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ProxyMode
+
+from . import routes
+from .blobserver import BlobServer
+from .fill import Fills, State
+from .routes import Kind, Route, RouteError
+from .store import DiskBlobStore
+from .upstream import UpstreamClient
+
+log = logging.getLogger("registry_cache")
+
+START_TIMEOUT = 120.0  # bound on waiting for an upstream to answer a blob GET
+METADATA_KEY = "registry_cache"
+MARKS = {  # what mitmweb shows per outcome
+    "hit": ":green_circle:",
+    "miss": ":large_blue_circle:",
+    "fill-failed": ":red_circle:",
+    "error": ":red_circle:",
+    "pass": ":white_circle:",
+}
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "registry-cache")
+
+
+def parse_size(text: str) -> int:
+    """'20g', '512M', '1000000' -> bytes (binary units)."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    value = text.strip().lower().removesuffix("b").removesuffix("i")
+    number, unit = value, ""
+    if value and value[-1] in units:
+        number, unit = value[:-1], value[-1]
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 500m, 20g, 1t)") from None
+    if size <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return size
+
+
+def oci_error(status: int, code: str, message: str, detail: str = "") -> http.Response:
+    error = {"code": code, "message": message}
+    if detail:
+        error["detail"] = detail
+    return http.Response.make(
+        status, json.dumps({"errors": [error]}).encode(), {"Content-Type": "application/json"}
+    )
+
+
+class RegistryCache:
+    def __init__(self) -> None:
+        self.store: DiskBlobStore | None = None
+        self.fills: Fills | None = None
+        self.blob_server: BlobServer | None = None
+        self.upstream: UpstreamClient | None = None
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="registry-cache-io")
+
+    # -- mitmproxy lifecycle --------------------------------------------------
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "cache_dir", str, "",
+            f"Directory of the blob store (default: {default_cache_dir()}).",
+        )
+        loader.add_option(
+            "cache_size", str, "20g",
+            "Size limit of the blob store (e.g. 500m, 20g, 1t); least recently used blobs are evicted.",
+        )
+        loader.add_option(
+            "blob_redirect", bool, True,
+            "Send plain-HTTP clients a 307 to the blob port for blob bytes (fastest). "
+            "When off, and always for TLS clients, mitmproxy streams the bytes itself.",
+        )
+        loader.add_option(
+            "blob_host", str, "",
+            "Address the blob server listens on (default: the proxy's own listen address).",
+        )
+        loader.add_option(
+            "blob_port", str, "0",
+            "Port of the blob server (0: any free port; set one if a firewall sits in between).",
+        )
+        loader.add_option(
+            "blob_url", str, "",
+            "Base URL clients use to reach the blob server, e.g. http://mirror.lan:5001 "
+            "(default: the address the client connected to, with blob_port).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        watched = {"cache_dir", "cache_size", "blob_host", "blob_port", "mode", "listen_host"}
+        if self.store is not None and not (updated & watched):
+            return
+        try:
+            size_limit = parse_size(ctx.options.cache_size)
+            port = int(ctx.options.blob_port)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"blob_port out of range: {port}")
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"registry-cache: {exc}") from None
+        self._shutdown()
+        cache_dir = Path(ctx.options.cache_dir or default_cache_dir()).expanduser()
+        self.store = DiskBlobStore(cache_dir, size_limit)
+        self.fills = Fills(self.store)
+        self.upstream = UpstreamClient(verify=self._upstream_verify())
+        host = ctx.options.blob_host or self._proxy_listen_host()
+        try:
+            self.blob_server = BlobServer(self.store, self.fills, host, port)
+        except OSError as exc:
+            raise exceptions.OptionsError(f"registry-cache: blob server cannot listen on {host}:{port}: {exc}")
+        self.blob_server.start()
+        used, count = self.store.usage()
+        log.info(
+            "registry-cache: store %s (%d blobs, %.1f of %.1f GiB); blob server on %s:%d",
+            cache_dir, count, used / 2**30, size_limit / 2**30, self.blob_server.host, self.blob_server.port,
+        )
+
+    def running(self) -> None:
+        # With the default eager strategy mitmproxy connects upstream before
+        # any hook runs, so even blobs we hold would fail while it is down.
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.update(connection_strategy="lazy")
+            log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
+
+    def done(self) -> None:
+        self._shutdown()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _shutdown(self) -> None:
+        if self.blob_server is not None:
+            self.blob_server.stop()
+            self.blob_server = None
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    @staticmethod
+    def _upstream_verify() -> bool | str:
+        if ctx.options.ssl_insecure:
+            return False
+        return ctx.options.ssl_verify_upstream_trusted_ca or ctx.options.ssl_verify_upstream_trusted_confdir or True
+
+    @staticmethod
+    def _proxy_listen_host() -> str:
+        """The one address all proxy modes listen on, else all interfaces."""
+        hosts = {ProxyMode.parse(spec).listen_host(ctx.options.listen_host) for spec in ctx.options.mode}
+        return hosts.pop() if len(hosts) == 1 else ""
+
+    # -- request routing -------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not routes.is_registry_path(flow.request.path):
+            return
+        try:
+            route = routes.parse(flow.request.path)
+        except RouteError as exc:
+            log.warning("registry-cache: refused %s %s: %s", flow.request.method, flow.request.path[:200], exc.message)
+            flow.response = oci_error(400, exc.code, exc.message, exc.detail)
+            self._mark(flow, "error", detail=exc.message)
+            return
+        if route.namespace is not None:
+            del flow.request.query["ns"]  # meant for the mirror, not the registry
+        if route.kind is Kind.BLOB and flow.request.method in ("GET", "HEAD"):
+            await self._blob(flow, route)
+        else:
+            self._mark(flow, "pass", detail=route.kind.value)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(METADATA_KEY + ".stream"):
+            flow.response.stream = True
+
+    async def _io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _blob(self, flow: http.HTTPFlow, route: Route) -> None:
+        digest = route.reference
+        size = await self._io(self.store.size_of, digest)
+        if size is not None:
+            self._mark(flow, "hit", digest, size)
+            if flow.request.method == "HEAD":
+                flow.response = self._blob_head_response(digest, size)
+            else:
+                self._send_to_blob_server(flow, digest)
+            return
+        if flow.request.method == "HEAD":
+            self._mark(flow, "pass", digest)  # a HEAD never costs a blob download
+            return
+        fill = await self._start_or_join_fill(flow, digest)
+        if fill.state is State.FAILED:
+            self._mark(flow, "fill-failed", digest, detail=fill.error)
+            if fill.answer is not None:
+                answer = fill.answer
+                flow.response = http.Response.make(answer.status, answer.body, answer.headers)
+            else:
+                flow.response = oci_error(502, "UNAVAILABLE", "upstream fetch failed", fill.error)
+            return
+        self._mark(flow, "miss", digest, fill.size)
+        self._send_to_blob_server(flow, digest)
+
+    async def _start_or_join_fill(self, flow: http.HTTPFlow, digest: str):
+        url = flow.request.url.split("?", 1)[0]
+        authorization = flow.request.headers.get("Authorization")
+
+        def opener():
+            return self.upstream.get_blob(url, authorization)
+
+        for _attempt in range(2):
+            fill, started = self.fills.start_or_join(digest, opener)
+            log.info("registry-cache: miss %s: %s fill", digest, "started" if started else "joined")
+            try:
+                await asyncio.wait_for(fill.wait_started(), START_TIMEOUT)
+            except TimeoutError:
+                break
+            # A fill someone else started was refused with THEIR credentials
+            # (e.g. 401 before they had a token): try again with ours.
+            if started or fill.state is not State.FAILED or fill.answer is None:
+                break
+        return fill
+
+    def _blob_head_response(self, digest: str, size: int) -> http.Response:
+        response = http.Response.make(200, b"", self._blob_headers(digest))
+        response.headers["Content-Length"] = str(size)
+        return response
+
+    @staticmethod
+    def _blob_headers(digest: str) -> dict[str, str]:
+        return {
+            "Content-Type": "application/octet-stream",
+            "Docker-Content-Digest": digest,
+            "Etag": f'"{digest}"',
+            "Accept-Ranges": "bytes",
+        }
+
+    def _send_to_blob_server(self, flow: http.HTTPFlow, digest: str) -> None:
+        path = self.blob_server.signed_path(digest)
+        if ctx.options.blob_redirect and not flow.client_conn.tls_established:
+            location = self._blob_base_url(flow) + path
+            flow.response = http.Response.make(
+                307, b"", {"Location": location, "Docker-Content-Digest": digest, "Cache-Control": "no-store"}
+            )
+            return
+        # TLS client (or redirects off): mitmproxy streams the blob server's answer.
+        flow.metadata[METADATA_KEY + ".original_url"] = flow.request.url
+        flow.metadata[METADATA_KEY + ".stream"] = True
+        flow.request.headers.pop("Authorization", None)
+        flow.request.scheme = "http"
+        flow.request.host = _loopback_for(self.blob_server.host)
+        flow.request.port = self.blob_server.port
+        flow.request.path = path
+
+    def _blob_base_url(self, flow: http.HTTPFlow) -> str:
+        if ctx.options.blob_url:
+            return ctx.options.blob_url.rstrip("/")
+        host = flow.client_conn.sockname[0]
+        if host.startswith("::ffff:"):
+            host = host[7:]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.blob_server.port}"
+
+    @staticmethod
+    def _mark(flow: http.HTTPFlow, outcome: str, digest: str = "", size: int | None = None, detail: str = "") -> None:
+        """Show the outcome in mitmweb (mark + comment) and in flow metadata."""
+        flow.marked = MARKS[outcome]
+        parts = [f"registry-cache: {outcome}"]
+        if digest:
+            parts.append(digest)
+        if size is not None:
+            parts.append(f"{size} bytes")
+        if detail:
+            parts.append(f"({detail})")
+        flow.comment = " ".join(parts)
+        flow.metadata[METADATA_KEY] = outcome
+
+
+def _loopback_for(host: str) -> str:
+    """Where mitmproxy itself reaches the blob server."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host

@@ -1,0 +1,207 @@
+"""The blob store: verified blobs keyed by digest, on local disk.
+
+`BlobStore` is the small interface the rest of the mirror uses, so that a
+second tier (an S3-compatible object store shared by several mirror nodes) can
+slot in behind the same calls. `DiskBlobStore` is the local tier, built on
+diskcache:
+
+- A fill writes into a part file under `<cache_dir>/fills/` (same filesystem
+  as the cache). Only after its sha256 and size are verified is it committed,
+  by renaming it into diskcache's directory: no second copy.
+- diskcache's own culling is coarse (it drops up to ten entries at once), so
+  it is disabled and the store evicts least-recently-used entries one by one
+  until it is under its size limit.
+- Part files left behind by a killed process are never referenced by the
+  cache database, so they can never be served; they are swept on start.
+  Each live part file holds an flock, so a second process sharing the
+  directory never sweeps a fill that is still running.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import diskcache
+
+log = logging.getLogger(__name__)
+
+FILLS_DIR = "fills"
+PART_SUFFIX = ".part"
+
+
+@dataclass
+class StoredBlob:
+    """An open, committed blob. The file stays readable even if it is evicted
+    while being served (POSIX unlink semantics)."""
+
+    file: BinaryIO
+    size: int
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class PartFile:
+    """A fill in progress: an exclusive, locked temp file in the store."""
+
+    path: str
+    fd: int
+
+
+class BlobStore(Protocol):
+    def open(self, digest: str) -> StoredBlob | None:
+        """The committed blob, opened for reading, or None."""
+
+    def size_of(self, digest: str) -> int | None:
+        """Size of a committed blob without opening it (for HEAD)."""
+
+    def new_part(self, digest: str) -> PartFile:
+        """A temp file to fill; commit() or discard_part() it."""
+
+    def commit(self, digest: str, part: PartFile, size: int) -> None:
+        """Make a VERIFIED part file the blob for digest."""
+
+    def discard_part(self, part: PartFile) -> None: ...
+
+    def delete(self, digest: str) -> bool: ...
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes used, number of blobs)."""
+
+
+class _CommittedFile:
+    """Marker value for RenamingDisk.store: move this verified file in."""
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
+
+
+class RenamingDisk(diskcache.Disk):
+    """diskcache Disk that commits a verified part file by renaming it."""
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if isinstance(value, _CommittedFile):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.rename(value.path, full_path)
+            return value.size, diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key=key)
+
+
+class DiskBlobStore:
+    def __init__(self, directory: str | os.PathLike, size_limit: int):
+        self.directory = Path(directory)
+        self.size_limit = size_limit
+        self.fills_dir = self.directory / FILLS_DIR
+        self.fills_dir.mkdir(parents=True, exist_ok=True)
+        self._cache = diskcache.Cache(
+            str(self.directory),
+            disk=RenamingDisk,
+            eviction_policy="least-recently-used",
+            size_limit=size_limit,
+            cull_limit=0,  # we evict ourselves, one entry at a time
+            disk_min_file_size=0,
+            timeout=60,
+        )
+        self.evictions = 0
+        self.sweep_orphaned_parts()
+
+    # -- reading -----------------------------------------------------------
+
+    def open(self, digest: str) -> StoredBlob | None:
+        try:
+            file = self._cache.get(digest, read=True)
+        except OSError:  # row present, file gone: treat as a miss
+            log.warning("store: %s is indexed but its file is missing; dropping it", digest)
+            self._cache.delete(digest)
+            return None
+        if file is None:
+            return None
+        return StoredBlob(file, os.fstat(file.fileno()).st_size)
+
+    def size_of(self, digest: str) -> int | None:
+        blob = self.open(digest)
+        if blob is None:
+            return None
+        blob.close()
+        return blob.size
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._cache
+
+    # -- filling -----------------------------------------------------------
+
+    def new_part(self, digest: str) -> PartFile:
+        fd, path = tempfile.mkstemp(
+            prefix=digest.replace(":", "-") + ".", suffix=PART_SUFFIX, dir=self.fills_dir
+        )
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return PartFile(path, fd)
+
+    def commit(self, digest: str, part: PartFile, size: int) -> None:
+        os.fsync(part.fd)  # a committed entry must survive a crash intact
+        self._cache.set(digest, _CommittedFile(part.path, size), read=True)
+        self.evict_to(self.size_limit)
+
+    def discard_part(self, part: PartFile) -> None:
+        try:
+            os.unlink(part.path)
+        except FileNotFoundError:
+            pass
+
+    def sweep_orphaned_parts(self) -> int:
+        """Remove part files no live fill holds (left by a killed process)."""
+        removed = 0
+        for path in self.fills_dir.glob("*" + PART_SUFFIX):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                continue  # a running fill (maybe in another process) owns it
+            finally:
+                os.close(fd)
+            path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("store: removed %d unfinished fill(s) left by an earlier run", removed)
+        return removed
+
+    # -- housekeeping --------------------------------------------------------
+
+    def delete(self, digest: str) -> bool:
+        return bool(self._cache.delete(digest))
+
+    def usage(self) -> tuple[int, int]:
+        return self._cache.volume(), len(self._cache)
+
+    def evict_to(self, limit: int) -> int:
+        """Evict least-recently-used blobs until the store fits in `limit`."""
+        evicted = 0
+        while self._cache.volume() > limit:
+            # diskcache has no public "least recently used key" query; the
+            # Cache table layout is stable in the pinned 5.6.3.
+            row = self._cache._sql("SELECT key FROM Cache ORDER BY access_time LIMIT 1").fetchone()
+            if row is None:
+                break
+            if self._cache.delete(row[0]):
+                evicted += 1
+                log.info("store: evicted %s to stay under %d bytes", row[0], limit)
+        self.evictions += evicted
+        return evicted
+
+    def close(self) -> None:
+        self._cache.close()
