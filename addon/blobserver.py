@@ -88,6 +88,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = SEND_TIMEOUT  # also closes idle keep-alive connections
     server_ctx: BlobServer
 
     def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature

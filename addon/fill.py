@@ -132,7 +132,9 @@ class Fill:
 
     def _copy(self, response: requests.Response, part: PartFile, hasher) -> None:
         while True:
-            chunk = response.raw.read(CHUNK, decode_content=False)
+            # read1: whatever has arrived (up to CHUNK), so followers on a slow
+            # link see bytes as they come rather than a megabyte at a time.
+            chunk = response.raw.read1(CHUNK, decode_content=False)
             if not chunk:
                 return
             hasher.update(chunk)

@@ -118,12 +118,15 @@ class DiskBlobStore:
     # -- reading -----------------------------------------------------------
 
     def open(self, digest: str) -> StoredBlob | None:
-        try:
+        file = self._cache.get(digest, read=True)
+        if file is None and digest in self._cache:
+            # diskcache answers "missing" when the row exists but its file
+            # does not (deleted behind our back). Look once more, in case the
+            # row was committed just now, before dropping it.
             file = self._cache.get(digest, read=True)
-        except OSError:  # row present, file gone: treat as a miss
-            log.warning("store: %s is indexed but its file is missing; dropping it", digest)
-            self._cache.delete(digest)
-            return None
+            if file is None:
+                log.warning("store: %s is indexed but its file is missing; dropping it", digest)
+                self._cache.delete(digest)
         if file is None:
             return None
         return StoredBlob(file, os.fstat(file.fileno()).st_size)

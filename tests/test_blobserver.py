@@ -1,0 +1,91 @@
+"""Unit tests for the blob server: signatures, ranges, HEAD, and serving from the store."""
+
+import hashlib
+import os
+
+import pytest
+import requests
+
+from addon.blobserver import BlobServer, _parse_range
+from addon.fill import Fills
+from addon.store import DiskBlobStore
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("bytes=0-9", (0, 10)),
+        ("bytes=10-", (10, 100)),
+        ("bytes=-10", (90, 100)),
+        ("bytes=90-500", (90, 100)),
+        ("bytes=-500", (0, 100)),
+        ("bytes=100-", "unsatisfiable"),
+        ("bytes=50-40", "unsatisfiable"),
+        ("bytes=-0", "unsatisfiable"),
+        ("bytes=0-1,5-6", None),  # multi-range: served whole
+        ("items=0-1", None),
+        ("bytes=-", None),
+    ],
+)
+def test_parse_range(header, expected):
+    assert _parse_range(header, 100) == expected
+
+
+@pytest.fixture
+def served(tmp_path):
+    store = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
+    data = os.urandom(200_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    part = store.new_part(digest)
+    os.write(part.fd, data)
+    store.commit(digest, part, len(data))
+    os.close(part.fd)
+    server = BlobServer(store, Fills(store), "127.0.0.1", 0)
+    server.start()
+    yield server, digest, data
+    server.stop()
+    store.close()
+
+
+def url(server, path):
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+def test_serves_whole_blob_range_and_head(served):
+    server, digest, data = served
+    path = server.signed_path(digest)
+    r = requests.get(url(server, path), timeout=10)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["Docker-Content-Digest"] == digest
+    r = requests.get(url(server, path), headers={"Range": "bytes=1000-1999"}, timeout=10)
+    assert r.status_code == 206 and r.content == data[1000:2000]
+    assert r.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+    r = requests.get(url(server, path), headers={"Range": f"bytes={len(data)}-"}, timeout=10)
+    assert r.status_code == 416
+    r = requests.head(url(server, path), timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Length"] == str(len(data)) and r.content == b""
+    assert server.bytes_sent == len(data) + 1000
+
+
+def test_refuses_unsigned_forged_and_expired_urls(served):
+    server, digest, _ = served
+    good = server.signed_path(digest)
+    forged = good[:-4] + ("0000" if not good.endswith("0000") else "1111")
+    other = "sha256:" + "0" * 64
+    cases = [
+        f"/blobs/{digest}",
+        forged,
+        server.signed_path(digest, ttl=-10),
+        good.replace(digest, other),  # signature of another digest
+        "/blobs/../../etc/passwd?" + good.split("?")[1],
+    ]
+    for path in cases:
+        r = requests.get(url(server, path), timeout=10)
+        assert r.status_code in (403, 404), path
+        assert r.json()["errors"][0]["code"] in ("DENIED", "BLOB_UNKNOWN")
+
+
+def test_unknown_blob_is_404(served):
+    server, _, _ = served
+    r = requests.get(url(server, server.signed_path("sha256:" + "1" * 64)), timeout=10)
+    assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"

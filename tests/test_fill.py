@@ -1,0 +1,226 @@
+"""Unit tests for fills: verification, coalescing state, followers.
+
+The upstream here is a tiny local HTTP server that can misbehave on purpose
+(a fake is fine for a unit test; the end-to-end tests use the real registry).
+"""
+
+import hashlib
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from addon.fill import Fill, FillFailed, Fills, State
+from addon.store import DiskBlobStore
+from addon.upstream import UpstreamClient
+
+WAIT = 30  # bound on every wait in this file
+
+
+class Upstream:
+    """Serves `body` for any GET; `mode` picks how it misbehaves."""
+
+    def __init__(self):
+        self.body = b""
+        self.mode = "good"
+        self.gate = threading.Event()  # for "pause": second half waits for this
+        self.gate.set()
+        self.requests = []
+        parent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                parent.requests.append(dict(self.headers))
+                body, mode = parent.body, parent.mode
+                if mode == "404":
+                    payload = b'{"errors":[{"code":"BLOB_UNKNOWN"}]}'
+                    self.send_response(404)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if mode == "corrupt":
+                    middle = len(body) // 2
+                    body = body[:middle] + bytes([body[middle] ^ 1]) + body[middle + 1:]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode == "truncate":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                half = len(body) // 2
+                self.wfile.write(body[:half])
+                self.wfile.flush()
+                parent.gate.wait(WAIT)
+                self.wfile.write(body[half:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v2/x/blobs/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def upstream():
+    u = Upstream()
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = DiskBlobStore(tmp_path / "cache", size_limit=1 << 30)
+    yield s
+    s.close()
+
+
+def run_fill(store, upstream, body, digest=None, auth=None):
+    upstream.body = body
+    digest = digest or "sha256:" + hashlib.sha256(body).hexdigest()
+    client = UpstreamClient()
+    finished = threading.Event()
+    fill = Fill(digest, store, lambda: client.get_blob(upstream.url + digest, auth), on_finished=lambda f: finished.set())
+    fill.start()
+    return fill, finished
+
+
+def follow(fill):
+    """Read the fill as a follower does; returns bytes or raises FillFailed."""
+    fd = fill.open_reader()
+    assert fd is not None
+    out, pos = bytearray(), 0
+    try:
+        while fill.size is None or pos < fill.size:
+            limit = fill.readable_until(pos, WAIT)
+            out += os.pread(fd, limit - pos, pos)
+            pos = limit
+    finally:
+        os.close(fd)
+    return bytes(out)
+
+
+def wait_streaming(fill):
+    fill_started = threading.Event()
+
+    def watch():
+        with fill._cond:
+            fill._cond.wait_for(lambda: fill.state is not State.CONNECTING, WAIT)
+        fill_started.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert fill_started.wait(WAIT)
+
+
+def test_good_body_is_verified_stored_and_followed(store, upstream):
+    body = os.urandom(3_000_000)
+    fill, finished = run_fill(store, upstream, body, auth="Bearer t0ken")
+    wait_streaming(fill)
+    assert follow(fill) == body
+    assert finished.wait(WAIT)
+    assert fill.state is State.VERIFIED
+    blob = store.open(fill.digest)
+    with blob.file:
+        assert blob.file.read() == body
+    assert upstream.requests[0]["Authorization"] == "Bearer t0ken"
+
+
+def test_followers_get_bytes_before_the_fetch_ends(store, upstream):
+    upstream.gate.clear()  # upstream sends half, then stalls until we say so
+    body = os.urandom(2_000_000)
+    fill, finished = run_fill(store, upstream, body)
+    wait_streaming(fill)
+    fd = fill.open_reader()
+    try:
+        limit = fill.readable_until(0, WAIT)
+        assert 0 < limit <= len(body) // 2
+        assert os.pread(fd, limit, 0) == body[:limit]
+        assert not finished.is_set()
+    finally:
+        os.close(fd)
+        upstream.gate.set()
+    assert finished.wait(WAIT)
+    assert fill.state is State.VERIFIED
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "truncate"])
+def test_bad_body_is_never_stored_nor_completed(store, upstream, mode):
+    body = os.urandom(2_000_000)
+    upstream.mode = mode
+    fill, finished = run_fill(store, upstream, body)
+    wait_streaming(fill)
+    with pytest.raises(FillFailed):
+        got = follow(fill)
+        # A follower must never be handed the whole blob.
+        assert len(got) < len(body)
+    assert finished.wait(WAIT)
+    assert fill.state is State.FAILED
+    assert store.open(fill.digest) is None
+    assert list(store.fills_dir.iterdir()) == []
+
+
+def test_last_byte_is_withheld_until_verified(store, upstream):
+    body = os.urandom(1_000_000)
+    upstream.gate.clear()
+    fill, finished = run_fill(store, upstream, body)
+    wait_streaming(fill)
+    # Whatever has arrived, the limit stays below the full size until verified.
+    assert fill.readable_until(0, WAIT) <= len(body) - 1
+    upstream.gate.set()
+    assert finished.wait(WAIT)
+    assert fill.readable_until(0, WAIT) == len(body)
+
+
+def test_upstream_refusal_is_kept_for_the_client(store, upstream):
+    upstream.mode = "404"
+    fill, finished = run_fill(store, upstream, b"x" * 100)
+    assert finished.wait(WAIT)
+    assert fill.state is State.FAILED
+    assert fill.answer.status == 404 and b"BLOB_UNKNOWN" in fill.answer.body
+    assert store.open(fill.digest) is None
+
+
+def test_unreachable_upstream_fails_cleanly(store):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = UpstreamClient()
+    finished = threading.Event()
+    digest = "sha256:" + "0" * 64
+    fill = Fill(digest, store, lambda: client.get_blob(f"http://127.0.0.1:{port}/v2/x/blobs/{digest}", None),
+                on_finished=lambda f: finished.set())
+    fill.start()
+    assert finished.wait(WAIT)
+    assert fill.state is State.FAILED and fill.answer is None and "Connection" in fill.error
+
+
+def test_registry_coalesces_and_restarts_after_failure(store, upstream):
+    body = os.urandom(500_000)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    upstream.body = body
+    upstream.gate.clear()
+    fills = Fills(store)
+    client = UpstreamClient()
+    opener = lambda: client.get_blob(upstream.url + digest, None)  # noqa: E731
+    first, started = fills.start_or_join(digest, opener)
+    second, started_again = fills.start_or_join(digest, opener)
+    assert started and not started_again and first is second
+    assert fills.in_flight() == 1
+    first.state = State.FAILED  # as if it had failed: the next caller starts afresh
+    third, started_third = fills.start_or_join(digest, opener)
+    assert started_third and third is not first
+    upstream.gate.set()

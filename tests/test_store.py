@@ -1,0 +1,131 @@
+"""Unit tests for the diskcache-backed blob store."""
+
+import hashlib
+import os
+
+import pytest
+
+from addon.store import DiskBlobStore
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def put(store: DiskBlobStore, data: bytes) -> str:
+    digest = digest_of(data)
+    part = store.new_part(digest)
+    os.write(part.fd, data)
+    store.commit(digest, part, len(data))
+    os.close(part.fd)
+    return digest
+
+
+def read(store: DiskBlobStore, digest: str) -> bytes | None:
+    blob = store.open(digest)
+    if blob is None:
+        return None
+    with blob.file:
+        return blob.file.read()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = DiskBlobStore(tmp_path / "cache", size_limit=1 << 30)
+    yield s
+    s.close()
+
+
+def test_commit_moves_the_part_file_without_copying(store):
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+    part = store.new_part(digest)
+    os.write(part.fd, data)
+    inode = os.fstat(part.fd).st_ino
+    store.commit(digest, part, len(data))
+    os.close(part.fd)
+    assert not os.path.exists(part.path)
+    blob = store.open(digest)
+    with blob.file:
+        assert os.fstat(blob.file.fileno()).st_ino == inode  # renamed, not copied
+        assert blob.size == len(data)
+        assert blob.file.read() == data
+    assert store.size_of(digest) == len(data)
+    assert list(store.fills_dir.iterdir()) == []
+
+
+def test_unknown_digest_is_a_miss(store):
+    assert store.open(digest_of(b"nope")) is None
+    assert store.size_of(digest_of(b"nope")) is None
+
+
+def test_survives_restart(tmp_path):
+    first = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
+    data = os.urandom(50_000)
+    digest = put(first, data)
+    first.close()
+    second = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
+    try:
+        assert read(second, digest) == data
+        assert second.usage()[1] == 1
+    finally:
+        second.close()
+
+
+def test_unfinished_parts_of_a_dead_process_are_swept_but_live_ones_kept(tmp_path):
+    first = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
+    live = first.new_part(digest_of(b"live"))  # holds its flock, like a running fill
+    dead = first.fills_dir / "sha256-dead.x.part"  # no lock: its process died
+    dead.write_bytes(b"half a blob")
+    second = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
+    try:
+        assert not dead.exists()
+        assert os.path.exists(live.path)
+        assert second.open(digest_of(b"half a blob")) is None
+    finally:
+        os.close(live.fd)
+        first.close()
+        second.close()
+
+
+def test_evicts_least_recently_used_one_at_a_time(tmp_path):
+    mib = 1 << 20
+    store = DiskBlobStore(tmp_path / "c", size_limit=3 * mib + 512 * 1024)
+    try:
+        a = put(store, os.urandom(mib))
+        b = put(store, os.urandom(mib))
+        c = put(store, os.urandom(mib))
+        assert store.usage()[1] == 3
+        assert read(store, a) is not None  # a is now more recent than b
+        d = put(store, os.urandom(mib))
+        assert store.open(b) is None  # least recently used went first...
+        assert [read(store, x) is not None for x in (a, c, d)] == [True, True, True]  # ...and only it
+        assert store.evictions == 1
+        assert store.usage()[0] <= store.size_limit
+    finally:
+        store.close()
+
+
+def test_a_blob_being_read_survives_its_eviction(tmp_path):
+    store = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
+    try:
+        data = os.urandom(100_000)
+        digest = put(store, data)
+        blob = store.open(digest)
+        store.evict_to(0)
+        assert store.open(digest) is None
+        with blob.file:
+            assert blob.file.read() == data
+    finally:
+        store.close()
+
+
+def test_indexed_blob_with_missing_file_is_dropped(store):
+    data = os.urandom(10_000)
+    digest = put(store, data)
+    blob = store.open(digest)
+    path = os.readlink(f"/proc/self/fd/{blob.file.fileno()}")
+    blob.close()
+    os.unlink(path)
+    assert store.open(digest) is None
+    assert store.usage()[1] == 0
