@@ -1,0 +1,139 @@
+"""The mirror under test: a real `mitmdump -s addon/registry_cache.py` process.
+
+Readiness is taken from mitmdump's own log lines (no sleeps): the addon logs
+where its blob server listens, mitmproxy logs each proxy listener.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+SCRIPT = ROOT / "addon" / "registry_cache.py"
+START_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mirror:
+    """mitmdump with the addon, listening on 127.0.0.1 only.
+
+    `modes` are mitmproxy mode specs without the listen part, e.g.
+    ["reverse:http://127.0.0.1:5000"] or ["regular"]; each gets its own port
+    (see `ports`). `url` is the first listener's http://127.0.0.1:PORT.
+    """
+
+    def __init__(self, workdir: Path, modes: list[str], cache_dir: Path | None = None,
+                 options: dict[str, str] | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.modes = modes
+        self.cache_dir = Path(cache_dir or self.workdir / "cache")
+        self.options = dict(options or {})
+        self.ports = [free_port() for _ in modes]
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.blob_port: int | None = None
+        self._output_done = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def host_port(self) -> str:
+        return f"127.0.0.1:{self.ports[0]}"
+
+    def command(self) -> list[str]:
+        cmd = [str(MITMDUMP), "-s", str(SCRIPT)]
+        for mode, port in zip(self.modes, self.ports):
+            cmd += ["--mode", f"{mode}@127.0.0.1:{port}"]
+        options = {
+            "cache_dir": str(self.cache_dir),
+            "confdir": str(self.workdir / "mitmproxy-conf"),
+            **self.options,
+        }
+        for key, value in options.items():
+            cmd += ["--set", f"{key}={value}"]
+        return cmd
+
+    def start(self) -> "Mirror":
+        self.lines.clear()
+        self.blob_port = None
+        self._output_done = False
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env, cwd=self.workdir, start_new_session=True,
+        )
+        threading.Thread(target=self._read_output, args=(self.proc,), daemon=True).start()
+        match = self.wait_for_log(r"blob server on [^ ]+:(\d+)", START_TIMEOUT)
+        self.blob_port = int(match.group(1))
+        for port in self.ports:
+            self.wait_for_log(rf"listening at [^ ]*:{port}\b", START_TIMEOUT)
+        return self
+
+    def _read_output(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._output_done = True
+            self._cond.notify_all()
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
+        """Wait (bounded) for a log line matching pattern, from line `start` on."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if m := regex.search(line):
+                        return m
+                if self._output_done:
+                    raise RuntimeError(f"mitmdump exited; log:\n{self.log_text()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no log line matching {pattern!r} in {timeout}s; log:\n{self.log_text()}")
+                self._cond.wait(min(remaining, 0.5))
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines[-200:])
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks run, as when a machine loses power mid-fill."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(20)
+
+    def __enter__(self) -> "Mirror":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
