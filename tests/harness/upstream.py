@@ -65,6 +65,8 @@ ERROR_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "BLO
 
 DEFAULT_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 DEFAULT_PRIVATE_REPOS = {"acme/private": {"alice"}}
+ALICE = ("alice", DEFAULT_USERS["alice"])  # with the defaults: may pull acme/private, may push anywhere
+BOB = ("bob", DEFAULT_USERS["bob"])  # with the defaults: may push, may not pull acme/private
 
 
 @dataclass
@@ -91,10 +93,11 @@ class Fault:
 class Counters:
     """Thread-safe traffic counters. Read dict fields through :meth:`snapshot`.
 
-    ``blob_bytes`` is every blob body byte sent to clients by the front door
-    and the CDN together: what "the upstream served" costs. Blob GETs at the
-    front door (``blob_gets``, including those answered with a redirect) and
-    at the CDN (``cdn_gets``) are counted apart.
+    ``blob_bytes`` is every blob content byte (200/206 bodies, not error
+    bodies) sent to clients by the front door and the CDN together: what "the
+    upstream served". Every blob GET at the front door counts in ``blob_gets``
+    (401s and redirects included); ``cdn_gets`` counts CDN GETs that passed the
+    signature check. ``requests`` has every request with its status.
     """
 
     def __init__(self):
@@ -694,6 +697,8 @@ auth:
             resp.close()
             return
 
+        if resp.status not in (200, 206):
+            digest = None  # an error body is not blob content: do not count it
         kind = fault.kind if fault else None
         stop_at = length // 2 if kind == "truncate" and length else None
         flip_at = length // 2 if kind == "corrupt" and length else None

@@ -1,0 +1,114 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+# =============================================================================
+# Upstream registry harness fixtures (tests/harness/*)
+#
+#   upstream_session  session  the running Upstream (distribution + token
+#                              server + front door + CDN); its state is shared
+#   upstream          function the same Upstream, reset for this test: relay
+#                              mode, no faults, up, counters at zero
+#   upstream_redirect function the same, with blob GETs redirected to the CDN
+#   upstream_https    session  a separate Upstream served over HTTPS
+#                              (upstream_https.ca_cert_path is the CA)
+#   pushed_images     session  standard images pushed once to upstream_session
+#   closed_port       session  a loopback host:port that refuses connections
+#                              (skopeo's primary location in mirror tests)
+#
+# Every process and server started here is stopped at teardown.
+# =============================================================================
+from tests.harness.images import PushedImage, PushedIndex, make_layer, push_image, push_index
+from tests.harness.skopeo import ClosedPort
+from tests.harness.upstream import ALICE, Upstream
+
+
+def _reset_upstream(u: Upstream, *, redirect: bool) -> None:
+    u.set_down(False)
+    u.clear_faults()
+    u.redirect_blobs = redirect
+    u.reset_counters()
+
+
+@pytest.fixture(scope="session")
+def upstream_session():
+    u = Upstream()
+    u.start()
+    try:
+        yield u
+    finally:
+        u.stop()
+
+
+@pytest.fixture
+def upstream(upstream_session):
+    _reset_upstream(upstream_session, redirect=False)
+    try:
+        yield upstream_session
+    finally:
+        _reset_upstream(upstream_session, redirect=False)
+
+
+@pytest.fixture
+def upstream_redirect(upstream_session):
+    _reset_upstream(upstream_session, redirect=True)
+    try:
+        yield upstream_session
+    finally:
+        _reset_upstream(upstream_session, redirect=False)
+
+
+@pytest.fixture(scope="session")
+def upstream_https():
+    u = Upstream(https=True)
+    u.start()
+    try:
+        yield u
+    finally:
+        u.stop()
+
+
+@dataclass
+class PushedImages:
+    """The standard images on upstream_session (all layers distinct)."""
+
+    alpine: PushedImage  # library/alpine:latest, OCI manifest, 2 layers
+    multi: PushedIndex  # library/multi:latest, OCI index: linux/amd64, linux/arm64/v8
+    schema2: PushedImage  # library/schema2:latest, Docker schema2 manifest, 1 layer
+    dockerlist: PushedIndex  # library/dockerlist:latest, Docker manifest list: amd64, arm/v7
+    private: PushedImage  # acme/private:latest, only alice may pull it
+
+
+@pytest.fixture(scope="session")
+def pushed_images(upstream_session) -> PushedImages:
+    url = upstream_session.url
+    return PushedImages(
+        alpine=push_image(url, "library/alpine", "latest",
+                          [make_layer(512 * 1024, 1), make_layer(1536 * 1024, 2)], auth=ALICE),
+        multi=push_index(url, "library/multi", "latest", {
+            ("linux", "amd64"): [make_layer(300 * 1024, 3)],
+            ("linux", "arm64", "v8"): [make_layer(400 * 1024, 4)],
+        }, auth=ALICE),
+        schema2=push_image(url, "library/schema2", "latest", [make_layer(200 * 1024, 5)],
+                           auth=ALICE, fmt="docker"),
+        dockerlist=push_index(url, "library/dockerlist", "latest", {
+            ("linux", "amd64"): [make_layer(100 * 1024, 6)],
+            ("linux", "arm", "v7"): [make_layer(100 * 1024, 7)],
+        }, auth=ALICE, fmt="docker"),
+        private=push_image(url, "acme/private", "latest", [make_layer(256 * 1024, 8)], auth=ALICE),
+    )
+
+
+@pytest.fixture(scope="session")
+def closed_port():
+    port = ClosedPort()
+    try:
+        yield port.host_port
+    finally:
+        port.close()
+
+# ============================ end of harness fixtures ========================
