@@ -259,6 +259,13 @@ def test_skopeo_pulls_directly(upstream, pushed_images, tmp_path):
     skopeo_copy(f"{upstream.host_port}/library/multi:latest", str(dest), home, override_arch="arm64")
     assert verify_dir_image(str(dest))["manifest_digest"] == pushed_images.multi.images[("linux", "arm64", "v8")].digest
 
+    # --all copies the index and every platform.
+    dest = tmp_path / "multi-all"
+    skopeo_copy(f"{upstream.host_port}/library/multi:latest", str(dest), home, all=True)
+    got = verify_dir_image(str(dest))
+    assert got["manifest_digest"] == pushed_images.multi.digest
+    assert set(got["manifests"]) == {i.digest for i in pushed_images.multi.images.values()}
+
     # skopeo sends one Accept line per type: the schema2 image stays schema2.
     raw = skopeo_inspect(f"{upstream.host_port}/library/schema2:latest", home)
     assert "sha256:" + hashlib.sha256(raw.encode()).hexdigest() == pushed_images.schema2.digest

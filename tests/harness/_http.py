@@ -79,13 +79,14 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is None:
-            return
-        self.shutdown()  # returns once serve_forever has left its loop (<= poll_interval)
+        """Stop accepting, close the port and cut every open connection."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self.shutdown()  # returns once serve_forever has left its loop (<= poll_interval)
         self.server_close()
         self.abort_connections()
-        self._thread.join(timeout)
-        self._thread = None
+        if thread is not None:
+            thread.join(timeout)
 
     def set_down(self, down: bool) -> None:
         """While down, new connections are reset at once and live ones are cut."""

@@ -190,15 +190,16 @@ _HEX = re.compile(r"^([0-9a-f]{64})(\.manifest\.json)?$")
 
 
 def verify_dir_image(dest_dir: str) -> dict:
-    """Check a ``dir:`` copy: every blob file's sha256 equals its name.
+    """Check a ``dir:`` copy: every blob and manifest file's sha256 equals its name.
 
     Returns {"manifest_digest": digest of manifest.json, "manifest": parsed,
-    "blobs": {digest: size}}. With ``--all`` the platform manifests are
-    ``<hex>.manifest.json`` files and are verified the same way.
+    "blobs": {digest: size}, "manifests": {digest: size}}. With ``--all``,
+    manifest.json is the index and each platform's manifest is a
+    ``<hex>.manifest.json`` file (listed under "manifests").
     """
     with open(os.path.join(dest_dir, "manifest.json"), "rb") as f:
         manifest_bytes = f.read()
-    blobs = {}
+    blobs, manifests = {}, {}
     for name in os.listdir(dest_dir):
         m = _HEX.match(name)
         if not m:
@@ -211,9 +212,10 @@ def verify_dir_image(dest_dir: str) -> dict:
                 size += len(chunk)
         if hasher.hexdigest() != m.group(1):
             raise AssertionError(f"{dest_dir}/{name}: content has sha256 {hasher.hexdigest()}")
-        blobs["sha256:" + m.group(1)] = size
+        (manifests if m.group(2) else blobs)["sha256:" + m.group(1)] = size
     return {
         "manifest_digest": "sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
         "manifest": json.loads(manifest_bytes),
         "blobs": blobs,
+        "manifests": manifests,
     }

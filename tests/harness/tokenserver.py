@@ -19,6 +19,13 @@ a known user gets pull, push and delete on every repository except private ones
 that do not list them. Asking for what you may not have is not an error: like
 Docker Hub, the token simply lacks that access and the registry refuses later.
 Wrong credentials are a 401.
+
+What distribution 2.8.2 insists on (checked against the Debian binary): the
+header's ``kid`` must be the libtrust key id of a key in rootcertbundle (no
+kid: 401), ``iss`` must equal its configured issuer, and ``aud`` must be a
+plain string equal to the service (a JSON list is refused). It allows 60 s of
+leeway on ``exp``/``nbf``: a token stays usable for a minute after it expires,
+which matters to tests of token expiry.
 """
 
 from __future__ import annotations

@@ -95,7 +95,9 @@ class Counters:
 
     ``blob_bytes`` is every blob content byte (200/206 bodies, not error
     bodies) sent to clients by the front door and the CDN together: what "the
-    upstream served". Every blob GET at the front door counts in ``blob_gets``
+    upstream served". Requests are recorded when they arrive and bytes are
+    counted as they are handed to the socket, so whatever a client has
+    received is already counted when it looks. Every blob GET at the front door counts in ``blob_gets``
     (401s and redirects included); ``cdn_gets`` counts CDN GETs that passed the
     signature check. ``requests`` has every request with its status.
     """
@@ -535,8 +537,8 @@ auth:
             headers["WWW-Authenticate"] = (
                 f'Bearer realm="{self.token_realm}",service="{self.service}"'
             )
-        h.send_body(status, _error_body(status, f"injected fault {status}"), headers=headers)
         rec.status = status
+        h.send_body(status, _error_body(status, f"injected fault {status}"), headers=headers)
 
     # ------------------------------------------------------------------ front door
     def _serve_frontdoor(self, h: _Handler) -> None:
@@ -548,6 +550,7 @@ auth:
         rec = RequestRecord("frontdoor", h.command, target,
                             authorization="Authorization" in h.headers, range=h.headers.get("Range"))
         c = self.counters
+        c.add_record(rec)
         try:
             blob = BLOB_RE.match(route)
             manifest = MANIFEST_RE.match(route)
@@ -577,8 +580,6 @@ auth:
             self._relay(h, target, rec)
         except _Abort:
             h.close_connection = True
-        finally:
-            c.add_record(rec)
 
     def _connection(self, h: _Handler) -> tuple[http.client.HTTPConnection, bool]:
         """The handler's keep-alive connection to distribution (and whether it is reused)."""
@@ -669,8 +670,8 @@ auth:
             raise
         except (OSError, http.client.HTTPException) as exc:
             self._drop_connection(h)
-            h.send_body(502, _error_body(502, f"front door: registry unreachable: {exc}"))
             rec.status = 502
+            h.send_body(502, _error_body(502, f"front door: registry unreachable: {exc}"))
             return
         try:
             self._relay_response(h, resp, rec, digest, fault)
@@ -715,16 +716,16 @@ auth:
                     break
                 if flip_at is not None and sent <= flip_at < sent + n:
                     buf[flip_at - sent] ^= 0xFF
+                sent += n
+                rec.bytes = sent
+                if digest is not None:
+                    self.counters.add_blob_bytes(digest, n)
                 if chunked_out:
                     h.wfile.write(b"%x\r\n" % n)
                     h.wfile.write(view[:n])
                     h.wfile.write(b"\r\n")
                 else:
                     h.wfile.write(view[:n])
-                sent += n
-                rec.bytes = sent
-                if digest is not None:
-                    self.counters.add_blob_bytes(digest, n)
         except (OSError, http.client.HTTPException):
             raise _Abort()  # either side went away mid-body
         if chunked_out:
@@ -745,13 +746,13 @@ auth:
             return False
         if head.status != 200:
             return False  # relay distribution's own error response for the GET
+        rec.status = 307
         h.send_response(307, "Temporary Redirect")
         h.send_header("Docker-Distribution-Api-Version", "registry/2.0")
         h.send_header("Location", self.cdn_url_for(digest))
         h.send_header("Content-Type", "text/html; charset=utf-8")
         h.send_header("Content-Length", "0")
         h.end_headers()
-        rec.status = 307
         return True
 
     # ------------------------------------------------------------------ CDN
@@ -759,20 +760,17 @@ auth:
         url = urlsplit(h.path)
         rec = RequestRecord("cdn", h.command, h.path,
                             authorization="Authorization" in h.headers, range=h.headers.get("Range"))
+        self.counters.add_record(rec)
         try:
             h.drain_request_body()
             self._cdn_request(h, url, rec)
-        except _Abort:
+        except (_Abort, OSError):
             h.close_connection = True
-        except OSError:
-            h.close_connection = True
-        finally:
-            self.counters.add_record(rec)
 
     def _cdn_error(self, h: _Handler, rec: RequestRecord, status: int, message: str) -> None:
         body = f"<?xml version=\"1.0\"?><Error><Code>{status}</Code><Message>{message}</Message></Error>"
-        h.send_body(status, body.encode(), content_type="application/xml")
         rec.status = status
+        h.send_body(status, body.encode(), content_type="application/xml")
 
     def _cdn_request(self, h: _Handler, url, rec: RequestRecord) -> None:
         if "Authorization" in h.headers:
@@ -815,12 +813,13 @@ auth:
                     raise _Abort()
             rng = _parse_range(h.headers.get("Range"), size)
             if rng == "bad":
-                h.send_body(416, b"", headers={"Content-Range": f"bytes */{size}"})
                 rec.status = 416
+                h.send_body(416, b"", headers={"Content-Range": f"bytes */{size}"})
                 return
             start, end = rng if rng else (0, size - 1)
             count = end - start + 1 if size else 0
             status = 206 if rng else 200
+            rec.status = status
             h.send_response(status)
             h.send_header("Content-Type", "application/octet-stream")
             h.send_header("Content-Length", str(count))
@@ -830,7 +829,6 @@ auth:
             if rng:
                 h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             h.end_headers()
-            rec.status = status
             if h.command == "HEAD" or count == 0:
                 return
             kind = fault.kind if fault else None
@@ -841,33 +839,45 @@ auth:
                 mid = start + count // 2
                 self._sendfile(h, f, start, mid - start, digest, rec)
                 byte = os.pread(f.fileno(), 1, mid)
-                h.wfile.write(bytes([byte[0] ^ 0xFF]))
                 rec.bytes += 1
                 self.counters.add_blob_bytes(digest, 1)
+                h.wfile.write(bytes([byte[0] ^ 0xFF]))
                 self._sendfile(h, f, mid + 1, end - mid, digest, rec)
                 return
             self._sendfile(h, f, start, count, digest, rec)
 
     def _sendfile(self, h: _Handler, f, offset: int, count: int, digest: str, rec: RequestRecord) -> None:
-        """Send part of a file with sendfile(2) (plain) or a read/write loop (TLS)."""
+        """Send part of a file with sendfile(2) (plain) or a read/write loop (TLS).
+
+        Bytes are counted before they are handed to the socket (and a short
+        sendfile corrected right after), so the counters are complete by the
+        time the client has read the last byte.
+        """
         sock = h.connection
         if isinstance(sock, ssl.SSLSocket):
             while count > 0:
                 data = os.pread(f.fileno(), min(CHUNK, count), offset)
                 if not data:
                     raise _Abort()
+                rec.bytes += len(data)
+                self.counters.add_blob_bytes(digest, len(data))
                 sock.sendall(data)
                 offset += len(data)
                 count -= len(data)
-                rec.bytes += len(data)
-                self.counters.add_blob_bytes(digest, len(data))
             return
         out_fd, in_fd = sock.fileno(), f.fileno()
         while count > 0:
-            n = os.sendfile(out_fd, in_fd, offset, min(count, 8 * CHUNK))
+            want = min(count, 8 * CHUNK)
+            rec.bytes += want
+            self.counters.add_blob_bytes(digest, want)
+            n = 0
+            try:
+                n = os.sendfile(out_fd, in_fd, offset, want)
+            finally:
+                if n < want:  # correct the advance count for what was not sent
+                    rec.bytes -= want - n
+                    self.counters.add_blob_bytes(digest, n - want)
             if n == 0:
                 raise _Abort()  # file shorter than expected
             offset += n
             count -= n
-            rec.bytes += n
-            self.counters.add_blob_bytes(digest, n)
