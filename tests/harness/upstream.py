@@ -22,7 +22,9 @@ replaces the redirect). Kinds: ``"corrupt"`` (same length, the middle byte
 flipped), ``"truncate"`` (full Content-Length, half the body, then the
 connection closes), ``"close"`` (connection closed without a response), or an
 HTTP error status such as 429/500/503 with an OCI error body (429 also gets
-``Retry-After``).
+``Retry-After``), or ``"stall"`` (half the body, then nothing until
+:meth:`Upstream.release_stalls`; :meth:`Upstream.wait_stalled` tells a test the
+transfer is parked mid-body).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
      "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect"}
 )
-FAULT_KINDS = ("corrupt", "truncate", "close")
+FAULT_KINDS = ("corrupt", "truncate", "close", "stall")
+STALL_LIMIT = 120.0  # a stalled transfer resumes on its own after this (bounded wait)
 ERROR_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN",
                429: "TOOMANYREQUESTS", 500: "UNKNOWN", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
                504: "UNAVAILABLE"}
@@ -261,6 +264,9 @@ class Upstream:
         self.counters = Counters()
         self._faults: dict[str, Fault] = {}
         self._faults_lock = threading.Lock()
+        self._stall_cond = threading.Condition()
+        self._stall_generation = 0
+        self._stalled_now = 0
         self._cdn_secret = secrets.token_bytes(32)
 
         self.workdir: str | None = None
@@ -488,6 +494,29 @@ auth:
     def clear_faults(self) -> None:
         with self._faults_lock:
             self._faults.clear()
+        self.release_stalls()
+
+    def _stall(self) -> None:
+        """Park a transfer mid-body until release_stalls() (or STALL_LIMIT)."""
+        with self._stall_cond:
+            generation = self._stall_generation
+            self._stalled_now += 1
+            self._stall_cond.notify_all()
+            try:
+                self._stall_cond.wait_for(lambda: self._stall_generation != generation, STALL_LIMIT)
+            finally:
+                self._stalled_now -= 1
+
+    def wait_stalled(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until `count` transfers are parked by a "stall" fault."""
+        with self._stall_cond:
+            if not self._stall_cond.wait_for(lambda: self._stalled_now >= count, timeout):
+                raise TimeoutError(f"{self._stalled_now} of {count} transfers stalled after {timeout}s")
+
+    def release_stalls(self) -> None:
+        with self._stall_cond:
+            self._stall_generation += 1
+            self._stall_cond.notify_all()
 
     def set_down(self, down: bool, *, include_auth: bool = True) -> None:
         """Make the upstream go away (or come back) without giving up its ports.
@@ -703,12 +732,19 @@ auth:
         kind = fault.kind if fault else None
         stop_at = length // 2 if kind == "truncate" and length else None
         flip_at = length // 2 if kind == "corrupt" and length else None
+        stall_at = length // 2 if kind == "stall" and length else None
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         sent = 0
         try:
             while True:
+                if stall_at is not None and sent >= stall_at:
+                    h.wfile.flush()
+                    self._stall()
+                    stall_at = None
                 want = CHUNK if stop_at is None else min(CHUNK, stop_at - sent)
+                if stall_at is not None:
+                    want = min(want, stall_at - sent)
                 if want <= 0:
                     break
                 n = resp.readinto(view[:want])
@@ -835,6 +871,11 @@ auth:
             if kind == "truncate":
                 self._sendfile(h, f, start, count // 2, digest, rec)
                 raise _Abort()
+            if kind == "stall":
+                self._sendfile(h, f, start, count // 2, digest, rec)
+                self._stall()
+                self._sendfile(h, f, start + count // 2, count - count // 2, digest, rec)
+                return
             if kind == "corrupt":
                 mid = start + count // 2
                 self._sendfile(h, f, start, mid - start, digest, rec)
