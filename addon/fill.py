@@ -79,6 +79,7 @@ class Fill:
     answer: UpstreamAnswer | None = None  # set when the upstream refused
     error: str = ""
     upstream_bytes: int = 0
+    finished: bool = False  # the fill thread is done (stored, or failed)
     started_at: float = field(default_factory=time.monotonic)
     _read_fd: int | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -122,6 +123,9 @@ class Fill:
                 os.close(part.fd)
             self.on_finished(self)
             self._close_read_fd()
+            with self._cond:
+                self.finished = True
+            self._notify()
 
     def _begin_streaming(self, response: requests.Response, part: PartFile) -> None:
         length = response.headers.get("Content-Length")
@@ -166,9 +170,17 @@ class Fill:
     def _set_state(self, state: State) -> None:
         with self._cond:
             self.state = state
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake followers, and event-loop waiters whose condition now holds."""
+        with self._cond:
             self._cond.notify_all()
-            waiters, self._waiters = self._waiters, []
-        for loop, future in waiters:
+            ready, waiting = [], []
+            for waiter in self._waiters:
+                (ready if waiter[2]() else waiting).append(waiter)
+            self._waiters = waiting
+        for loop, future, _ in ready:
             loop.call_soon_threadsafe(_resolve, future)
 
     def _close_read_fd(self) -> None:
@@ -181,12 +193,19 @@ class Fill:
 
     async def wait_started(self) -> None:
         """Return once the upstream has answered (or the fill failed)."""
+        await self._wait_until(lambda: self.state is not State.CONNECTING)
+
+    async def wait_finished(self) -> None:
+        """Return once the fill is over: stored, or failed."""
+        await self._wait_until(lambda: self.finished)
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cond:
-            if self.state is not State.CONNECTING:
+            if condition():
                 return
-            self._waiters.append((loop, future))
+            self._waiters.append((loop, future, condition))
         await future
 
     # -- for followers (blob server threads) -----------------------------------

@@ -22,7 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import routes
@@ -36,6 +36,7 @@ log = logging.getLogger("registry_cache")
 
 START_TIMEOUT = 120.0  # bound on waiting for an upstream to answer a blob GET
 METADATA_KEY = "registry_cache"
+HIT_FILTER = '~meta "registry_cache: hit"'  # mitmweb/mitmdump filter listing hits (README)
 MARKS = {  # what mitmweb shows per outcome
     "hit": ":green_circle:",
     "miss": ":large_blue_circle:",
@@ -82,6 +83,7 @@ class RegistryCache:
         self.blob_server: BlobServer | None = None
         self.upstream: UpstreamClient | None = None
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="registry-cache-io")
+        self._tasks: set[asyncio.Task] = set()
 
     # -- mitmproxy lifecycle --------------------------------------------------
 
@@ -224,6 +226,20 @@ class RegistryCache:
             return
         self._mark(flow, "miss", digest, fill.size)
         self._send_to_blob_server(flow, digest)
+        self._background(self._report_fill_outcome(flow, fill))
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _report_fill_outcome(self, flow: http.HTTPFlow, fill) -> None:
+        """A miss is answered before its fill ends; show a late failure too."""
+        await fill.wait_finished()
+        if fill.state is State.FAILED:
+            self._mark(flow, "fill-failed", fill.digest, fill.size, detail=fill.error)
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+            log.info("registry-cache: marked flow %s fill-failed: %s", flow.id, fill.digest)
 
     async def _start_or_join_fill(self, flow: http.HTTPFlow, digest: str):
         url = flow.request.url.split("?", 1)[0]
@@ -269,6 +285,7 @@ class RegistryCache:
             return
         # TLS client (or redirects off): mitmproxy streams the blob server's answer.
         flow.metadata[METADATA_KEY + ".original_url"] = flow.request.url
+        flow.comment += f" (for {flow.request.url}, sent by the blob server)"
         flow.metadata[METADATA_KEY + ".stream"] = True
         flow.request.headers.pop("Authorization", None)
         flow.request.scheme = "http"

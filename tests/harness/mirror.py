@@ -37,12 +37,13 @@ class Mirror:
     """
 
     def __init__(self, workdir: Path, modes: list[str], cache_dir: Path | None = None,
-                 options: dict[str, str] | None = None):
+                 options: dict[str, str] | None = None, scripts: list[Path] = ()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.modes = modes
         self.cache_dir = Path(cache_dir or self.workdir / "cache")
         self.options = dict(options or {})
+        self.scripts = list(scripts)
         self.ports = [free_port() for _ in modes]
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
@@ -58,8 +59,18 @@ class Mirror:
     def host_port(self) -> str:
         return f"127.0.0.1:{self.ports[0]}"
 
+    def url_of(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.ports[index]}"
+
+    @property
+    def ca_cert(self) -> Path:
+        """mitmproxy's CA, which clients of the explicit-proxy mode must trust."""
+        return self.workdir / "mitmproxy-conf" / "mitmproxy-ca-cert.pem"
+
     def command(self) -> list[str]:
         cmd = [str(MITMDUMP), "-s", str(SCRIPT)]
+        for script in self.scripts:
+            cmd += ["-s", str(script)]
         for mode, port in zip(self.modes, self.ports):
             cmd += ["--mode", f"{mode}@127.0.0.1:{port}"]
         options = {

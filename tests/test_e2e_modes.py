@@ -1,0 +1,166 @@
+"""End to end: the explicit HTTPS proxy mode, both modes in one process,
+serving while the upstream is down, and the marks mitmweb shows."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from addon.mirror import HIT_FILTER
+from tests.harness.images import make_layer, push_image
+from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE
+from tests.harness.v2client import PULL_ERRORS, RegistryClient
+
+WAIT = 60
+RECORDER = Path(__file__).parent / "harness" / "flow_recorder.py"
+_seeds = itertools.count(5000)
+
+
+def fresh_image(upstream, *sizes, verify=True):
+    seed = next(_seeds)
+    layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]
+    image = push_image(upstream.url, f"modes/img{seed}", "v1", layers, auth=ALICE, verify=verify)
+    upstream.reset_counters()
+    return image
+
+
+@pytest.fixture
+def https_upstream(upstream_https):
+    def reset():
+        upstream_https.set_down(False)
+        upstream_https.clear_faults()
+        upstream_https.redirect_blobs = False
+        upstream_https.reset_counters()
+
+    reset()
+    yield upstream_https
+    reset()
+
+
+@pytest.fixture
+def proxy(tmp_path, upstream_https):
+    """The mirror as an explicit proxy that trusts the upstream's CA."""
+    with Mirror(tmp_path / "proxy", ["regular"],
+                options={"ssl_verify_upstream_trusted_ca": str(upstream_https.ca_cert_path)}) as m:
+        yield m
+
+
+def proxied_client(mirror: Mirror, upstream, port_index: int = 0, **kw) -> RegistryClient:
+    """A client that reaches the HTTPS upstream only through the mirror's proxy port."""
+    proxy_url = mirror.url_of(port_index)
+    return RegistryClient(upstream.url, verify=str(mirror.ca_cert),
+                          proxies={"http": proxy_url, "https": proxy_url}, **kw)
+
+
+@pytest.mark.parametrize("redirect", [False, True], ids=["relay", "cdn-redirect"])
+def test_explicit_https_proxy_caches_blobs(https_upstream, proxy, redirect):
+    https_upstream.redirect_blobs = redirect
+    image = fresh_image(https_upstream, 1_200_000, 400_000, verify=str(https_upstream.ca_cert_path))
+    result = proxied_client(proxy, https_upstream).pull(image.repo, image.tag)
+    assert result.manifest_digest == image.digest and result.layers == image.layers
+    assert https_upstream.counters.blob_bytes == image.blob_bytes  # one upstream copy
+    if redirect:
+        cdn = [r for r in https_upstream.counters.requests if r.server == "cdn"]
+        assert https_upstream.counters.cdn_gets == len(image.blobs)
+        assert not any(r.authorization for r in cdn)
+    https_upstream.reset_counters()
+    again = proxied_client(proxy, https_upstream).pull(image.repo, image.tag)
+    assert again.layers == image.layers
+    assert https_upstream.counters.blob_bytes == 0 and https_upstream.counters.blob_gets == 0
+    assert https_upstream.counters.cdn_gets == 0
+
+
+def test_one_process_serves_a_mirror_port_and_a_proxy_port(tmp_path, https_upstream):
+    """The README's combined form: --mode reverse:URL@PORT1 --mode regular@PORT2."""
+    ca = str(https_upstream.ca_cert_path)
+    image = fresh_image(https_upstream, 800_000, verify=ca)
+    with Mirror(tmp_path / "both", [f"reverse:{https_upstream.url}", "regular"],
+                options={"ssl_verify_upstream_trusted_ca": ca}) as mirror:
+        # Reverse port: a plain-HTTP mirror in front of the HTTPS upstream.
+        mirrored = RegistryClient(mirror.url_of(0), verify=ca)
+        assert mirrored.pull(image.repo, image.tag).layers == image.layers
+        assert https_upstream.counters.blob_bytes == image.blob_bytes
+        https_upstream.reset_counters()
+        # Proxy port: the same store answers.
+        assert proxied_client(mirror, https_upstream, 1).pull(image.repo, image.tag).layers == image.layers
+        assert https_upstream.counters.blob_bytes == 0
+
+
+def _blob_get(client: RegistryClient, repo: str, digest: str, size: int) -> int:
+    return client.get_blob(repo, digest, expected_size=size)
+
+
+def test_stored_blobs_are_served_while_the_upstream_is_down(tmp_path, upstream, https_upstream):
+    plain = fresh_image(upstream, 600_000)
+    ca = str(https_upstream.ca_cert_path)
+    secure = fresh_image(https_upstream, 600_000, verify=ca)
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"],
+                options={"ssl_verify_upstream_trusted_ca": ca}) as mirror:
+        reverse_client = RegistryClient(mirror.url_of(0))
+        proxy_client = proxied_client(mirror, https_upstream, 1)
+        reverse_client.pull(plain.repo, plain.tag)  # fills the store, holds a token
+        proxy_client.pull(secure.repo, secure.tag)
+        upstream.set_down(True)
+        https_upstream.set_down(True)
+        for client, image in ((reverse_client, plain), (proxy_client, secure)):
+            for digest, size in image.blobs:
+                assert _blob_get(client, image.repo, digest, size) == size
+            with pytest.raises(PULL_ERRORS + (requests.RequestException,)):
+                client.get_manifest(image.repo, image.tag)  # the upstream really is gone
+        # A blob the store does not hold gets a clean error, not a hang.
+        r = requests.get(f"{mirror.url_of(0)}/v2/{plain.repo}/blobs/sha256:{'0' * 64}", timeout=WAIT)
+        assert r.status_code in (502, 503)
+        assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def read_marks(path: Path) -> dict[str, dict]:
+    """The last record per flow."""
+    flows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        flows[record["id"]] = record
+    return flows
+
+
+def test_flows_are_marked_hit_miss_failed_and_pass(tmp_path, upstream):
+    record_file = tmp_path / "flows.jsonl"
+    good = fresh_image(upstream, 500_000)
+    bad = fresh_image(upstream, 2_000_000)
+    bad_digest, _ = bad.layers[0]
+    upstream.set_fault(bad_digest, "corrupt")
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], scripts=[RECORDER],
+                options={"flow_record_file": str(record_file)}) as mirror:
+        client = RegistryClient(mirror.url)
+        client.pull(good.repo, good.tag)  # misses
+        client.pull(good.repo, good.tag)  # hits
+        with pytest.raises(PULL_ERRORS + (requests.RequestException,)):
+            client.pull(bad.repo, bad.tag)
+        # Logged after the update hook ran, so the recorder has written it.
+        mirror.wait_for_log(rf"marked .* fill-failed: {bad_digest}", WAIT)
+    flows = read_marks(record_file).values()
+    blob_flows = [f for f in flows if "/blobs/" in f["url"]]
+    by_outcome: dict[str, list] = {}
+    for f in blob_flows:
+        by_outcome.setdefault(f["outcome"], []).append(f)
+    good_digests = {d for d, _ in good.blobs}
+    assert {f["comment"].split()[2] for f in by_outcome["hit"]} == good_digests
+    assert all(f["marked"] == ":green_circle:" and f["hit_filter"] for f in by_outcome["hit"])
+    assert {f["comment"].split()[2] for f in by_outcome["miss"]} >= good_digests
+    assert all(f["marked"] == ":large_blue_circle:" and not f["hit_filter"] for f in by_outcome["miss"])
+    failed = by_outcome["fill-failed"]
+    assert [f["comment"].split()[2] for f in failed] == [bad_digest]
+    assert failed[0]["marked"] == ":red_circle:" and "digest mismatch" in failed[0]["comment"]
+    assert all(f"{size} bytes" in f["comment"] for f in by_outcome["hit"] for d, size in good.blobs
+               if d in f["comment"])
+    manifests = [f for f in flows if "/manifests/" in f["url"]]
+    assert manifests and all(f["outcome"] == "pass" and f["marked"] == ":white_circle:" for f in manifests)
+
+
+def test_readme_documents_the_hit_filter():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert HIT_FILTER in readme
