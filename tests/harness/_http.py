@@ -55,6 +55,7 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._listening = True
 
     # -- addresses ---------------------------------------------------------
     @property
@@ -88,12 +89,43 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         if thread is not None:
             thread.join(timeout)
 
-    def set_down(self, down: bool) -> None:
-        """While down, new connections are reset at once and live ones are cut."""
+    def set_down(self, down: bool, how: str = "refuse") -> None:
+        """While down, live connections are cut and new ones fail.
+
+        how="refuse": the port stops listening (clients see "connection
+        refused"), and listens again, on the same port, when back up.
+        how="reset": the port keeps listening but resets every accepted
+        connection (a dying load balancer does this). Note: mitmproxy 12.3.1
+        sometimes never answers a request that meets such a reset right after
+        its keep-alive upstream connection was closed, so tests that need a
+        prompt error use "refuse".
+        """
+        if how not in ("refuse", "reset"):
+            raise ValueError(f"unknown way to go down: {how!r}")
         with self._lock:
-            self.down = down
-        if down:
+            was_down, self.down = self.down, down
+        if down and not was_down:
+            if how == "refuse":
+                self._stop_listening()
             self.abort_connections()
+        elif not down and was_down and self._listening is False:
+            self._listen_again()
+
+    def _stop_listening(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self.shutdown()
+            thread.join(5)
+        self.socket.close()
+        self._listening = False
+
+    def _listen_again(self) -> None:
+        """Bind the same port again (SO_REUSEADDR) and resume serving."""
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        self.server_bind()  # binds self.server_address, i.e. the same port
+        self.server_activate()
+        self._listening = True
+        self.start()
 
     def abort_connections(self) -> None:
         with self._lock:

@@ -148,8 +148,8 @@ class TokenServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def set_down(self, down: bool) -> None:
-        self._server.set_down(down)
+    def set_down(self, down: bool, how: str = "refuse") -> None:
+        self._server.set_down(down, how)
 
     @property
     def url(self) -> str:

@@ -518,17 +518,18 @@ auth:
             self._stall_generation += 1
             self._stall_cond.notify_all()
 
-    def set_down(self, down: bool, *, include_auth: bool = True) -> None:
-        """Make the upstream go away (or come back) without giving up its ports.
+    def set_down(self, down: bool, *, include_auth: bool = True, how: str = "refuse") -> None:
+        """Make the upstream go away (or come back) on the same ports.
 
-        While down, new connections to the front door and the CDN (and the
-        token server unless ``include_auth=False``) are reset as soon as they
-        are accepted, and live connections, keep-alive or mid-transfer, are cut.
+        While down, live connections to the front door and the CDN (and the
+        token server unless ``include_auth=False``), keep-alive or
+        mid-transfer, are cut, and new ones are refused (``how="refuse"``) or
+        accepted and reset at once (``how="reset"``).
         """
-        self._frontdoor.set_down(down)
-        self._cdn.set_down(down)
+        self._frontdoor.set_down(down, how)
+        self._cdn.set_down(down, how)
         if include_auth or not down:
-            self.tokens.set_down(down)
+            self.tokens.set_down(down, how)
 
     def _take_fault(self, digest: str, at: str) -> Fault | None:
         with self._faults_lock:
