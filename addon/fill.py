@@ -80,6 +80,7 @@ class Fill:
     error: str = ""
     upstream_bytes: int = 0
     finished: bool = False  # the fill thread is done (stored, or failed)
+    already_stored: bool = False  # committed by an earlier fill meanwhile: no fetch
     started_at: float = field(default_factory=time.monotonic)
     _read_fd: int | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -94,6 +95,8 @@ class Fill:
         part: PartFile | None = None
         committed = False
         try:
+            if self._found_in_store():
+                return
             with self.opener() as response:
                 if response.status_code != 200:
                     self.answer = UpstreamAnswer.from_response(response)
@@ -126,6 +129,19 @@ class Fill:
             with self._cond:
                 self.finished = True
             self._notify()
+
+    def _found_in_store(self) -> bool:
+        """Close the race with a fill that committed this digest just before
+        we were started (the caller's store lookup predates that commit)."""
+        blob = self.store.open(self.digest)
+        if blob is None:
+            return False
+        with blob.file, self._cond:
+            self.size = self.written = blob.size
+            self._read_fd = os.dup(blob.file.fileno())
+            self.already_stored = True
+        self._set_state(State.VERIFIED)
+        return True
 
     def _begin_streaming(self, response: requests.Response, part: PartFile) -> None:
         length = response.headers.get("Content-Length")

@@ -224,7 +224,7 @@ class RegistryCache:
             else:
                 flow.response = oci_error(502, "UNAVAILABLE", "upstream fetch failed", fill.error)
             return
-        self._mark(flow, "miss", digest, fill.size)
+        self._mark(flow, "hit" if fill.already_stored else "miss", digest, fill.size)
         self._send_to_blob_server(flow, digest)
         self._background(self._report_fill_outcome(flow, fill))
 

@@ -224,3 +224,18 @@ def test_registry_coalesces_and_restarts_after_failure(store, upstream):
     third, started_third = fills.start_or_join(digest, opener)
     assert started_third and third is not first
     upstream.gate.set()
+
+
+def test_a_fill_started_after_the_blob_was_committed_does_not_fetch(store):
+    body = os.urandom(100_000)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    part = store.new_part(digest)
+    os.write(part.fd, body)
+    store.commit(digest, part, len(body))
+    os.close(part.fd)
+    calls = []
+    finished = threading.Event()
+    fill = Fill(digest, store, lambda: calls.append(1), on_finished=lambda f: finished.set())
+    fill.start()
+    assert finished.wait(WAIT)
+    assert calls == [] and fill.already_stored and fill.state is State.VERIFIED and fill.size == len(body)

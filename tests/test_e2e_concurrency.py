@@ -1,0 +1,174 @@
+"""End to end: one upstream fetch per blob, however many clients, and what
+happens to the waiting clients when the first one leaves or the fetch fails.
+
+The upstream's "stall" fault parks a blob transfer half-way until the test
+releases it, so "while the fetch is running" is a state, not a timing guess.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import requests
+
+from tests.harness.images import make_layer, push_image
+from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE
+from tests.harness.v2client import PULL_ERRORS, RegistryClient
+
+WAIT = 60
+CLIENTS = 4
+_seeds = itertools.count(9000)
+
+
+@pytest.fixture
+def mirror(tmp_path, upstream_session):
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
+        yield m
+
+
+@pytest.fixture(params=["relay", "redirect"])
+def any_upstream(request):
+    return request.getfixturevalue("upstream" if request.param == "relay" else "upstream_redirect")
+
+
+def fresh_layer(upstream, size=6_000_000):
+    seed = next(_seeds)
+    image = push_image(upstream.url, f"conc/img{seed}", "v1", [make_layer(size, seed)], auth=ALICE)
+    upstream.reset_counters()
+    return image, image.layers[0]
+
+
+def upstream_fetches(upstream, digest) -> list:
+    """Successful upstream GETs of digest's bytes (front door or CDN)."""
+    hexdigest = digest.split(":", 1)[1]
+    return [r for r in upstream.counters.requests
+            if r.method == "GET" and hexdigest in r.path and r.status == 200]
+
+
+class Downloader(threading.Thread):
+    """Downloads a blob through the mirror; `started` is set once bytes arrive."""
+
+    def __init__(self, client: RegistryClient, repo: str, digest: str, size: int, stop_after: int | None = None):
+        super().__init__(daemon=True)
+        self.client, self.repo, self.digest, self.size = client, repo, digest, size
+        self.stop_after = stop_after  # hang up after this many bytes
+        self.started = threading.Event()
+        self.data = b""
+        self.error: Exception | None = None
+
+    def run(self):
+        try:
+            response = self.client.request("GET", f"/v2/{self.repo}/blobs/{self.digest}", stream=True)
+            with response:
+                assert response.status_code == 200, response.status_code
+                first = response.raw.read(1000)
+                self.data = first
+                self.started.set()
+                if self.stop_after is not None:
+                    return  # closing the response drops the connection
+                while chunk := response.raw.read(1 << 20):
+                    self.data += chunk
+        except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
+            self.error = exc
+        finally:
+            self.started.set()
+
+
+def token_holding_client(mirror, image) -> RegistryClient:
+    client = RegistryClient(mirror.url)
+    client.get_manifest(image.repo, image.tag)  # token in hand: no 401 round trip on blobs
+    return client
+
+
+def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_upstream, mirror):
+    image, (digest, size) = fresh_layer(any_upstream)
+    expected = open(any_upstream.blob_path(digest), "rb").read()
+    any_upstream.set_fault(digest, "stall")
+    downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
+    for d in downloaders:
+        d.start()
+    any_upstream.wait_stalled(1, WAIT)
+    # Every client has bytes while the single upstream transfer is parked half-way.
+    for d in downloaders:
+        assert d.started.wait(WAIT)
+        assert d.error is None and 1000 <= len(d.data) <= size // 2
+    assert len(upstream_fetches(any_upstream, digest)) == 1
+    any_upstream.release_stalls()
+    for d in downloaders:
+        d.join(WAIT)
+        assert d.error is None and d.data == expected
+    assert len(upstream_fetches(any_upstream, digest)) == 1
+    assert any_upstream.counters.blob_bytes_for(digest) == size
+
+
+def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
+    image, (digest, size) = fresh_layer(upstream)
+    expected = open(upstream.blob_path(digest), "rb").read()
+    upstream.set_fault(digest, "stall")
+    first = Downloader(token_holding_client(mirror, image), image.repo, digest, size, stop_after=1000)
+    first.start()
+    upstream.wait_stalled(1, WAIT)
+    first.join(WAIT)  # the initiator has hung up
+    assert first.error is None and len(first.data) == 1000
+    second = Downloader(token_holding_client(mirror, image), image.repo, digest, size)
+    second.start()
+    assert second.started.wait(WAIT)
+    upstream.release_stalls()
+    second.join(WAIT)
+    assert second.error is None and second.data == expected
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+    upstream.reset_counters()
+    assert RegistryClient(mirror.url).get_blob(image.repo, digest, expected_size=size) == size
+    assert upstream.counters.blob_bytes == 0
+
+
+def test_a_failed_fill_errors_its_waiters_and_the_next_request_fetches_again(upstream, mirror):
+    image, (digest, size) = fresh_layer(upstream)
+    upstream.set_fault(digest, "stall")
+    downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
+    for d in downloaders:
+        d.start()
+    upstream.wait_stalled(1, WAIT)
+    for d in downloaders:
+        assert d.started.wait(WAIT)
+    upstream.set_down(True)  # the upstream dies mid-body
+    for d in downloaders:
+        d.join(WAIT)
+        assert not d.is_alive()
+        # A clean error: the transfer is cut, never a complete (or padded) body.
+        assert d.error is not None or len(d.data) < size
+    mirror.wait_for_log(rf"fill: {digest} failed", WAIT)
+    upstream.set_down(False)
+    upstream.clear_faults()
+    upstream.reset_counters()
+    client = token_holding_client(mirror, image)
+    assert client.get_blob(image.repo, digest, expected_size=size) == size
+    assert len(upstream_fetches(upstream, digest)) == 1
+
+
+def test_many_clients_pull_a_cold_image_with_one_upstream_copy(any_upstream, mirror):
+    seed = next(_seeds)
+    image = push_image(any_upstream.url, f"conc/many{seed}", "v1",
+                       [make_layer(3_000_000, seed), make_layer(1_000_000, seed + 1)], auth=ALICE)
+    any_upstream.reset_counters()
+    results, errors = [], []
+
+    def pull():
+        try:
+            results.append(RegistryClient(mirror.url).pull(image.repo, image.tag))
+        except PULL_ERRORS + (requests.RequestException, AssertionError) as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pull) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not errors and len(results) == 8
+    assert all(r.layers == image.layers for r in results)
+    for blob_digest, blob_size in image.blobs:
+        assert len(upstream_fetches(any_upstream, blob_digest)) == 1
+    assert any_upstream.counters.blob_bytes == image.blob_bytes
