@@ -26,6 +26,7 @@ from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import routes
+from .access import AccessGate, SeenIndex
 from .blobserver import BlobServer
 from .fill import Fills, State
 from .routes import Kind, Route, RouteError
@@ -43,6 +44,13 @@ MARKS = {  # what mitmweb shows per outcome
     "fill-failed": ":red_circle:",
     "error": ":red_circle:",
     "pass": ":white_circle:",
+    "denied": ":no_entry:",
+}
+REFUSAL_CODES = {  # OCI error for an access refusal, by the upstream's status
+    401: ("UNAUTHORIZED", "authentication required"),
+    403: ("DENIED", "requested access to the resource is denied"),
+    404: ("BLOB_UNKNOWN", "blob unknown to registry"),
+    503: ("UNAVAILABLE", "upstream unavailable and access could not be checked"),
 }
 
 
@@ -82,7 +90,8 @@ class RegistryCache:
         self.fills: Fills | None = None
         self.blob_server: BlobServer | None = None
         self.upstream: UpstreamClient | None = None
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="registry-cache-io")
+        self.access: AccessGate | None = None
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-cache-io")
         self._tasks: set[asyncio.Task] = set()
 
     # -- mitmproxy lifecycle --------------------------------------------------
@@ -131,6 +140,7 @@ class RegistryCache:
         self.store = DiskBlobStore(cache_dir, size_limit)
         self.fills = Fills(self.store)
         self.upstream = UpstreamClient(verify=self._upstream_verify())
+        self.access = AccessGate(SeenIndex(cache_dir / "access.sqlite3"), self.upstream)
         host = ctx.options.blob_host or self._proxy_listen_host()
         try:
             self.blob_server = BlobServer(self.store, self.fills, host, port)
@@ -160,6 +170,9 @@ class RegistryCache:
             self.blob_server = None
         if self.upstream is not None:
             self.upstream.close()
+        if self.access is not None:
+            self.access.index.close()
+            self.access = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -204,8 +217,12 @@ class RegistryCache:
 
     async def _blob(self, flow: http.HTTPFlow, route: Route) -> None:
         digest = route.reference
+        registry = _registry_of(flow)
+        authorization = flow.request.headers.get("Authorization")
         size = await self._io(self.store.size_of, digest)
         if size is not None:
+            if not await self._may_read(flow, registry, route.name, digest, authorization):
+                return
             self._mark(flow, "hit", digest, size)
             if flow.request.method == "HEAD":
                 flow.response = self._blob_head_response(digest, size)
@@ -215,7 +232,7 @@ class RegistryCache:
         if flow.request.method == "HEAD":
             self._mark(flow, "pass", digest)  # a HEAD never costs a blob download
             return
-        fill = await self._start_or_join_fill(flow, digest)
+        fill, started = await self._start_or_join_fill(flow, digest)
         if fill.state is State.FAILED:
             self._mark(flow, "fill-failed", digest, detail=fill.error)
             if fill.answer is not None:
@@ -224,9 +241,32 @@ class RegistryCache:
             else:
                 flow.response = oci_error(502, "UNAVAILABLE", "upstream fetch failed", fill.error)
             return
+        if started and not fill.already_stored:
+            # The upstream just served this digest under this repository to
+            # this client: that is the proof the access gate asks for.
+            await self._io(self.access.vouch, registry, route.name, digest, authorization)
+        elif not await self._may_read(flow, registry, route.name, digest, authorization):
+            return  # joining someone else's fill needs the same proof as a hit
         self._mark(flow, "hit" if fill.already_stored else "miss", digest, fill.size)
         self._send_to_blob_server(flow, digest)
         self._background(self._report_fill_outcome(flow, fill))
+
+    async def _may_read(self, flow: http.HTTPFlow, registry: str, repo: str, digest: str,
+                        authorization: str | None) -> bool:
+        """Apply the access gate; on refusal, answer the client as the upstream did."""
+        decision = await self._io(self.access.check, registry, repo, digest, authorization)
+        if decision.allowed:
+            return True
+        self._mark(flow, "denied", digest, detail=decision.reason)
+        code, message = REFUSAL_CODES.get(decision.status, ("DENIED", "access denied"))
+        response = oci_error(decision.status, code, message, decision.reason)
+        for name, value in decision.headers:
+            if name.lower() in ("www-authenticate", "retry-after", "docker-distribution-api-version"):
+                response.headers[name] = value
+        if flow.request.method == "HEAD":
+            response.content = b""
+        flow.response = response
+        return False
 
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -259,7 +299,7 @@ class RegistryCache:
             # (e.g. 401 before they had a token): try again with ours.
             if started or fill.state is not State.FAILED or fill.answer is None:
                 break
-        return fill
+        return fill, started
 
     def _blob_head_response(self, digest: str, size: int) -> http.Response:
         response = http.Response.make(200, b"", self._blob_headers(digest))
@@ -316,6 +356,12 @@ class RegistryCache:
             parts.append(f"({detail})")
         flow.comment = " ".join(parts)
         flow.metadata[METADATA_KEY] = outcome
+
+
+def _registry_of(flow: http.HTTPFlow) -> str:
+    """The upstream registry a flow is for, as a base URL (the access gate's key)."""
+    request = flow.request
+    return f"{request.scheme}://{request.host}:{request.port}"
 
 
 def _loopback_for(host: str) -> str:

@@ -11,6 +11,8 @@ otherwise not inherit.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from urllib.parse import urljoin
 
 import requests
@@ -56,6 +58,36 @@ class UpstreamClient:
             headers.pop("Authorization", None)
             log.debug("upstream: blob redirected to %s", url.split("?", 1)[0])
         raise requests.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects for a blob")
+
+    def head(self, url: str, authorization: str | None) -> tuple[int, Mapping[str, str]]:
+        """HEAD with the client's credentials: (status, case-insensitive headers). No redirects:
+        a 2xx or 3xx from the registry itself answers "may this client read it"."""
+        headers = {"User-Agent": self.user_agent}
+        if authorization:
+            headers["Authorization"] = authorization
+        response = self.session.head(url, headers=headers, allow_redirects=False,
+                                     timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        response.close()
+        status = 200 if response.is_redirect else response.status_code
+        return status, response.headers
+
+    def anonymous_token(self, challenge: str, repo: str) -> str | None:
+        """A pull token for repo from a Bearer challenge's realm, with no credentials."""
+        scheme, _, params = challenge.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
+        if "realm" not in fields:
+            return None
+        query = {"scope": f"repository:{repo}:pull"}
+        if "service" in fields:
+            query["service"] = fields["service"]
+        response = self.session.get(fields["realm"], params=query, headers={"User-Agent": self.user_agent},
+                                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        if response.status_code != 200:
+            return None
+        body = response.json()
+        return body.get("token") or body.get("access_token")
 
     def close(self) -> None:
         self.session.close()

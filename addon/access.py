@@ -1,0 +1,210 @@
+"""Who may read a stored blob: private images stay private.
+
+A store keyed by digest would hand any blob to anyone who names its digest,
+bypassing the upstream's access control. So a stored blob is served for
+repository R only when both hold:
+
+1. R was seen to contain it: the upstream served (GET) or confirmed (HEAD) that
+   digest under R. This blocks cross-repository probing such as
+   GET /v2/library/alpine/blobs/<digest of a private layer>.
+2. The client may pull R: R is public (checked once in a while with an
+   anonymous token of our own), or the upstream accepted this client's
+   credentials for R, remembered per credential and repository until the
+   token expires.
+
+When either is unknown, one HEAD of the blob with the client's credentials
+settles both; it costs no blob bytes and (on Docker Hub) no rate limit.
+Anonymous pulls of a repository known to be public cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from .upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+PUBLIC_TTL = 600.0  # how long "R is public/private" is believed
+MAX_GRANT_TTL = 3600.0  # cap on trusting a token, whatever its exp says
+OPAQUE_GRANT_TTL = 60.0  # for credentials whose lifetime we cannot read
+UNREACHABLE = (429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    status: int = 200  # when refused: the upstream's status for the client
+    headers: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+
+
+ALLOWED = Decision(True)
+
+
+def fingerprint(authorization: str | None) -> str:
+    return hashlib.sha256(authorization.encode()).hexdigest() if authorization else ""
+
+
+def credential_expiry(authorization: str | None, now: float) -> float:
+    """When to stop trusting a credential the upstream accepted."""
+    if authorization and authorization.lower().startswith("bearer "):
+        try:
+            payload = authorization.split(None, 1)[1].split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            return min(float(claims["exp"]), now + MAX_GRANT_TTL)
+        except (IndexError, ValueError, KeyError, TypeError):
+            pass
+    return now + OPAQUE_GRANT_TTL
+
+
+class SeenIndex:
+    """Persistent (registry, repository, digest) triples the upstream vouched for."""
+
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS seen (registry TEXT, repo TEXT, digest TEXT, seen_at REAL,"
+                " PRIMARY KEY (registry, repo, digest)) WITHOUT ROWID"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS public (registry TEXT, repo TEXT, public INTEGER, checked_at REAL,"
+                " PRIMARY KEY (registry, repo)) WITHOUT ROWID"
+            )
+
+    def contains(self, registry: str, repo: str, digest: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM seen WHERE registry=? AND repo=? AND digest=?", (registry, repo, digest)
+            ).fetchone()
+        return row is not None
+
+    def record(self, registry: str, repo: str, digest: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (registry, repo, digest, time.time())
+            )
+
+    def public_states(self) -> dict[tuple[str, str], tuple[bool, float]]:
+        with self._lock:
+            rows = self._db.execute("SELECT registry, repo, public, checked_at FROM public").fetchall()
+        return {(registry, repo): (bool(public), checked) for registry, repo, public, checked in rows}
+
+    def record_public(self, registry: str, repo: str, public: bool, checked_at: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO public VALUES (?, ?, ?, ?)", (registry, repo, public, checked_at))
+
+    def repos_of(self, digest: str) -> list[tuple[str, str]]:
+        with self._lock:
+            return self._db.execute("SELECT registry, repo FROM seen WHERE digest=?", (digest,)).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@dataclass
+class AccessGate:
+    index: SeenIndex
+    upstream: UpstreamClient
+    _grants: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (cred, registry, repo) -> until
+    _public: dict[tuple[str, str], tuple[bool, float]] = field(default_factory=dict)  # -> (public, checked)
+    _probing: set = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        # Known-public repositories survive a restart, so they are still
+        # served from the store if the upstream is down when we come back.
+        self._public.update(self.index.public_states())
+
+    def check(self, registry: str, repo: str, digest: str, authorization: str | None) -> Decision:
+        """May this client read this stored blob as part of repo? (blocking)"""
+        now = time.time()
+        cred = fingerprint(authorization)
+        known = self.index.contains(registry, repo, digest)
+        if known and (self._is_public(registry, repo, now) or self._granted(cred, registry, repo, now)):
+            return ALLOWED
+        url = f"{registry}/v2/{repo}/blobs/{digest}"
+        try:
+            status, headers = self.upstream.head(url, authorization)
+        except requests.RequestException as exc:
+            return self._offline_decision(known, cred, registry, repo, f"upstream unreachable: {exc}")
+        if status in UNREACHABLE:
+            return self._offline_decision(known, cred, registry, repo, f"upstream answered {status}")
+        if status != 200:
+            log.info("access: upstream refused %s in %s (%d); not serving it from the store", digest, repo, status)
+            return Decision(False, status, tuple(headers.items()), f"upstream answered {status}")
+        self.vouch(registry, repo, digest, authorization)
+        return ALLOWED
+
+    def vouch(self, registry: str, repo: str, digest: str, authorization: str | None) -> None:
+        """The upstream served or confirmed digest under repo to this client."""
+        now = time.time()
+        self.index.record(registry, repo, digest)
+        with self._lock:
+            self._grants[(fingerprint(authorization), registry, repo)] = credential_expiry(authorization, now)
+            probe = (registry, repo) not in self._probing and self._public_state(registry, repo, now) is None
+            if probe:
+                self._probing.add((registry, repo))
+        if probe:
+            threading.Thread(target=self._probe_public, args=(registry, repo, digest), daemon=True).start()
+
+    def _offline_decision(self, known: bool, cred: str, registry: str, repo: str, why: str) -> Decision:
+        """The upstream cannot be asked: trust what it told us before, even if dated."""
+        with self._lock:
+            public = self._public.get((registry, repo), (False, 0))[0]
+            granted_once = (cred, registry, repo) in self._grants
+        if known and (public or granted_once):
+            log.warning("access: %s; serving %s from what the upstream allowed earlier", why, repo)
+            return ALLOWED
+        return Decision(False, 503, (), why)
+
+    def _granted(self, cred: str, registry: str, repo: str, now: float) -> bool:
+        with self._lock:
+            return self._grants.get((cred, registry, repo), 0) > now
+
+    def _public_state(self, registry: str, repo: str, now: float) -> bool | None:
+        state = self._public.get((registry, repo))
+        if state is None or now - state[1] > PUBLIC_TTL:
+            return None
+        return state[0]
+
+    def _is_public(self, registry: str, repo: str, now: float) -> bool:
+        with self._lock:
+            return bool(self._public_state(registry, repo, now))
+
+    def _probe_public(self, registry: str, repo: str, digest: str) -> None:
+        """Is repo readable with no credentials, or with an anonymous token?"""
+        public = False
+        try:
+            url = f"{registry}/v2/{repo}/blobs/{digest}"
+            status, headers = self.upstream.head(url, None)
+            if status == 401:
+                token = self.upstream.anonymous_token(headers.get("WWW-Authenticate", ""), repo)
+                if token:
+                    status, _ = self.upstream.head(url, f"Bearer {token}")
+            public = status == 200
+            log.info("access: %s/%s is %s", registry, repo, "public" if public else "not public")
+        except requests.RequestException as exc:
+            log.info("access: could not tell whether %s is public: %s", repo, exc)
+            return
+        finally:
+            with self._lock:
+                self._probing.discard((registry, repo))
+        checked_at = time.time()
+        with self._lock:
+            self._public[(registry, repo)] = (public, checked_at)
+        self.index.record_public(registry, repo, public, checked_at)

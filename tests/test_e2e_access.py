@@ -1,0 +1,111 @@
+"""End to end: a stored blob is served only to clients the upstream lets pull
+that repository, and only for repositories seen to contain it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tests.harness.images import make_layer, push_image
+from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE, BOB
+from tests.harness.v2client import RegistryClient, RegistryError
+
+WAIT = 60
+PRIVATE = "acme/private"  # the harness's token server lets only alice pull it
+_seeds = itertools.count(7000)
+
+
+@pytest.fixture
+def mirror(tmp_path, upstream_session):
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
+        yield m
+
+
+def private_image(upstream):
+    seed = next(_seeds)
+    image = push_image(upstream.url, PRIVATE, f"t{seed}", [make_layer(800_000, seed)], auth=ALICE)
+    upstream.reset_counters()
+    return image
+
+
+def refused(client: RegistryClient, repo: str, digest: str) -> int:
+    """The status a client gets for a blob it must not read (asserting no bytes came)."""
+    response = client.request("GET", f"/v2/{repo}/blobs/{digest}")
+    assert response.status_code in (401, 403, 404), response.status_code
+    assert len(response.content) < 10_000 and response.json()["errors"]  # an error, not the blob
+    return response.status_code
+
+
+def test_private_blobs_stay_private(upstream, mirror, pushed_images):
+    image = private_image(upstream)
+    layer, size = image.layers[0]
+    assert RegistryClient(mirror.url, *ALICE).pull(image.repo, image.tag).layers == image.layers
+    mirror.wait_for_log(rf"fill: stored {layer}", WAIT)
+    upstream.reset_counters()
+
+    # Anonymous, and a user the upstream does not let pull the repository.
+    assert refused(RegistryClient(mirror.url), PRIVATE, layer) == 401
+    assert refused(RegistryClient(mirror.url, *BOB), PRIVATE, layer) == 401
+    # Probing through a public repository the client may pull: the upstream
+    # says that repository has no such blob, so neither does the mirror.
+    anonymous = RegistryClient(mirror.url)
+    anonymous.get_manifest(pushed_images.alpine.repo, pushed_images.alpine.tag)
+    assert refused(anonymous, pushed_images.alpine.repo, layer) == 404
+    alice = RegistryClient(mirror.url, *ALICE)
+    alice.get_manifest(pushed_images.alpine.repo, pushed_images.alpine.tag)
+    assert refused(alice, pushed_images.alpine.repo, layer) == 404
+    assert upstream.counters.blob_bytes == 0  # not one byte fetched, not one served
+
+    # Alice, with a new token, gets the blob from the store: one HEAD proves
+    # her token, then the rest of the pull costs nothing upstream.
+    upstream.reset_counters()
+    fresh = RegistryClient(mirror.url, *ALICE)
+    assert fresh.pull(image.repo, image.tag).layers == image.layers
+    assert upstream.counters.blob_bytes == 0 and upstream.counters.blob_gets == 0
+    assert upstream.counters.blob_heads == 1
+    upstream.reset_counters()
+    assert fresh.pull(image.repo, image.tag).layers == image.layers  # same token: remembered
+    assert upstream.counters.blob_heads == 0
+
+
+def test_joining_a_fill_needs_the_same_consent(upstream, mirror):
+    """A client arriving while alice's fill runs gets nothing it may not read."""
+    image = private_image(upstream)
+    layer, size = image.layers[0]
+    upstream.set_fault(layer, "stall")
+    alice = RegistryClient(mirror.url, *ALICE)
+    alice.get_manifest(image.repo, image.tag)
+    response = alice.request("GET", f"/v2/{image.repo}/blobs/{layer}", stream=True)
+    assert response.status_code == 200 and len(response.raw.read(1000)) == 1000
+    upstream.wait_stalled(1, WAIT)
+    assert refused(RegistryClient(mirror.url, *BOB), PRIVATE, layer) == 401
+    upstream.release_stalls()
+    rest = response.raw.read(size)
+    assert 1000 + len(rest) == size
+
+
+def test_known_public_repositories_cost_no_extra_round_trip(upstream, mirror):
+    seed = next(_seeds)
+    image = push_image(upstream.url, f"open/img{seed}", "v1",
+                       [make_layer(300_000, seed), make_layer(200_000, seed + 1)], auth=ALICE)
+    RegistryClient(mirror.url).pull(image.repo, image.tag)
+    mirror.wait_for_log(rf"access: .*/{image.repo} is public", WAIT)
+    upstream.reset_counters()
+    for _ in range(3):  # other anonymous clients, each with its own token
+        assert RegistryClient(mirror.url).pull(image.repo, image.tag).layers == image.layers
+    assert upstream.counters.blob_heads == 0 and upstream.counters.blob_gets == 0
+
+
+def test_a_private_blob_needs_credentials_even_when_already_stored(upstream, mirror):
+    """The HEAD of a stored private blob is refused too (no size or existence leak)."""
+    image = private_image(upstream)
+    layer, _ = image.layers[0]
+    RegistryClient(mirror.url, *ALICE).pull(image.repo, image.tag)
+    anonymous = RegistryClient(mirror.url)
+    response = anonymous.request("HEAD", f"/v2/{PRIVATE}/blobs/{layer}")
+    assert response.status_code == 401
+    assert response.headers.get("Content-Length") in (None, "0")
+    with pytest.raises(RegistryError):
+        anonymous.get_blob(PRIVATE, layer)
