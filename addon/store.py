@@ -15,12 +15,18 @@ diskcache:
   cache database, so they can never be served; they are swept on start.
   Each live part file holds an flock, so a second process sharing the
   directory never sweeps a fill that is still running.
+- Each entry remembers its file's mtime at commit. A blob whose file was
+  written since (its mtime moved) is re-hashed before it is served; if it no
+  longer matches its digest the entry is dropped, so the next request fetches
+  it again. (Decay below the filesystem that leaves mtime alone is not seen
+  here; a checksumming filesystem or a periodic full verify covers that.)
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import tempfile
@@ -118,18 +124,40 @@ class DiskBlobStore:
     # -- reading -----------------------------------------------------------
 
     def open(self, digest: str) -> StoredBlob | None:
-        file = self._cache.get(digest, read=True)
+        file, committed_mtime = self._cache.get(digest, read=True, tag=True)
         if file is None and digest in self._cache:
             # diskcache answers "missing" when the row exists but its file
             # does not (deleted behind our back). Look once more, in case the
             # row was committed just now, before dropping it.
-            file = self._cache.get(digest, read=True)
+            file, committed_mtime = self._cache.get(digest, read=True, tag=True)
             if file is None:
                 log.warning("store: %s is indexed but its file is missing; dropping it", digest)
                 self._cache.delete(digest)
         if file is None:
             return None
-        return StoredBlob(file, os.fstat(file.fileno()).st_size)
+        stat = os.fstat(file.fileno())
+        if committed_mtime is not None and stat.st_mtime_ns != committed_mtime:
+            if not self._still_intact(digest, file, stat, committed_mtime):
+                file.close()
+                self._cache.delete(digest)
+                return None
+        return StoredBlob(file, stat.st_size)
+
+    @staticmethod
+    def _still_intact(digest: str, file: BinaryIO, stat: os.stat_result, committed_mtime: int) -> bool:
+        """Re-hash a blob whose file changed after commit."""
+        hasher = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(file.fileno(), 1 << 20, offset):
+            hasher.update(chunk)
+            offset += len(chunk)
+        if "sha256:" + hasher.hexdigest() != digest:
+            log.error("store: %s was modified on disk and no longer matches its digest; dropping it", digest)
+            return False
+        # Intact after all (touched, not changed): back to its committed mtime.
+        os.utime(file.fileno(), ns=(stat.st_atime_ns, committed_mtime))
+        log.warning("store: %s was touched on disk but is intact", digest)
+        return True
 
     def size_of(self, digest: str) -> int | None:
         blob = self.open(digest)
@@ -152,7 +180,8 @@ class DiskBlobStore:
 
     def commit(self, digest: str, part: PartFile, size: int) -> None:
         os.fsync(part.fd)  # a committed entry must survive a crash intact
-        self._cache.set(digest, _CommittedFile(part.path, size), read=True)
+        mtime = os.fstat(part.fd).st_mtime_ns  # rename keeps it; any later write moves it
+        self._cache.set(digest, _CommittedFile(part.path, size), read=True, tag=mtime)
         self.evict_to(self.size_limit)
 
     def discard_part(self, part: PartFile) -> None:

@@ -129,3 +129,31 @@ def test_indexed_blob_with_missing_file_is_dropped(store):
     os.unlink(path)
     assert store.open(digest) is None
     assert store.usage()[1] == 0
+
+
+def _path_of(store, digest):
+    blob = store.open(digest)
+    with blob.file:
+        return os.readlink(f"/proc/self/fd/{blob.file.fileno()}")
+
+
+def test_a_flipped_byte_on_disk_is_caught_and_the_entry_dropped(store):
+    data = os.urandom(200_000)
+    digest = put(store, data)
+    path = _path_of(store, digest)
+    with open(path, "r+b") as f:
+        f.seek(1234)
+        f.write(bytes([data[1234] ^ 1]))
+    assert store.open(digest) is None  # never served as good
+    assert digest not in store and not os.path.exists(path)
+    assert put(store, data) == digest and read(store, digest) == data  # a refetch is stored again
+
+
+def test_a_touched_but_intact_blob_is_still_served(store):
+    data = os.urandom(200_000)
+    digest = put(store, data)
+    path = _path_of(store, digest)
+    before = os.stat(path).st_mtime_ns
+    os.utime(path, ns=(before, before + 5_000_000_000))
+    assert read(store, digest) == data
+    assert os.stat(path).st_mtime_ns == before  # verified, and marked clean again
