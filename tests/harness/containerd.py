@@ -1,0 +1,373 @@
+"""Run a REAL containerd daemon (Debian's 1.6) and pull with its ``ctr`` client.
+
+Everything the daemon owns lives under one private work directory: its root
+(content store, metadata, snapshots), its state dir, its gRPC socket and its
+config. Nothing touches /var/lib/containerd, /run/containerd or
+/opt/containerd (the ``opt`` plugin's default, which the config points into
+the work directory too).
+
+Plugins that cannot work, or are not needed, in a test sandbox are disabled:
+CRI (it wants CNI and a runtime; it is not needed, since ``ctr`` resolves and
+fetches by itself), the snapshotters that need a special filesystem or kernel
+support (aufs, btrfs, zfs, devmapper), overlayfs (it needs overlay mounts,
+which many sandboxes refuse), and everything that runs containers (runtimes,
+tasks, the cgroups monitor, restart). What remains is what a pull needs: the
+content store, metadata, the images/content/leases/snapshots services, the
+``walking`` differ and the ``native`` snapshotter (plain directories and bind
+mounts).
+
+Who talks to the registry: with ``ctr images pull`` the *ctr process* is the
+registry client (containerd's Go resolver and fetcher run in ctr, which reads
+``--hosts-dir`` itself and streams what it fetches into the daemon's content
+store over gRPC). The daemon only stores, unpacks and records the image. The
+CRI plugin (kubelet's pulls) runs the same resolver inside the daemon and
+reads the same hosts.toml files from its ``config_path``.
+
+Unpacking: ``ctr images pull`` in 1.6 always unpacks (it has no
+``--skip-unpack``). :func:`Containerd.pull` passes ``--snapshotter native``,
+whose unpack needs nothing but a bind mount, which works as root here. If a
+sandbox refuses even that, ``ctr content fetch`` (``fetch=True``) fetches the
+same content and records the image without unpacking, and goes to the
+registry the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CONTAINERD = "containerd"
+CTR = "ctr"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+PULL_TIMEOUT = 120.0
+MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
+
+DISABLED_PLUGINS = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.overlayfs",
+    "io.containerd.runtime.v1.linux",
+    "io.containerd.runtime.v2.task",
+    "io.containerd.monitor.v1.cgroups",
+    "io.containerd.service.v1.tasks-service",
+    "io.containerd.grpc.v1.tasks",
+    "io.containerd.internal.v1.restart",
+)
+
+
+class ContainerdError(RuntimeError):
+    def __init__(self, message: str, proc: subprocess.CompletedProcess | None = None):
+        super().__init__(message)
+        self.proc = proc
+        self.stderr = proc.stderr if proc is not None else ""
+
+
+def available() -> str | None:
+    """Why containerd tests cannot run here (None: they can)."""
+    for binary in (CONTAINERD, CTR):
+        if shutil.which(binary) is None:
+            return f"{binary} not installed (apt-get install containerd)"
+    if os.geteuid() != 0:
+        return "containerd needs root"
+    return None
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string here
+
+
+def write_hosts_dir(base: str | os.PathLike, registry_host: str, mirror_url: str, *,
+                    server: str | None = None, capabilities=("pull", "resolve"),
+                    skip_verify: bool = False) -> Path:
+    """Write ``<base>/<registry_host>/hosts.toml`` (containerd 1.5+ format).
+
+    ``registry_host`` is the host[:port] of the image reference (``docker.io``
+    in real life; a closed loopback port in tests). ``server`` is the real
+    registry, tried after the mirror; default ``https://<registry_host>``
+    (``https://registry-1.docker.io`` for docker.io). ``mirror_url`` is the
+    mirror, e.g. ``http://127.0.0.1:5000``: its scheme is what makes containerd
+    speak plain HTTP to it (no ``--plain-http`` needed). Returns the file.
+
+    On Unix containerd 1.6 looks for ``<base>/<host:port>/hosts.toml``; later
+    versions also try ``<host>_<port>_`` and ``_default`` (docs/hosts.md).
+    """
+    if server is None:
+        server = "https://registry-1.docker.io" if registry_host == "docker.io" else f"https://{registry_host}"
+    lines = [
+        f"server = {_toml_str(server)}",
+        "",
+        f"[host.{_toml_str(mirror_url.rstrip('/'))}]",
+        "  capabilities = [" + ", ".join(_toml_str(c) for c in capabilities) + "]",
+    ]
+    if skip_verify:
+        lines.append("  skip_verify = true")
+    directory = Path(base) / registry_host
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "hosts.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class ContentEntry:
+    digest: str
+    size: str  # as ctr prints it, e.g. "532.6kB"
+    labels: str  # comma-separated key=value
+
+
+class Containerd:
+    """A private containerd daemon. Context manager, or start()/stop().
+
+    ``workdir``: where root/, state/, config.toml and the log go (default: a
+    new temp dir, removed on stop). The gRPC socket goes into the work dir,
+    or into a short temp dir when that path would be too long for a socket.
+
+    ``content_sharing_policy`` defaults to ``"isolated"``, not containerd's
+    ``"shared"``: with "shared", a blob that any namespace already holds is
+    linked into a new namespace WITHOUT being fetched again (ctr's writer gets
+    "already exists" and skips the HTTP request), so a pull into a fresh
+    namespace would never reach the mirror. "isolated" makes every namespace
+    behave like a separate machine: it fetches everything it does not hold.
+    """
+
+    def __init__(self, workdir: str | os.PathLike | None = None, *,
+                 start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
+                 log_level: str = "info", content_sharing_policy: str = "isolated"):
+        self._workdir_arg = Path(workdir) if workdir is not None else None
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.log_level = log_level
+        self.content_sharing_policy = content_sharing_policy
+        self.workdir: Path | None = None
+        self.socket: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self._own_dirs: list[Path] = []
+        self._log_file = None
+        self.log_path: Path | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "Containerd":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "Containerd":
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        if self._workdir_arg is not None:
+            self.workdir = self._workdir_arg
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="containerd-"))
+            self._own_dirs.append(self.workdir)
+        root, state = self.workdir / "root", self.workdir / "state"
+        for d in (root, state, self.workdir / "opt"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.socket = str(state / "containerd.sock")
+        if len(self.socket) > MAX_SOCKET_PATH:
+            short = Path(tempfile.mkdtemp(prefix="ctd-"))
+            self._own_dirs.append(short)
+            self.socket = str(short / "containerd.sock")
+        config = self.workdir / "config.toml"
+        config.write_text(self._config(root, state))
+        self.log_path = self.workdir / "containerd.log"
+        self._log_file = open(self.log_path, "ab")
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        self.proc = subprocess.Popen(
+            [CONTAINERD, "--config", str(config), "--log-level", self.log_level],
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            env=env, cwd=self.workdir, start_new_session=True,
+        )
+        self._wait_ready()
+
+    def _config(self, root: Path, state: Path) -> str:
+        q = _toml_str
+        disabled = ", ".join(q(p) for p in DISABLED_PLUGINS)
+        return f"""\
+version = 2
+root = {q(str(root))}
+state = {q(str(state))}
+disabled_plugins = [{disabled}]
+
+[grpc]
+  address = {q(self.socket)}
+
+[ttrpc]
+  address = {q(self.socket + ".ttrpc")}
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = {q(str(self.workdir / "opt"))}
+  [plugins."io.containerd.metadata.v1.bolt"]
+    content_sharing_policy = {q(self.content_sharing_policy)}
+"""
+
+    def _wait_ready(self) -> None:
+        """Poll ``ctr version`` (a gRPC round trip) until it answers, bounded."""
+        deadline = time.monotonic() + self.start_timeout
+        pause = threading.Event()
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ContainerdError(f"containerd exited ({self.proc.returncode}); log:\n{self.logs()}")
+            if os.path.exists(self.socket):
+                try:
+                    proc = self._ctr(["version"], timeout=5, check=False)
+                except subprocess.TimeoutExpired:
+                    proc = None
+                if proc is not None and proc.returncode == 0 and "Server:" in proc.stdout:
+                    return
+                last = proc.stderr if proc is not None else "ctr version timed out"
+            pause.wait(0.05)
+        raise ContainerdError(f"containerd not ready in {self.start_timeout}s ({last}); log:\n{self.logs()}")
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after ``stop_timeout``; then remove what start() made."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(self.stop_timeout)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        for d in self._own_dirs:
+            _remove_tree(d)
+        self._own_dirs.clear()
+
+    def logs(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    # ------------------------------------------------------------------ ctr
+    def _ctr(self, args: list[str], *, namespace: str | None = None, timeout: float = 60,
+             check: bool = True, debug: bool = False) -> subprocess.CompletedProcess:
+        cmd = [CTR, "--address", self.socket]
+        if debug:
+            cmd.append("--debug")
+        if namespace is not None:
+            cmd += ["--namespace", namespace]
+        cmd += args
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env.pop("CONTAINERD_SNAPSHOTTER", None)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+        if check and proc.returncode != 0:
+            raise ContainerdError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}", proc)
+        return proc
+
+    def ctr_pull(self, ref: str, hosts_dir: str | os.PathLike, namespace: str, *,
+                 platform: str | None = None, all_platforms: bool = False,
+                 user: tuple[str, str] | None = None, fetch: bool = False,
+                 timeout: float = PULL_TIMEOUT, check: bool = True, debug: bool = True,
+                 extra_args=()) -> subprocess.CompletedProcess:
+        """``ctr images pull --hosts-dir DIR [--platform P] [--user U:P] REF``.
+
+        The mirror's ``[host."http://..."]`` entry in hosts.toml is what makes
+        ctr use plain HTTP for it; ``--plain-http`` is NOT passed (it only sets
+        the default scheme for hosts without one, i.e. the ``server`` would
+        be tried over plain HTTP). ``--snapshotter native`` keeps the unpack
+        working without overlay mounts. ``fetch=True`` runs ``ctr content
+        fetch`` instead (same registry traffic, no unpack).
+        """
+        if fetch:
+            args = ["content", "fetch", "--hosts-dir", str(hosts_dir)]
+        else:
+            args = ["images", "pull", "--hosts-dir", str(hosts_dir), "--snapshotter", "native"]
+        if platform:
+            args += ["--platform", platform]
+        if all_platforms:
+            args.append("--all-platforms")
+        if user:
+            args += ["--user", f"{user[0]}:{user[1]}"]
+        args += list(extra_args)
+        args.append(ref)
+        return self._ctr(args, namespace=namespace, timeout=timeout, check=check, debug=debug)
+
+    def content_list(self, namespace: str) -> dict[str, ContentEntry]:
+        """``ctr content ls``: every blob the namespace holds, by digest.
+
+        ctr prints sizes humanized and lossy (``532.6kB``): use
+        :meth:`content_bytes` to check a blob's exact size and digest.
+        """
+        out = self._ctr(["content", "ls"], namespace=namespace).stdout
+        entries = {}
+        for line in out.splitlines()[1:]:
+            parts = line.split("\t")
+            if not parts or not parts[0].startswith("sha256:"):
+                continue
+            size = parts[1].strip() if len(parts) > 1 else ""
+            labels = parts[3].strip() if len(parts) > 3 else ""
+            entries[parts[0].strip()] = ContentEntry(parts[0].strip(), size, labels)
+        return entries
+
+    def content_digests(self, namespace: str) -> set[str]:
+        return set(self._ctr(["content", "ls", "--quiet"], namespace=namespace).stdout.split())
+
+    def content_bytes(self, namespace: str, digest: str) -> bytes:
+        """``ctr content get DIGEST``: a blob's bytes as containerd stored them."""
+        cmd = [CTR, "--address", self.socket, "--namespace", namespace, "content", "get", digest]
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        if proc.returncode != 0:
+            raise ContainerdError(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout
+
+    def images(self, namespace: str) -> dict[str, str]:
+        """``ctr images ls``: image name -> target digest."""
+        out = self._ctr(["images", "ls"], namespace=namespace).stdout
+        images = {}
+        for line in out.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 3:
+                images[parts[0]] = parts[2]
+        return images
+
+
+def ctr_pull(containerd: Containerd, ref: str, hosts_dir, namespace: str, **kw) -> subprocess.CompletedProcess:
+    """Module-level form of :meth:`Containerd.ctr_pull`."""
+    return containerd.ctr_pull(ref, hosts_dir, namespace, **kw)
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -r, unmounting first anything the native snapshotter left mounted."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f]
+    except OSError:
+        mounts = []
+    prefix = str(path).rstrip("/") + "/"
+    for mountpoint in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True, timeout=10)
+    shutil.rmtree(path, ignore_errors=True)
