@@ -20,6 +20,8 @@ import itertools
 import json
 import platform
 import re
+import tomllib
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -27,6 +29,7 @@ import pytest
 from tests.harness import containerd as ctd
 from tests.harness.containerd import Containerd, write_hosts_dir
 from tests.harness.mirror import Mirror
+from tests.harness.skopeo import ClosedPort
 
 pytestmark = pytest.mark.skipif(ctd.available() is not None, reason=ctd.available() or "")
 
@@ -211,3 +214,135 @@ def test_without_the_mirror_the_pull_fails(containerd, tmp_path, closed_port, pu
                                check=False, timeout=WAIT)
     assert proc.returncode != 0
     assert "connection refused" in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# containerd-snippet.toml, as users would copy it, checked with the real daemon
+# ----------------------------------------------------------------------------
+SNIPPET = Path(__file__).resolve().parents[1] / "containerd-snippet.toml"
+SNIPPET_MIRROR = "http://mirror.lan:5000"
+
+
+def snippet_block(name: str) -> str:
+    """The commented-out block between "# BEGIN name" and "# END name", uncommented."""
+    lines, inside = [], False
+    for line in SNIPPET.read_text().splitlines():
+        if line == f"# BEGIN {name}":
+            inside = True
+        elif line == f"# END {name}":
+            return "\n".join(lines) + "\n"
+        elif inside:
+            assert line == "#" or line.startswith("# "), line
+            lines.append(line[2:])
+    raise AssertionError(f"no block {name!r} in {SNIPPET}")
+
+
+def snippet_hosts_toml(hosts_dir: Path, registry_host: str, mirror_url: str) -> Path:
+    """The snippet's docker.io hosts.toml, for ``registry_host`` and the test mirror.
+
+    Docker Hub (the snippet's fallback server) becomes the closed port, so a
+    failing mirror can never send containerd anywhere else.
+    """
+    text = snippet_block("hosts.toml")
+    assert tomllib.loads(text) == {
+        "server": "https://registry-1.docker.io",
+        "host": {SNIPPET_MIRROR: {"capabilities": ["pull", "resolve"]}},
+    }
+    text = text.replace(SNIPPET_MIRROR, mirror_url)
+    text = text.replace("https://registry-1.docker.io", f"https://{registry_host}")
+    path = hosts_dir / registry_host / "hosts.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def snippet_config_path_form(config_path: Path) -> dict:
+    """Form (a): the snippet's live TOML (config.toml lines) with our config_path."""
+    config = tomllib.loads(SNIPPET.read_text())
+    assert config == {"version": 2, "plugins": {ctd.CRI_PLUGIN: {"registry": {
+        "config_path": "/etc/containerd/certs.d"}}}}
+    config["plugins"][ctd.CRI_PLUGIN]["registry"]["config_path"] = str(config_path)
+    del config["version"]
+    return config
+
+
+def snippet_legacy_form(registry_host: str, mirror_url: str) -> dict:
+    """Form (b): the snippet's legacy mirrors block, for ``registry_host`` and our mirror."""
+    config = tomllib.loads(snippet_block("legacy"))
+    mirrors = config["plugins"][ctd.CRI_PLUGIN]["registry"]["mirrors"]
+    assert mirrors == {"docker.io": {"endpoint": [SNIPPET_MIRROR]}}
+    mirrors[registry_host] = {"endpoint": [mirror_url]}
+    del mirrors["docker.io"]
+    del config["version"]
+    return config
+
+
+def daemon_requests(daemon: Containerd) -> list[tuple[str, str]]:
+    """(method, url) of every registry request the daemon (CRI) made."""
+    return requests_sent(daemon.logs())
+
+
+def test_snippet_hosts_toml_sends_ctr_through_the_mirror(containerd, mirror, closed_port, tmp_path,
+                                                         upstream_redirect, pushed_images):
+    image = pushed_images.alpine
+    hosts = tmp_path / "certs.d"
+    snippet_hosts_toml(hosts, closed_port, mirror.url)
+    ns = new_namespace()
+    proc = containerd.ctr_pull(f"{closed_port}/{image.ref}", hosts, ns)
+    assert_holds(containerd, ns, [(image.digest, len(image.manifest))] + image.blobs)
+    assert all(url.startswith(mirror.url + "/v2/") for _, url in requests_sent(proc.stderr))
+    assert upstream_redirect.counters.cdn_gets_by_digest == {d: 1 for d, _ in image.blobs}
+
+
+def test_snippet_config_path_form_makes_cri_pull_through_the_mirror(mirror, closed_port, tmp_path,
+                                                                   upstream_redirect, pushed_images):
+    """What kubelet does on a node with form (a): CRI PullImage, hosts.toml via config_path."""
+    image = pushed_images.alpine
+    hosts = tmp_path / "certs.d"
+    snippet_hosts_toml(hosts, closed_port, mirror.url)
+    with Containerd(tmp_path / "cri", cri=True, log_level="debug",
+                    extra_config=snippet_config_path_form(hosts)) as daemon:
+        assert daemon.plugin_status()[ctd.CRI_PLUGIN] == "ok", daemon.logs()
+        image_id = daemon.cri_pull(f"{closed_port}/{image.ref}", timeout=WAIT)
+        assert image_id == image.config_digest
+        assert_holds(daemon, ctd.CRI_NAMESPACE, [(image.digest, len(image.manifest))] + image.blobs)
+        sent = daemon_requests(daemon)
+    ns_query = "ns=" + quote(closed_port, safe="")
+    assert sent and all(url.startswith(mirror.url + "/v2/") and ns_query in url for _, url in sent)
+    assert upstream_redirect.counters.cdn_gets_by_digest == {d: 1 for d, _ in image.blobs}
+    assert_no_ns_reached_upstream(upstream_redirect)
+
+
+def test_snippet_legacy_form_makes_cri_pull_through_the_mirror(mirror, closed_port, tmp_path,
+                                                              upstream_redirect, pushed_images):
+    """Form (b), and its fallback: the registry itself is always tried after the mirrors."""
+    image = pushed_images.schema2
+    with Containerd(tmp_path / "cri", cri=True, log_level="debug",
+                    extra_config=snippet_legacy_form(closed_port, mirror.url)) as daemon:
+        assert daemon.plugin_status()[ctd.CRI_PLUGIN] == "ok", daemon.logs()
+        assert daemon.cri_pull(f"{closed_port}/{image.ref}", timeout=WAIT) == image.config_digest
+        assert_holds(daemon, ctd.CRI_NAMESPACE, [(image.digest, len(image.manifest))] + image.blobs)
+        sent = daemon_requests(daemon)
+    assert sent and all(url.startswith(mirror.url + "/v2/") for _, url in sent)
+    assert any("ns=" in url for _, url in sent)
+    assert upstream_redirect.counters.cdn_gets_by_digest == {d: 1 for d, _ in image.blobs}
+    assert_no_ns_reached_upstream(upstream_redirect)
+
+    # A dead mirror: containerd goes on to the registry named in the image
+    # reference (here the closed port; Docker Hub for docker.io images).
+    with ClosedPort() as dead, Containerd(tmp_path / "cri-dead", cri=True, log_level="debug",
+                                          extra_config=snippet_legacy_form(closed_port, f"http://{dead.host_port}")) as daemon:
+        with pytest.raises(ctd.CRIError):
+            daemon.cri_pull(f"{closed_port}/{image.ref}", timeout=WAIT)
+        log = daemon.logs()
+    assert f"{dead.host_port}/v2/" in log and f"{closed_port}/v2/" in log
+    assert log.index(f"{dead.host_port}/v2/") < log.index(f"{closed_port}/v2/")
+
+
+def test_snippet_forms_cannot_be_combined(tmp_path, closed_port):
+    """The snippet's warning: config_path and mirrors together disable CRI (1.6)."""
+    both = ctd.merge_config(snippet_config_path_form(tmp_path / "certs.d"),
+                            snippet_legacy_form(closed_port, "http://127.0.0.1:9"))
+    with Containerd(tmp_path / "cri", cri=True, extra_config=both) as daemon:
+        assert daemon.plugin_status()[ctd.CRI_PLUGIN] == "error"
+        assert "`mirrors` cannot be set when `config_path` is provided" in daemon.logs()

@@ -7,14 +7,22 @@ config. Nothing touches /var/lib/containerd, /run/containerd or
 the work directory too).
 
 Plugins that cannot work, or are not needed, in a test sandbox are disabled:
-CRI (it wants CNI and a runtime; it is not needed, since ``ctr`` resolves and
-fetches by itself), the snapshotters that need a special filesystem or kernel
-support (aufs, btrfs, zfs, devmapper), overlayfs (it needs overlay mounts,
-which many sandboxes refuse), and everything that runs containers (runtimes,
-tasks, the cgroups monitor, restart). What remains is what a pull needs: the
-content store, metadata, the images/content/leases/snapshots services, the
-``walking`` differ and the ``native`` snapshotter (plain directories and bind
-mounts).
+the snapshotters that need a special filesystem or kernel support (aufs,
+btrfs, zfs, devmapper), overlayfs (it needs overlay mounts, which many
+sandboxes refuse) and, unless ``cri=True``, CRI and everything that runs
+containers (runtimes, tasks, the cgroups monitor, restart), which ``ctr``
+pulls do not need. What remains is what a pull needs: the content store,
+metadata, the images/content/leases/snapshots services, the ``walking``
+differ and the ``native`` snapshotter (plain directories and bind mounts).
+
+With ``cri=True`` the CRI plugin loads too (it needs the runtime and tasks
+plugins, though it never starts a container here): its snapshotter is
+``native``, its CNI directories are empty ones in the work directory (CNI
+setup fails, which only matters for pods), its streaming server listens on
+127.0.0.1 only. :meth:`Containerd.cri_pull` then asks it to pull the way
+kubelet does, over the CRI gRPC API (Debian has no crictl), so the registry
+settings of a real config.toml (``config_path``, legacy ``mirrors``) are
+exercised by the daemon itself.
 
 Who talks to the registry: with ``ctr images pull`` the *ctr process* is the
 registry client (containerd's Go resolver and fetcher run in ctr, which reads
@@ -33,16 +41,20 @@ registry the same way.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 CONTAINERD = "containerd"
 CTR = "ctr"
@@ -51,13 +63,16 @@ STOP_TIMEOUT = 10.0
 PULL_TIMEOUT = 120.0
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
 
-DISABLED_PLUGINS = (
-    "io.containerd.grpc.v1.cri",
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+CRI_NAMESPACE = "k8s.io"  # where the CRI plugin keeps its images
+UNUSABLE_PLUGINS = (
     "io.containerd.snapshotter.v1.aufs",
     "io.containerd.snapshotter.v1.btrfs",
     "io.containerd.snapshotter.v1.devmapper",
     "io.containerd.snapshotter.v1.zfs",
     "io.containerd.snapshotter.v1.overlayfs",
+)
+RUNTIME_PLUGINS = (  # only CRI needs these
     "io.containerd.runtime.v1.linux",
     "io.containerd.runtime.v2.task",
     "io.containerd.monitor.v1.cgroups",
@@ -65,6 +80,7 @@ DISABLED_PLUGINS = (
     "io.containerd.grpc.v1.tasks",
     "io.containerd.internal.v1.restart",
 )
+DISABLED_PLUGINS = (CRI_PLUGIN,) + UNUSABLE_PLUGINS + RUNTIME_PLUGINS
 
 
 class ContainerdError(RuntimeError):
@@ -86,6 +102,48 @@ def available() -> str | None:
 
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string here
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def dump_toml(data: dict) -> str:
+    """Nested dicts of str/int/bool/lists as TOML (enough for containerd's config)."""
+    lines: list[str] = []
+
+    def table(d: dict, path: list[str]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if path and (scalars or not tables):
+            lines.append("")
+            lines.append("[" + ".".join(_toml_str(k) for k in path) + "]")
+        for k, v in scalars.items():
+            lines.append(f"{_toml_str(k)} = {_toml_value(v)}")
+        for k, v in tables.items():
+            table(v, path + [k])
+
+    table(data, [])
+    return "\n".join(lines) + "\n"
+
+
+def merge_config(base: dict, extra: dict) -> dict:
+    """``extra`` merged into a copy of ``base``, tables recursively."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_config(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 def write_hosts_dir(base: str | os.PathLike, registry_host: str, mirror_url: str, *,
@@ -140,16 +198,23 @@ class Containerd:
     "already exists" and skips the HTTP request), so a pull into a fresh
     namespace would never reach the mirror. "isolated" makes every namespace
     behave like a separate machine: it fetches everything it does not hold.
+
+    ``cri=True`` loads the CRI plugin (see the module docstring);
+    ``extra_config`` (parsed TOML, e.g. a config.toml snippet) is merged into
+    the generated config last, so it can set CRI registry options.
     """
 
     def __init__(self, workdir: str | os.PathLike | None = None, *,
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
-                 log_level: str = "info", content_sharing_policy: str = "isolated"):
+                 log_level: str = "info", content_sharing_policy: str = "isolated",
+                 cri: bool = False, extra_config: dict | None = None):
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.log_level = log_level
         self.content_sharing_policy = content_sharing_policy
+        self.cri = cri
+        self.extra_config = extra_config or {}
         self.workdir: Path | None = None
         self.socket: str | None = None
         self.proc: subprocess.Popen | None = None
@@ -200,32 +265,42 @@ class Containerd:
         self._wait_ready()
 
     def _config(self, root: Path, state: Path) -> str:
-        q = _toml_str
-        disabled = ", ".join(q(p) for p in DISABLED_PLUGINS)
-        return f"""\
-version = 2
-root = {q(str(root))}
-state = {q(str(state))}
-disabled_plugins = [{disabled}]
+        disabled = list(UNUSABLE_PLUGINS if self.cri else DISABLED_PLUGINS)
+        config = {
+            "version": 2,
+            "root": str(root),
+            "state": str(state),
+            "disabled_plugins": disabled,
+            "grpc": {"address": self.socket},
+            "ttrpc": {"address": self.socket + ".ttrpc"},
+            "debug": {"address": ""},
+            "metrics": {"address": ""},
+            "plugins": {
+                "io.containerd.internal.v1.opt": {"path": str(self.workdir / "opt")},
+                "io.containerd.metadata.v1.bolt": {"content_sharing_policy": self.content_sharing_policy},
+            },
+        }
+        if self.cri:
+            cni = self.workdir / "cni"
+            for d in (cni / "bin", cni / "net.d"):
+                d.mkdir(parents=True, exist_ok=True)
+            config["plugins"][CRI_PLUGIN] = {
+                "disable_tcp_service": True,
+                "stream_server_address": "127.0.0.1",
+                "stream_server_port": "0",
+                "containerd": {"snapshotter": "native"},
+                "cni": {"bin_dir": str(cni / "bin"), "conf_dir": str(cni / "net.d")},
+            }
+        return dump_toml(merge_config(config, self.extra_config))
 
-[grpc]
-  address = {q(self.socket)}
-
-[ttrpc]
-  address = {q(self.socket + ".ttrpc")}
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = {q(str(self.workdir / "opt"))}
-  [plugins."io.containerd.metadata.v1.bolt"]
-    content_sharing_policy = {q(self.content_sharing_policy)}
-"""
+    def plugin_status(self) -> dict[str, str]:
+        """``ctr plugins ls``: "type.id" -> "ok", "skip" or "error"."""
+        status = {}
+        for line in self._ctr(["plugins", "ls"]).stdout.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 4:
+                status[f"{parts[0]}.{parts[1]}"] = parts[-1]
+        return status
 
     def _wait_ready(self) -> None:
         """Poll ``ctr version`` (a gRPC round trip) until it answers, bounded."""
@@ -316,6 +391,21 @@ disabled_plugins = [{disabled}]
         args.append(ref)
         return self._ctr(args, namespace=namespace, timeout=timeout, check=check, debug=debug)
 
+    def cri_pull(self, image: str, *, auth: tuple[str, str] | None = None,
+                 timeout: float = PULL_TIMEOUT) -> str:
+        """Pull as kubelet does: CRI ``ImageService/PullImage`` over gRPC.
+
+        The daemon's CRI plugin resolves and fetches by itself, with the
+        registry settings of its config.toml. Returns the image id (config
+        digest). Images land in the ``k8s.io`` namespace. Raises
+        :class:`CRIError` with the gRPC status and message on failure.
+        """
+        spec = _pb_bytes(1, _pb_bytes(1, image.encode()))
+        if auth is not None:
+            spec += _pb_bytes(2, _pb_bytes(1, auth[0].encode()) + _pb_bytes(2, auth[1].encode()))
+        reply = grpc_unary(self.socket, "/runtime.v1.ImageService/PullImage", spec, timeout)
+        return _pb_fields(reply).get(1, b"").decode()
+
     def content_list(self, namespace: str) -> dict[str, ContentEntry]:
         """``ctr content ls``: every blob the namespace holds, by digest.
 
@@ -358,6 +448,113 @@ disabled_plugins = [{disabled}]
 def ctr_pull(containerd: Containerd, ref: str, hosts_dir, namespace: str, **kw) -> subprocess.CompletedProcess:
     """Module-level form of :meth:`Containerd.ctr_pull`."""
     return containerd.ctr_pull(ref, hosts_dir, namespace, **kw)
+
+
+class CRIError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"gRPC status {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_bytes(field: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field (string, bytes or message)."""
+    return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def _pb_fields(data: bytes) -> dict[int, bytes]:
+    """Top-level length-delimited fields of a protobuf message (others skipped)."""
+    fields, pos = {}, 0
+
+    def varint() -> int:
+        nonlocal pos
+        shift = value = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < len(data):
+        key = varint()
+        kind = key & 7
+        if kind == 0:
+            varint()
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        elif kind == 2:
+            length = varint()
+            fields[key >> 3] = data[pos:pos + length]
+            pos += length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {kind}")
+    return fields
+
+
+def grpc_unary(socket_path: str, method: str, request: bytes, timeout: float) -> bytes:
+    """One unary gRPC call over HTTP/2 on a unix socket (h2 comes with mitmproxy).
+
+    Just enough gRPC for the CRI calls the tests make: no compression, one
+    request message, one response message, status from the trailers.
+    """
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    deadline = time.monotonic() + timeout
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, [
+            (":method", "POST"), (":scheme", "http"), (":path", method), (":authority", "localhost"),
+            ("content-type", "application/grpc"), ("te", "trailers"),
+            ("grpc-timeout", f"{max(1, int(timeout))}S"),
+        ])
+        conn.send_data(stream, b"\x00" + struct.pack(">I", len(request)) + request, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        body, headers, ended = bytearray(), {}, False
+        while not ended:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{method}: no answer in {timeout}s")
+            sock.settimeout(remaining)
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"{method}: containerd closed the connection")
+            for event in conn.receive_data(data):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    headers.update(dict(event.headers))
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    raise ConnectionError(f"{method}: stream reset ({event.error_code})")
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            sock.sendall(conn.data_to_send())
+    status = int(headers.get("grpc-status", "2"))
+    if status != 0:
+        raise CRIError(status, unquote(headers.get("grpc-message", "")))
+    if len(body) < 5 or body[0] != 0:
+        raise ValueError(f"{method}: unexpected gRPC body ({len(body)} bytes)")
+    (length,) = struct.unpack(">I", bytes(body[1:5]))
+    return bytes(body[5:5 + length])
 
 
 def _remove_tree(path: Path) -> None:
