@@ -29,6 +29,7 @@ import pytest
 from tests.harness import containerd as ctd
 from tests.harness.containerd import Containerd, write_hosts_dir
 from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE, BOB
 from tests.harness.skopeo import ClosedPort
 
 pytestmark = pytest.mark.skipif(ctd.available() is not None, reason=ctd.available() or "")
@@ -346,3 +347,21 @@ def test_snippet_forms_cannot_be_combined(tmp_path, closed_port):
     with Containerd(tmp_path / "cri", cri=True, extra_config=both) as daemon:
         assert daemon.plugin_status()[ctd.CRI_PLUGIN] == "error"
         assert "`mirrors` cannot be set when `config_path` is provided" in daemon.logs()
+
+
+def test_private_image_needs_the_pullers_credentials(containerd, mirror, hosts_dir, closed_port,
+                                                     upstream_redirect, pushed_images):
+    """ctr --user: containerd sends the credentials to the token server itself."""
+    image = pushed_images.private
+    ref = f"{closed_port}/{image.ref}"
+    refused = containerd.ctr_pull(ref, hosts_dir, new_namespace(), check=False, timeout=WAIT)
+    assert refused.returncode != 0
+    ns = new_namespace()
+    containerd.ctr_pull(ref, hosts_dir, ns, user=ALICE)
+    assert_holds(containerd, ns, [(image.digest, len(image.manifest))] + image.blobs)
+    assert any(t.username == ALICE[0] and f"repository:{image.repo}:pull" in t.scopes
+               for t in upstream_redirect.tokens.requests)
+    # The mirror now stores the image; BOB, whom the upstream refuses, still gets nothing.
+    denied = containerd.ctr_pull(ref, hosts_dir, new_namespace(), user=BOB, check=False, timeout=WAIT)
+    assert denied.returncode != 0
+    assert "401" in denied.stderr or "403" in denied.stderr, denied.stderr

@@ -32,7 +32,7 @@ CRI plugin (kubelet's pulls) runs the same resolver inside the daemon and
 reads the same hosts.toml files from its ``config_path``.
 
 Unpacking: ``ctr images pull`` in 1.6 always unpacks (it has no
-``--skip-unpack``). :func:`Containerd.pull` passes ``--snapshotter native``,
+``--skip-unpack``). :meth:`Containerd.ctr_pull` passes ``--snapshotter native``,
 whose unpack needs nothing but a bind mount, which works as root here. If a
 sandbox refuses even that, ``ctr content fetch`` (``fetch=True``) fetches the
 same content and records the image without unpacking, and goes to the
@@ -158,8 +158,9 @@ def write_hosts_dir(base: str | os.PathLike, registry_host: str, mirror_url: str
     mirror, e.g. ``http://127.0.0.1:5000``: its scheme is what makes containerd
     speak plain HTTP to it (no ``--plain-http`` needed). Returns the file.
 
-    On Unix containerd 1.6 looks for ``<base>/<host:port>/hosts.toml``; later
-    versions also try ``<host>_<port>_`` and ``_default`` (docs/hosts.md).
+    containerd looks for ``<base>/<host:port>/hosts.toml``, then (Debian 12's
+    1.6.20 does, as do later releases) ``<host>_<port>_`` and ``_default``
+    (docs/hosts.md). An empty ``<host:port>`` directory hides ``_default``.
     """
     if server is None:
         server = "https://registry-1.docker.io" if registry_host == "docker.io" else f"https://{registry_host}"
@@ -372,10 +373,17 @@ class Containerd:
 
         The mirror's ``[host."http://..."]`` entry in hosts.toml is what makes
         ctr use plain HTTP for it; ``--plain-http`` is NOT passed (it only sets
-        the default scheme for hosts without one, i.e. the ``server`` would
-        be tried over plain HTTP). ``--snapshotter native`` keeps the unpack
-        working without overlay mounts. ``fetch=True`` runs ``ctr content
-        fetch`` instead (same registry traffic, no unpack).
+        the scheme for a registry that no hosts.toml describes). The
+        reference's registry should be a closed port whose hosts.toml names
+        the mirror as its only ``[host]``: if the mirror fails, ctr falls back
+        to that ``server`` and gets "connection refused", never the upstream.
+        ``--snapshotter native`` keeps the unpack working without overlay
+        mounts. ``fetch=True`` runs ``ctr content fetch`` instead (same
+        registry traffic, no unpack). ``debug`` (on by default) runs
+        ``ctr --debug``, whose stderr then has one ``msg="do request"`` line
+        per registry request, with method, URL (query included) and headers.
+        ``user`` goes to ``--user``; ctr sends it to the token server (the
+        realm), for the mirror's host as for any other.
         """
         if fetch:
             args = ["content", "fetch", "--hosts-dir", str(hosts_dir)]
