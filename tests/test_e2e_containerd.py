@@ -11,6 +11,11 @@ the hosts.toml for that host names the mirror as its only ``[host]``: ctr can
 only succeed through the mirror, never by going to the upstream directly (it
 does not know the upstream's address at all). As with docker.io in real life,
 containerd appends ``?ns=<registry host>`` to every request to the mirror.
+
+The last tests take containerd-snippet.toml as users would copy it: its
+hosts.toml with ``ctr``, and its config.toml forms (``config_path``, legacy
+``mirrors``, and the two combined) in CRI-enabled daemons of their own, pulled
+from the way kubelet pulls (CRI ``PullImage``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import pytest
 from tests.harness import containerd as ctd
 from tests.harness.containerd import Containerd, write_hosts_dir
 from tests.harness.mirror import Mirror
-from tests.harness.upstream import ALICE, BOB
 from tests.harness.skopeo import ClosedPort
+from tests.harness.upstream import ALICE, BOB
 
 pytestmark = pytest.mark.skipif(ctd.available() is not None, reason=ctd.available() or "")
 
