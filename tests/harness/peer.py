@@ -1,0 +1,218 @@
+"""The peer the mirror is compared with: CNCF distribution's own pull-through cache.
+
+:class:`DistributionProxy` runs a second ``docker-registry`` (Debian's
+distribution 2.8) in proxy mode in front of an upstream (normally the
+harness's :class:`~tests.harness.upstream.Upstream`), with its own storage
+directory, listening on 127.0.0.1 only. It logs in to the upstream with
+``username``/``password`` (the upstream's token auth) and asks nothing of its
+own clients: like a pull-through cache configured with credentials, it serves
+whatever it has fetched to anyone.
+
+What it does that matters when counting upstream traffic (see
+../shared/notes/registry-protocol.md): a cold blob is fetched from the upstream
+twice, and the second fetch (the one that fills its store) may still be running
+after the client has its bytes. :func:`wait_upstream_quiet` waits for that.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DistributionProxy:
+    """``docker-registry serve`` with ``proxy: remoteurl: <remote_url>``.
+
+    Use as a context manager or call :meth:`start`/:meth:`stop`. ``url`` is
+    ``http://127.0.0.1:PORT``. The storage directory (``rootdir``) lives in
+    ``workdir`` (a temp dir unless given), removed at stop unless
+    ``keep_workdir`` or a ``workdir`` was given.
+    """
+
+    def __init__(self, remote_url: str, *, username: str | None = None, password: str | None = None,
+                 registry_binary: str = "docker-registry", workdir: str | None = None,
+                 keep_workdir: bool = False, log_level: str = "warn", start_timeout: float = 15.0):
+        self.remote_url = remote_url.rstrip("/")
+        self.username = username
+        self.password = password
+        self.registry_binary = registry_binary
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self._workdir_arg = workdir
+        self._keep_workdir = keep_workdir
+        self.workdir: str | None = None
+        self.rootdir: str | None = None
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._log_path: str | None = None
+        self._log_file = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "DistributionProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "DistributionProxy":
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def config(self, port: int) -> str:
+        q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
+        proxy = f"proxy:\n  remoteurl: {q(self.remote_url)}\n"
+        if self.username is not None:
+            proxy += f"  username: {q(self.username)}\n  password: {q(self.password or '')}\n"
+        return f"""\
+version: 0.1
+log:
+  level: {self.log_level}
+  formatter: text
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {q(self.rootdir)}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+  secret: {q(secrets.token_hex(16))}
+{proxy}"""
+
+    def _start(self) -> None:
+        self.workdir = self._workdir_arg or tempfile.mkdtemp(prefix="peer-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.rootdir = os.path.join(self.workdir, "storage")
+        os.makedirs(self.rootdir, exist_ok=True)
+        self._log_path = os.path.join(self.workdir, "registry.log")
+        self._log_file = open(self._log_path, "ab")
+        config_path = os.path.join(self.workdir, "config.yml")
+        # No REGISTRY_* overrides from the environment, no proxies for its upstream fetches.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("REGISTRY_") and not k.lower().endswith("_proxy")}
+        for _attempt in range(3):  # the port can be taken between probing and binding
+            port = _free_port()
+            with open(config_path, "w") as f:
+                f.write(self.config(port))
+            self.proc = subprocess.Popen(
+                [self.registry_binary, "serve", config_path],
+                stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+                env=env, cwd=self.workdir,
+            )
+            if self._wait_ready(port):
+                self.port = port
+                return
+            self._stop_process()
+            if "address already in use" not in self.logs():
+                break
+        raise RuntimeError(f"docker-registry (proxy) did not start; log:\n{self.logs()}")
+
+    def _wait_ready(self, port: int) -> bool:
+        """Poll GET /v2/ until it answers 200 (a proxy has no auth of its own), bounded."""
+        deadline = time.monotonic() + self.start_timeout
+        pause = threading.Event()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            try:
+                conn.request("GET", "/v2/")
+                if conn.getresponse().status == 200:
+                    return True
+            except OSError:
+                pass
+            finally:
+                conn.close()
+            pause.wait(0.02)
+        return False
+
+    def _stop_process(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        self._stop_process()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self.workdir and not self._keep_workdir and not self._workdir_arg:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host_port(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def logs(self) -> str:
+        if self._log_path and os.path.exists(self._log_path):
+            with open(self._log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        return ""
+
+    def stored_blob_bytes(self) -> int:
+        """Bytes of blob data in its store (what it has committed)."""
+        total = 0
+        blobs = os.path.join(self.rootdir or "", "docker", "registry", "v2", "blobs")
+        for dirpath, _dirs, files in os.walk(blobs):
+            if "data" in files:
+                total += os.path.getsize(os.path.join(dirpath, "data"))
+        return total
+
+
+def wait_upstream_quiet(upstream, quiet: float = 1.5, timeout: float = 120.0) -> int:
+    """Wait until the upstream has sent no blob bytes for ``quiet`` seconds; return its blob_bytes.
+
+    For caches that keep fetching after their clients are served (distribution's
+    second, store-filling fetch). Raises TimeoutError if traffic never settles.
+    """
+    deadline = time.monotonic() + timeout
+    last = upstream.counters.blob_bytes
+    since = time.monotonic()
+    pause = threading.Event()
+    while True:
+        pause.wait(0.1)
+        now = time.monotonic()
+        current = upstream.counters.blob_bytes
+        if current != last:
+            last, since = current, now
+        elif now - since >= quiet:
+            return current
+        if now > deadline:
+            raise TimeoutError(f"upstream blob traffic did not settle in {timeout}s ({current} bytes so far)")
