@@ -27,9 +27,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from .fill import Fill, FillFailed, Fills
+from .fill import Cursor, FillFailed, Fills
 from .routes import SHA256_RE
-from .store import BlobStore
+from .store import BlobStore, StoredBlob
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,25 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "BLOB_UNKNOWN", "no such blob")
         if not self.server_ctx.check_signature(digest, query.get("expires", ""), query.get("sig", "")):
             return self._error(403, "DENIED", "missing, invalid or expired signature")
-        fill = self.server_ctx.fills.get(digest)
-        fd = fill.open_reader() if fill else None
-        if fd is not None:
-            try:
-                return self._send(digest, fd, fill.size, fill, head)
-            finally:
-                os.close(fd)
-        blob = self.server_ctx.store.open(digest)
-        if blob is None:
+        source = self._open_source(digest)
+        if source is None:
             return self._error(404, "BLOB_UNKNOWN", "blob not in the store")
-        with blob.file:
-            return self._send(digest, blob.file.fileno(), blob.size, None, head)
+        try:
+            self._send(digest, source, head)
+        finally:
+            source.close()
 
-    def _send(self, digest: str, fd: int, size: int | None, fill: Fill | None, head: bool) -> None:
+    def _open_source(self, digest: str) -> "_StoredSource | _FillSource | None":
+        """A fill in progress (followed behind its writer), else the store."""
+        fill = self.server_ctx.fills.get(digest)
+        cursor = fill.follow() if fill else None
+        if cursor is not None:
+            return _FillSource(cursor)
+        blob = self.server_ctx.store.open(digest)
+        return _StoredSource(blob) if blob is not None else None
+
+    def _send(self, digest: str, source, head: bool) -> None:
+        size = source.size
         start, end = 0, size
         status = 200
         if size is not None and "Range" in self.headers:
@@ -151,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         try:
-            self._send_body(fd, start, end, fill)
+            self._send_body(source, start, end)
         except FillFailed as exc:
             # Headers are out: the only honest signal left is an incomplete body.
             log.warning("blob server: aborting %s to %s: %s", digest, self.client_address[0], exc)
@@ -161,21 +166,20 @@ class _Handler(BaseHTTPRequestHandler):
             log.debug("blob server: client %s went away: %s", self.client_address[0], exc)
             self.close_connection = True
 
-    def _send_body(self, fd: int, start: int, end: int | None, fill: Fill | None) -> None:
+    def _send_body(self, source, start: int, end: int | None) -> None:
         chunked = end is None
         pos = start
+        source.seek(start)
         while end is None or pos < end:
-            limit = end
-            if fill is not None:
-                limit = fill.readable_until(pos, FOLLOW_TIMEOUT)
-                if end is not None:
-                    limit = min(limit, end)
-                elif limit == pos:  # verified and fully sent
-                    break
+            limit = source.readable_until(pos, FOLLOW_TIMEOUT)
+            if end is not None:
+                limit = min(limit, end)
+            elif limit == pos:  # verified and fully sent
+                break
             if chunked:
                 self.wfile.write(b"%x\r\n" % (limit - pos))
                 self.wfile.flush()
-            _sendfile(self.connection, fd, pos, limit - pos)
+            source.send(self.connection, pos, limit)
             if chunked:
                 self.wfile.write(b"\r\n")
             self.server_ctx.count_sent(limit - pos)
@@ -192,6 +196,55 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+class _StoredSource:
+    """A committed blob: all of it is readable at once."""
+
+    def __init__(self, blob: StoredBlob):
+        self.blob = blob
+        self.size = blob.size
+
+    def seek(self, pos: int) -> None:
+        pass
+
+    def readable_until(self, pos: int, timeout: float) -> int:
+        return self.size
+
+    def send(self, sock: socket.socket, pos: int, limit: int) -> None:
+        _sendfile(sock, self.blob.file.fileno(), pos, limit - pos)
+
+    def close(self) -> None:
+        self.blob.close()
+
+
+class _FillSource:
+    """A fill in progress, read behind its writer (from memory past a spill)."""
+
+    def __init__(self, cursor: Cursor):
+        self.cursor = cursor
+        self.size = cursor.fill.size
+
+    def seek(self, pos: int) -> None:
+        self.cursor.advance(pos)
+
+    def readable_until(self, pos: int, timeout: float) -> int:
+        return self.cursor.readable_until(pos, timeout)
+
+    def send(self, sock: socket.socket, pos: int, limit: int) -> None:
+        on_disk = self.cursor.on_disk_until()
+        if on_disk is None or pos < on_disk:
+            end = limit if on_disk is None else min(limit, on_disk)
+            _sendfile(sock, self.cursor.fd, pos, end - pos)
+            pos = end
+        while pos < limit:
+            data = self.cursor.read_memory(pos, limit - pos)
+            sock.sendall(data)
+            pos += len(data)
+        self.cursor.advance(limit)
+
+    def close(self) -> None:
+        self.cursor.close()
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:

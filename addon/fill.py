@@ -3,23 +3,30 @@
 A `Fill` runs in its own thread, independent of the client that caused it: if
 that client goes away the fetch still completes and lands in the store. It
 writes the upstream body into a part file while hashing it; clients that want
-the blob meanwhile ("followers") read the part file behind the writer, so they
-all start receiving bytes while the fetch is running.
+the blob meanwhile ("followers", each with a `Cursor`) read the part file
+behind the writer, so they all start receiving bytes while the fetch runs.
 
 The blob's LAST byte is withheld from followers until the whole body has been
 verified (sha256 and length), so a corrupt or truncated upstream body never
 reaches a client as a complete response, and never enters the store.
+
+When the disk fills up mid-fill, the fill first evicts old blobs to make room;
+if that is not enough it stops writing and carries on in memory ("spills"):
+the followers it has still get every byte, through a bounded window that
+advances as the slowest of them reads. The blob is then not stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import hashlib
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +38,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
+WINDOW_LIMIT = 16 << 20  # bytes a spilled fill holds in memory for its followers
+SLOW_FOLLOWER_TIMEOUT = 60.0  # a follower this far behind a spilled fill is dropped
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class State(enum.Enum):
@@ -49,14 +59,14 @@ class UpstreamAnswer:
     """A non-200 upstream response to a blob GET (401, 404, 429...), relayed as is."""
 
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]  # as mitmproxy's Response.make takes them
     body: bytes
 
     @classmethod
     def from_response(cls, response: requests.Response) -> "UpstreamAnswer":
         body = response.raw.read(MAX_ERROR_BODY, decode_content=True) or b""
         keep = [
-            (k, v)
+            (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in response.headers.items()
             if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")
         ]
@@ -72,17 +82,22 @@ class Fill:
     store: BlobStore
     opener: Opener  # performs the upstream GET (redirects followed)
     on_finished: Callable[["Fill"], None] = lambda fill: None
+    max_stored_size: int | None = None  # larger blobs are streamed, not stored
 
     state: State = State.CONNECTING
     size: int | None = None  # from the upstream's Content-Length
-    written: int = 0
+    written: int = 0  # bytes received (on disk below spill_at, in memory above)
     answer: UpstreamAnswer | None = None  # set when the upstream refused
     error: str = ""
-    upstream_bytes: int = 0
     finished: bool = False  # the fill thread is done (stored, or failed)
     already_stored: bool = False  # committed by an earlier fill meanwhile: no fetch
+    spill_at: int | None = None  # disk full: bytes from here on are only in memory
     started_at: float = field(default_factory=time.monotonic)
     _read_fd: int | None = None
+    _tried_making_room: bool = False
+    _window: deque = field(default_factory=deque)  # (offset, bytes) past spill_at
+    _window_bytes: int = 0
+    _cursors: set = field(default_factory=set)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _waiters: list = field(default_factory=list)
 
@@ -101,16 +116,21 @@ class Fill:
                 if response.status_code != 200:
                     self.answer = UpstreamAnswer.from_response(response)
                     self._finish(State.FAILED, f"upstream answered {response.status_code}")
+                    log.info("fill: %s failed: upstream answered %d", self.digest, response.status_code)
                     return
-                part = self.store.new_part(self.digest)
-                self._begin_streaming(response, part)
+                part = self._begin_streaming(response)
                 hasher = hashlib.sha256()
                 self._copy(response, part, hasher)
             self._verify(hasher)
             self._set_state(State.VERIFIED)
-            self.store.commit(self.digest, part, self.written)
-            committed = True
-            log.info("fill: stored %s (%d bytes) in %.2fs", self.digest, self.written, time.monotonic() - self.started_at)
+            if self.spill_at is not None:
+                log.warning("fill: served %s (%d bytes) to its clients but did not store it: %s",
+                            self.digest, self.written, self.error)
+            else:
+                self.store.commit(self.digest, part, self.written)
+                committed = True
+                log.info("fill: stored %s (%d bytes) in %.2fs",
+                         self.digest, self.written, time.monotonic() - self.started_at)
         except Exception as exc:  # noqa: BLE001 - every failure ends the fill cleanly
             reason = exc.args[0] if isinstance(exc, FillFailed) else f"{type(exc).__name__}: {exc}"
             if self.state is State.VERIFIED:
@@ -143,14 +163,27 @@ class Fill:
         self._set_state(State.VERIFIED)
         return True
 
-    def _begin_streaming(self, response: requests.Response, part: PartFile) -> None:
+    def _begin_streaming(self, response: requests.Response) -> PartFile | None:
         length = response.headers.get("Content-Length")
+        size = int(length) if length and length.isdigit() else None
+        part = None
+        if size is not None and self.max_stored_size is not None and size > self.max_stored_size:
+            self._spill(f"{size} bytes is more than the store may hold")
+        else:
+            try:
+                part = self.store.new_part(self.digest)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL:
+                    raise
+                self._spill("disk full")
         with self._cond:
-            self.size = int(length) if length and length.isdigit() else None
-            self._read_fd = os.open(part.path, os.O_RDONLY)
+            self.size = size
+            if part is not None:
+                self._read_fd = os.open(part.path, os.O_RDONLY)
         self._set_state(State.STREAMING)
+        return part
 
-    def _copy(self, response: requests.Response, part: PartFile, hasher) -> None:
+    def _copy(self, response: requests.Response, part: PartFile | None, hasher) -> None:
         while True:
             # read1: whatever has arrived (up to CHUNK), so followers on a slow
             # link see bytes as they come rather than a megabyte at a time.
@@ -159,16 +192,81 @@ class Fill:
                 return
             hasher.update(chunk)
             view = memoryview(chunk)
-            while view:
-                # pwrite: followers share the file, never the write offset.
-                done = os.pwrite(part.fd, view, self.written)
+            if self.spill_at is None and self.store.disk_space_left() < len(view):
+                if not (self._make_room() and self.store.disk_space_left() >= len(view)):
+                    self._spill("disk full")
+            while view and self.spill_at is None:
+                try:
+                    # pwrite: followers share the file, never the write offset.
+                    done = os.pwrite(part.fd, view, self.written)
+                except OSError as exc:
+                    if exc.errno not in DISK_FULL:
+                        raise
+                    if not self._make_room():
+                        self._spill("disk full")
+                    continue
                 view = view[done:]
                 with self._cond:
                     self.written += done
-                    self.upstream_bytes += done
                     self._cond.notify_all()
+            if view:
+                self._hold_in_window(bytes(view))
             if self.size is not None and self.written > self.size:
                 raise FillFailed(f"upstream sent more than its Content-Length {self.size}")
+
+    def _make_room(self) -> bool:
+        """Disk full: evict old blobs once, as much as this one still needs."""
+        if self._tried_making_room:
+            return False
+        self._tried_making_room = True
+        needed = (self.size - self.written) if self.size is not None else 64 * CHUNK
+        freed = self.store.make_room(needed)
+        log.warning("fill: disk full while filling %s; evicted %d blob(s) to make room", self.digest, freed)
+        return freed > 0
+
+    def _spill(self, why: str) -> None:
+        with self._cond:
+            self.spill_at = self.written
+            self.error = why
+        log.warning("fill: %s: %s goes on to its clients from memory and will not be stored", why, self.digest)
+
+    def _hold_in_window(self, data: bytes) -> None:
+        """Append to the in-memory window, waiting for slow followers to make room."""
+        with self._cond:
+            deadline = time.monotonic() + SLOW_FOLLOWER_TIMEOUT
+            while True:
+                self._trim_window()
+                if not self._window or self._window_bytes + len(data) <= WINDOW_LIMIT:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if not self._cursors:
+                        raise FillFailed("nobody is reading a blob that cannot be stored")
+                    self._drop_slowest_follower()
+                    deadline = time.monotonic() + SLOW_FOLLOWER_TIMEOUT
+                    continue
+                self._cond.wait(remaining)
+            self._window.append((self.written, data))
+            self._window_bytes += len(data)
+            self.written += len(data)
+            self._cond.notify_all()
+
+    def _trim_window(self) -> None:
+        """Forget window bytes every follower has passed (caller holds _cond).
+
+        With no follower yet, nothing is forgotten: the client that caused
+        the fill may still be on its way to the blob server."""
+        if not self._cursors:
+            return
+        low = min(c.pos for c in self._cursors)
+        while self._window and self._window[0][0] + len(self._window[0][1]) <= low:
+            self._window_bytes -= len(self._window.popleft()[1])
+
+    def _drop_slowest_follower(self) -> None:
+        slowest = min(self._cursors, key=lambda c: c.pos)
+        slowest.dropped = True
+        self._cursors.discard(slowest)
+        log.warning("fill: dropped a client too far behind %s", self.digest)
 
     def _verify(self, hasher) -> None:
         if self.size is not None and self.written != self.size:
@@ -226,16 +324,16 @@ class Fill:
 
     # -- for followers (blob server threads) -----------------------------------
 
-    def open_reader(self) -> int | None:
-        """A private fd on the part file, or None once the fill is over.
-
-        Followers read with explicit offsets (sendfile/pread), never moving the
-        shared file position. The caller closes the fd.
-        """
+    def follow(self, start: int = 0) -> "Cursor | None":
+        """A cursor for a client reading from `start`, or None once the fill
+        is over (the blob is then in the store, or gone)."""
         with self._cond:
-            if self._read_fd is None:
+            if self.finished or (self._read_fd is None and self.spill_at is None):
                 return None
-            return os.dup(self._read_fd)
+            fd = os.dup(self._read_fd) if self._read_fd is not None else None
+            cursor = Cursor(self, fd, start)
+            self._cursors.add(cursor)
+            return cursor
 
     def readable_until(self, offset: int, timeout: float) -> int:
         """Block until bytes past `offset` may be sent; return the limit.
@@ -261,6 +359,48 @@ class Fill:
                 self._cond.wait(remaining)
 
 
+class Cursor:
+    """One follower's position in a fill. Bytes below the fill's spill point
+    are read from the part file (sendfile), bytes above it from memory."""
+
+    def __init__(self, fill: Fill, fd: int | None, pos: int):
+        self.fill = fill
+        self.fd = fd
+        self.pos = pos
+        self.dropped = False
+
+    def readable_until(self, offset: int, timeout: float) -> int:
+        if self.dropped:
+            raise FillFailed("client fell too far behind a fill that could not be stored")
+        return self.fill.readable_until(offset, timeout)
+
+    def on_disk_until(self) -> int | None:
+        """Bytes below this offset are in the part file (None: all are)."""
+        return self.fill.spill_at
+
+    def read_memory(self, offset: int, count: int) -> bytes:
+        """Bytes at offset (above the spill point), at most count."""
+        fill = self.fill
+        with fill._cond:
+            for start, data in fill._window:
+                if start <= offset < start + len(data):
+                    return data[offset - start: offset - start + count]
+        raise FillFailed("those bytes are no longer held (the blob could not be stored)")
+
+    def advance(self, pos: int) -> None:
+        with self.fill._cond:
+            self.pos = pos
+            self.fill._cond.notify_all()
+
+    def close(self) -> None:
+        with self.fill._cond:
+            self.fill._cursors.discard(self)
+            self.fill._cond.notify_all()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -269,8 +409,9 @@ def _resolve(future: asyncio.Future) -> None:
 class Fills:
     """The fills in flight, by digest: the coalescing point."""
 
-    def __init__(self, store: BlobStore):
+    def __init__(self, store: BlobStore, max_stored_size: int | None = None):
         self.store = store
+        self.max_stored_size = max_stored_size
         self._lock = threading.Lock()
         self._by_digest: dict[str, Fill] = {}
 
@@ -284,7 +425,7 @@ class Fills:
             fill = self._by_digest.get(digest)
             if fill is not None and fill.state is not State.FAILED:
                 return fill, False
-            fill = Fill(digest, self.store, opener, on_finished=self._forget)
+            fill = Fill(digest, self.store, opener, on_finished=self._forget, max_stored_size=self.max_stored_size)
             self._by_digest[digest] = fill
         fill.start()
         return fill, True

@@ -138,7 +138,7 @@ class RegistryCache:
         self._shutdown()
         cache_dir = Path(ctx.options.cache_dir or default_cache_dir()).expanduser()
         self.store = DiskBlobStore(cache_dir, size_limit)
-        self.fills = Fills(self.store)
+        self.fills = Fills(self.store, max_stored_size=size_limit)
         self.upstream = UpstreamClient(verify=self._upstream_verify())
         self.access = AccessGate(SeenIndex(cache_dir / "access.sqlite3"), self.upstream)
         host = ctx.options.blob_host or self._proxy_listen_host()
@@ -204,7 +204,13 @@ class RegistryCache:
         if route.namespace is not None:
             del flow.request.query["ns"]  # meant for the mirror, not the registry
         if route.kind is Kind.BLOB and flow.request.method in ("GET", "HEAD"):
-            await self._blob(flow, route)
+            try:
+                await self._blob(flow, route)
+            except Exception:  # noqa: BLE001 - a broken store must not break pulls
+                log.exception("registry-cache: error serving %s; passing it to the upstream", route.reference)
+                if flow.response is None:
+                    self._mark(flow, "error", route.reference, detail="store error, passed through")
+                    flow.metadata[METADATA_KEY + ".stream"] = True
         else:
             self._mark(flow, "pass", detail=route.kind.value)
 

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ import diskcache
 log = logging.getLogger(__name__)
 
 FILLS_DIR = "fills"
+RESERVE_BYTES = 64 << 20  # free space kept for the index (or 5% of a small disk)
 PART_SUFFIX = ".part"
 
 
@@ -78,6 +80,12 @@ class BlobStore(Protocol):
     def discard_part(self, part: PartFile) -> None: ...
 
     def delete(self, digest: str) -> bool: ...
+
+    def make_room(self, needed: int) -> int:
+        """Evict least recently used blobs to free about `needed` bytes; returns how many."""
+
+    def disk_space_left(self) -> int:
+        """Bytes a fill may still write before the disk counts as full."""
 
     def usage(self) -> tuple[int, int]:
         """(bytes used, number of blobs)."""
@@ -219,6 +227,20 @@ class DiskBlobStore:
 
     def usage(self) -> tuple[int, int]:
         return self._cache.volume(), len(self._cache)
+
+    def make_room(self, needed: int) -> int:
+        try:
+            return self.evict_to(max(0, self._cache.volume() - needed))
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            log.error("store: could not evict to make room: %s", exc)
+            return 0
+
+    def disk_space_left(self) -> int:
+        """Free space minus a reserve, so the index (SQLite) can always still
+        write: a fill that used the very last byte would break every lookup."""
+        stat = os.statvfs(self.fills_dir)
+        reserve = min(RESERVE_BYTES, stat.f_blocks * stat.f_frsize // 20)
+        return stat.f_bavail * stat.f_frsize - reserve
 
     def evict_to(self, limit: int) -> int:
         """Evict least-recently-used blobs until the store fits in `limit`."""

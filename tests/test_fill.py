@@ -101,16 +101,28 @@ def run_fill(store, upstream, body, digest=None, auth=None):
 
 def follow(fill):
     """Read the fill as a follower does; returns bytes or raises FillFailed."""
-    fd = fill.open_reader()
-    assert fd is not None
+    cursor = fill.follow()
+    if cursor is None:  # the fill is over: as the blob server does, look in the store
+        blob = fill.store.open(fill.digest)
+        if blob is None:
+            raise FillFailed(fill.error or "fill over, nothing stored")
+        with blob.file:
+            return blob.file.read()
     out, pos = bytearray(), 0
     try:
         while fill.size is None or pos < fill.size:
-            limit = fill.readable_until(pos, WAIT)
-            out += os.pread(fd, limit - pos, pos)
-            pos = limit
+            limit = cursor.readable_until(pos, WAIT)
+            on_disk = cursor.on_disk_until()
+            while pos < limit:
+                if on_disk is None or pos < on_disk:
+                    end = limit if on_disk is None else min(limit, on_disk)
+                    out += os.pread(cursor.fd, end - pos, pos)
+                else:
+                    out += cursor.read_memory(pos, limit - pos)
+                pos = len(out)
+            cursor.advance(pos)
     finally:
-        os.close(fd)
+        cursor.close()
     return bytes(out)
 
 
@@ -144,14 +156,14 @@ def test_followers_get_bytes_before_the_fetch_ends(store, upstream):
     body = os.urandom(2_000_000)
     fill, finished = run_fill(store, upstream, body)
     wait_streaming(fill)
-    fd = fill.open_reader()
+    cursor = fill.follow()
     try:
-        limit = fill.readable_until(0, WAIT)
+        limit = cursor.readable_until(0, WAIT)
         assert 0 < limit <= len(body) // 2
-        assert os.pread(fd, limit, 0) == body[:limit]
+        assert os.pread(cursor.fd, limit, 0) == body[:limit]
         assert not finished.is_set()
     finally:
-        os.close(fd)
+        cursor.close()
         upstream.gate.set()
     assert finished.wait(WAIT)
     assert fill.state is State.VERIFIED
@@ -239,3 +251,44 @@ def test_a_fill_started_after_the_blob_was_committed_does_not_fetch(store):
     fill.start()
     assert finished.wait(WAIT)
     assert calls == [] and fill.already_stored and fill.state is State.VERIFIED and fill.size == len(body)
+
+
+def test_disk_full_mid_fill_still_serves_followers_and_stores_nothing(store, upstream, monkeypatch):
+    """ENOSPC after 1 MB: eviction cannot help, so the fill spills to memory."""
+    import errno
+
+    from addon import fill as fill_module
+
+    real_pwrite = os.pwrite
+
+    def pwrite_until_full(fd, data, offset):
+        if offset + len(data) > 1_000_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(fill_module.os, "pwrite", pwrite_until_full)
+    monkeypatch.setattr(fill_module, "WINDOW_LIMIT", 2 << 20)  # much smaller than the blob
+    body = os.urandom(9_000_000)
+    fill, finished = run_fill(store, upstream, body)
+    wait_streaming(fill)
+    assert follow(fill) == body  # every byte, through a window smaller than the blob
+    assert finished.wait(WAIT)
+    assert fill.state is State.VERIFIED and fill.spill_at is not None and fill.spill_at <= 1_000_000
+    assert store.open(fill.digest) is None
+    assert list(store.fills_dir.iterdir()) == []
+
+
+def test_a_blob_larger_than_the_store_is_streamed_not_stored(tmp_path, upstream):
+    small = DiskBlobStore(tmp_path / "small", size_limit=1 << 20)
+    try:
+        body = os.urandom(3_000_000)
+        upstream.body = body
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        fills = Fills(small, max_stored_size=small.size_limit)
+        client = UpstreamClient()
+        fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+        wait_streaming(fill)
+        assert follow(fill) == body
+        assert small.open(digest) is None and small.usage()[1] == 0
+    finally:
+        small.close()

@@ -1,0 +1,194 @@
+"""End to end: faults lose nothing. Bad upstream bodies, a full disk, a blob
+corrupted on disk after it was stored."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+import pytest
+import requests
+
+from addon.store import DiskBlobStore
+from tests.harness.images import make_layer, push_image
+from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE
+from tests.harness.v2client import PULL_ERRORS, RegistryClient
+
+WAIT = 60
+_seeds = itertools.count(11000)
+
+
+@pytest.fixture
+def mirror(tmp_path, upstream_session):
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
+        yield m
+
+
+def fresh_image(upstream, *sizes):
+    seed = next(_seeds)
+    layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]
+    image = push_image(upstream.url, f"faults/img{seed}", "v1", layers, auth=ALICE)
+    upstream.reset_counters()
+    return image
+
+
+def successful_fetches(upstream, digest) -> int:
+    hexdigest = digest.split(":", 1)[1]
+    return sum(1 for r in upstream.counters.requests if r.method == "GET" and hexdigest in r.path and r.status == 200)
+
+
+def store_of(mirror: Mirror) -> DiskBlobStore:
+    return DiskBlobStore(mirror.cache_dir, size_limit=1 << 40)
+
+
+@pytest.mark.parametrize("fault", ["close", 500, 429, 503])
+def test_upstream_errors_reach_the_client_cleanly_and_nothing_is_stored(upstream, mirror, fault):
+    image = fresh_image(upstream, 1_000_000)
+    digest, size = image.layers[0]
+    upstream.set_fault(digest, fault)
+    client = RegistryClient(mirror.url)
+    client.get_manifest(image.repo, image.tag)
+    response = client.request("GET", f"/v2/{image.repo}/blobs/{digest}")
+    assert response.status_code == (fault if isinstance(fault, int) else 502)
+    assert response.json()["errors"]
+    if fault == 429:
+        assert "Retry-After" in response.headers
+    mirror.wait_for_log(rf"fill: {digest} failed", WAIT)
+    upstream.clear_faults()
+    assert client.get_blob(image.repo, digest, expected_size=size) == size  # the mirror kept serving
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+
+
+def test_a_blob_corrupted_on_disk_is_dropped_and_fetched_again(upstream, mirror):
+    image = fresh_image(upstream, 2_000_000)
+    digest, size = image.layers[0]
+    client = RegistryClient(mirror.url)
+    client.pull(image.repo, image.tag)
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+    store = store_of(mirror)
+    try:
+        blob = store.open(digest)
+        with blob.file:
+            path = os.readlink(f"/proc/self/fd/{blob.file.fileno()}")
+    finally:
+        store.close()
+    with open(path, "r+b") as f:  # one flipped byte, as bit rot or a stray write would
+        f.seek(size // 3)
+        byte = f.read(1)
+        f.seek(size // 3)
+        f.write(bytes([byte[0] ^ 0x01]))
+    upstream.reset_counters()
+    assert client.get_blob(image.repo, digest, expected_size=size) == size  # good bytes only
+    mirror.wait_for_log(rf"store: {digest} was modified on disk", WAIT)
+    assert successful_fetches(upstream, digest) == 1  # fetched again...
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT, start=_line_after(mirror, "was modified on disk"))
+    upstream.reset_counters()
+    assert client.get_blob(image.repo, digest, expected_size=size) == size  # ...and stored again
+    assert upstream.counters.blob_bytes == 0
+
+
+def _line_after(mirror: Mirror, text: str) -> int:
+    for i, line in enumerate(mirror.lines):
+        if text in line:
+            return i
+    raise AssertionError(f"no log line with {text!r}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB filesystem for the store (a tmpfs; mounting needs root, as CI has)."""
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mountpoint)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_mid_fill_still_delivers_the_blob_and_keeps_the_store_consistent(
+        upstream, tmp_path, small_disk):
+    small = fresh_image(upstream, 6_000_000)
+    big = fresh_image(upstream, 30_000_000)  # more than the whole disk
+    after = fresh_image(upstream, 2_000_000)
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], cache_dir=small_disk / "cache",
+                options={"cache_size": "1g"}) as mirror:  # the disk fills long before the limit
+        client = RegistryClient(mirror.url)
+        client.pull(small.repo, small.tag)
+        mirror.wait_for_log(rf"fill: stored {small.layers[0][0]}", WAIT)
+        big_digest, big_size = big.layers[0]
+        upstream.reset_counters()
+        result = client.pull(big.repo, big.tag)  # verifies every byte
+        assert result.layers == big.layers
+        mirror.wait_for_log(rf"did not store it: disk full", WAIT)
+        assert successful_fetches(upstream, big_digest) == 1
+        # Consistent: no part file left, no entry for the blob that did not fit.
+        assert os.listdir(small_disk / "cache" / "fills") == []
+        store = store_of(mirror)
+        try:
+            assert store.open(big_digest) is None
+        finally:
+            store.close()
+        # And it keeps working once space is back.
+        assert client.pull(after.repo, after.tag).layers == after.layers
+        mirror.wait_for_log(rf"fill: stored {after.layers[0][0]}", WAIT)
+        upstream.reset_counters()
+        client.pull(after.repo, after.tag)
+        assert upstream.counters.blob_bytes == 0
+
+
+def test_malformed_and_hostile_requests_never_reach_the_store(upstream, mirror):
+    """Traversal and garbage get OCI errors; the mirror serves on afterwards."""
+    image = fresh_image(upstream, 300_000)
+    bad = [
+        "/v2/../../../etc/passwd/blobs/sha256:" + "a" * 64,
+        "/v2/library/alpine/blobs/sha256:" + "a" * 63 + "/../x",
+        "/v2/library/alpine/blobs/..%2F..%2Fetc%2Fpasswd",
+        "/v2/library/alpine/blobs/sha256%3A" + "a" * 64,
+        "/v2/" + "a" * 3000 + "/blobs/sha256:" + "a" * 64,
+        "/v2/library/alpine/manifests/" + "x" * 200,
+    ]
+    for path in bad:
+        r = requests.get(mirror.url + path, timeout=WAIT)
+        assert 400 <= r.status_code < 500, (path, r.status_code)
+        if r.headers.get("Content-Type", "").startswith("application/json"):
+            assert r.json()["errors"]
+    r = requests.get(mirror.url + "/v2/library/alpine/blobs/sha256:" + "a" * 64,
+                     headers={"X-Huge": "x" * 60_000}, timeout=WAIT)
+    assert 400 <= r.status_code < 500 or r.status_code == 401
+    assert upstream.counters.blob_bytes == 0
+    assert RegistryClient(mirror.url).pull(image.repo, image.tag).layers == image.layers
+    assert not any(p.name.startswith("..") for p in mirror.cache_dir.rglob("*"))
+
+
+def test_client_disconnect_mid_fill_loses_nothing(upstream, mirror):
+    image = fresh_image(upstream, 5_000_000)
+    digest, size = image.layers[0]
+    upstream.set_fault(digest, "stall")
+    client = RegistryClient(mirror.url)
+    client.get_manifest(image.repo, image.tag)
+    response = client.request("GET", f"/v2/{image.repo}/blobs/{digest}", stream=True)
+    assert len(response.raw.read(1000)) == 1000
+    upstream.wait_stalled(1, WAIT)
+    response.close()  # the client hangs up mid-fill
+    upstream.release_stalls()
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+    upstream.reset_counters()
+    assert RegistryClient(mirror.url).get_blob(image.repo, digest, expected_size=size) == size
+    assert upstream.counters.blob_bytes == 0
+
+
+def test_pull_errors_are_errors_not_hangs(upstream, mirror):
+    """A blob the upstream does not have: a prompt 404, and the mirror goes on."""
+    image = fresh_image(upstream, 100_000)
+    client = RegistryClient(mirror.url)
+    client.get_manifest(image.repo, image.tag)
+    with pytest.raises(PULL_ERRORS) as info:
+        client.get_blob(image.repo, "sha256:" + "e" * 64)
+    assert getattr(info.value, "status", None) == 404
+    assert client.pull(image.repo, image.tag).layers == image.layers
