@@ -524,7 +524,9 @@ class Bench:
                  f"{', DIRTY: ' + str(len(self.results['addon'].get('dirty_files', []))) + ' changed file(s)' if self.results['addon'].get('dirty_files') else ''})")
         self.say(f"probing sha256 / write / fsync speed in {self.tmp}")
         self.results["probe"] = probe_components(self.tmp, self.size)
-        self.upstream = Upstream(redirect_blobs=a.redirect, workdir=str(self.tmp / "upstream")).start()
+        link_rate = a.link_mbit * 1e6 / 8 if a.link_mbit else None
+        self.upstream = Upstream(redirect_blobs=a.redirect, workdir=str(self.tmp / "upstream"),
+                                 link_rate=link_rate).start()
         self.say(f"upstream at {self.upstream.url} ({'CDN redirect' if a.redirect else 'relay'} mode); "
                  f"pushing images with one {self.size / MB:.0f} MB layer")
         t0 = time.monotonic()
@@ -813,7 +815,7 @@ class Bench:
         self.results["config"] = {
             "layer_mb": a.layer_mb, "layer_bytes": self.size, "reps": self.reps, "quick": a.quick,
             "rate_reps": a.rate_reps, "redirect": a.redirect, "clients": a.clients, "cold_clients": a.cold_clients,
-            "manifest_gets": a.manifest_gets, "pretouch": not a.no_pretouch,
+            "manifest_gets": a.manifest_gets, "pretouch": not a.no_pretouch, "link_mbit": a.link_mbit,
         }
         self.results["machine"] = {
             "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
@@ -1111,6 +1113,9 @@ def main(argv=None) -> int:
                     help="benchmark addon/ as of this git revision (default: a copy of the working tree's, "
                          "taken at start)")
     ap.add_argument("--no-skopeo", action="store_true", help="skip the skopeo pulls")
+    ap.add_argument("--link-mbit", type=float, default=None,
+                    help="pace the upstream's blob bytes through one shared link of this many Mbit/s "
+                         "(the slow line the mirror is for; default: loopback speed)")
     ap.add_argument("--no-pretouch", action="store_true",
                     help="skip the second set of cold pulls made with memory pre-touched")
     args = ap.parse_args(argv)
@@ -1133,7 +1138,9 @@ def main(argv=None) -> int:
     cfg = results["config"]
     print()
     print(f"registry-cache benchmark: one {cfg['layer_bytes'] / MB:.0f} MB layer + config, "
-          f"{'CDN-redirect' if cfg['redirect'] else 'relay'} upstream, {cfg['reps']} rep(s) (medians; "
+          f"{'CDN-redirect' if cfg['redirect'] else 'relay'} upstream"
+          f"{', link ' + str(args.link_mbit) + ' Mbit/s' if args.link_mbit else ', loopback link'}, "
+          f"{cfg['reps']} rep(s) (medians; "
           f"[min..max] of paired ratios), {results['machine']['cpus']} CPUs, load "
           f"{results['machine']['loadavg_start'][0]:.2f} -> {results['machine']['loadavg_end'][0]:.2f}")
     addon = results.get("addon", {})

@@ -223,6 +223,28 @@ class _OwnedServer(LoopbackHTTPServer):
         self.dispatch = dispatch
 
 
+class Link:
+    """A shared line of `rate` bytes/s: callers wait their turn to send.
+
+    Emulates the slow or metered link between a site and Docker Hub, for the
+    benchmark; the pacing sleeps in server threads, never in a test.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()
+
+    def pace(self, nbytes: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at)
+            self._free_at = start + nbytes / self.rate
+        delay = start - now
+        if delay > 0:
+            time.sleep(delay)
+
+
 class Upstream:
     """distribution + token server + counting/faulting front door + redirect CDN.
 
@@ -246,6 +268,7 @@ class Upstream:
         workdir: str | None = None,
         keep_workdir: bool = False,
         start_timeout: float = 15.0,
+        link_rate: float | None = None,
     ):
         self.users = dict(DEFAULT_USERS if users is None else users)
         self.private_repos = dict(DEFAULT_PRIVATE_REPOS if private_repos is None else private_repos)
@@ -268,6 +291,9 @@ class Upstream:
         self._stall_generation = 0
         self._stalled_now = 0
         self._cdn_secret = secrets.token_bytes(32)
+        # Blob bytes (front door and CDN together) are paced through one shared
+        # link of this many bytes/s: the slow line the mirror exists for.
+        self.link = Link(link_rate) if link_rate else None
 
         self.workdir: str | None = None
         self.rootdir: str | None = None
@@ -757,6 +783,8 @@ auth:
                 rec.bytes = sent
                 if digest is not None:
                     self.counters.add_blob_bytes(digest, n)
+                    if self.link:
+                        self.link.pace(n)
                 if chunked_out:
                     h.wfile.write(b"%x\r\n" % n)
                     h.wfile.write(view[:n])
@@ -903,13 +931,17 @@ auth:
                     raise _Abort()
                 rec.bytes += len(data)
                 self.counters.add_blob_bytes(digest, len(data))
+                if self.link:
+                    self.link.pace(len(data))
                 sock.sendall(data)
                 offset += len(data)
                 count -= len(data)
             return
         out_fd, in_fd = sock.fileno(), f.fileno()
         while count > 0:
-            want = min(count, 8 * CHUNK)
+            want = min(count, 8 * CHUNK if self.link is None else CHUNK)
+            if self.link:
+                self.link.pace(want)
             rec.bytes += want
             self.counters.add_blob_bytes(digest, want)
             n = 0
