@@ -150,8 +150,10 @@ class AccessGate:
         self.vouch(registry, repo, digest, authorization)
         return ALLOWED
 
-    def vouch(self, registry: str, repo: str, digest: str, authorization: str | None) -> None:
-        """The upstream served or confirmed digest under repo to this client."""
+    def vouch(self, registry: str, repo: str, digest: str, authorization: str | None,
+              kind: str = "blobs") -> None:
+        """The upstream served or confirmed digest (a blob or a manifest) under
+        repo to this client."""
         now = time.time()
         self.index.record(registry, repo, digest)
         with self._lock:
@@ -160,17 +162,24 @@ class AccessGate:
             if probe:
                 self._probing.add((registry, repo))
         if probe:
-            threading.Thread(target=self._probe_public, args=(registry, repo, digest), daemon=True).start()
+            threading.Thread(target=self._probe_public, args=(registry, repo, f"{kind}/{digest}"),
+                             daemon=True).start()
 
     def _offline_decision(self, known: bool, cred: str, registry: str, repo: str, why: str) -> Decision:
-        """The upstream cannot be asked: trust what it told us before, even if dated."""
-        with self._lock:
-            public = self._public.get((registry, repo), (False, 0))[0]
-            granted_once = (cred, registry, repo) in self._grants
-        if known and (public or granted_once):
+        if known and self._allowed_before(cred, registry, repo):
             log.warning("access: %s; serving %s from what the upstream allowed earlier", why, repo)
             return ALLOWED
         return Decision(False, 503, (), why)
+
+    def allowed_offline(self, registry: str, repo: str, digest: str, authorization: str | None) -> bool:
+        """The upstream cannot be asked: trust what it told us before, even if dated."""
+        return self.index.contains(registry, repo, digest) and \
+            self._allowed_before(fingerprint(authorization), registry, repo)
+
+    def _allowed_before(self, cred: str, registry: str, repo: str) -> bool:
+        with self._lock:
+            public = self._public.get((registry, repo), (False, 0))[0]
+            return public or (cred, registry, repo) in self._grants
 
     def _granted(self, cred: str, registry: str, repo: str, now: float) -> bool:
         with self._lock:
@@ -186,11 +195,11 @@ class AccessGate:
         with self._lock:
             return bool(self._public_state(registry, repo, now))
 
-    def _probe_public(self, registry: str, repo: str, digest: str) -> None:
+    def _probe_public(self, registry: str, repo: str, path: str) -> None:
         """Is repo readable with no credentials, or with an anonymous token?"""
         public = False
         try:
-            url = f"{registry}/v2/{repo}/blobs/{digest}"
+            url = f"{registry}/v2/{repo}/{path}"
             status, headers = self.upstream.head(url, None)
             if status == 401:
                 token = self.upstream.anonymous_token(headers.get("WWW-Authenticate", ""), repo)

@@ -22,13 +22,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import requests
 from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from . import routes
-from .access import AccessGate, SeenIndex
+from . import manifests, routes
+from .access import UNREACHABLE, AccessGate, SeenIndex
 from .blobserver import BlobServer
 from .fill import Fills, State
+from .manifests import ManifestStore
 from .routes import Kind, Route, RouteError
 from .store import DiskBlobStore
 from .upstream import UpstreamClient
@@ -45,6 +47,7 @@ MARKS = {  # what mitmweb shows per outcome
     "error": ":red_circle:",
     "pass": ":white_circle:",
     "denied": ":no_entry:",
+    "stale": ":yellow_circle:",
 }
 REFUSAL_CODES = {  # OCI error for an access refusal, by the upstream's status
     401: ("UNAUTHORIZED", "authentication required"),
@@ -91,6 +94,7 @@ class RegistryCache:
         self.blob_server: BlobServer | None = None
         self.upstream: UpstreamClient | None = None
         self.access: AccessGate | None = None
+        self.manifests: ManifestStore | None = None
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-cache-io")
         self._tasks: set[asyncio.Task] = set()
 
@@ -104,6 +108,11 @@ class RegistryCache:
         loader.add_option(
             "cache_size", str, "20g",
             "Size limit of the blob store (e.g. 500m, 20g, 1t); least recently used blobs are evicted.",
+        )
+        loader.add_option(
+            "serve_stale", bool, True,
+            "While the upstream is unreachable, rate-limited (429) or failing (5xx), answer manifests "
+            "from the store (a tag: its last known digest, marked stale) and /v2/ pings locally.",
         )
         loader.add_option(
             "blob_redirect", bool, True,
@@ -141,6 +150,7 @@ class RegistryCache:
         self.fills = Fills(self.store, max_stored_size=size_limit)
         self.upstream = UpstreamClient(verify=self._upstream_verify())
         self.access = AccessGate(SeenIndex(cache_dir / "access.sqlite3"), self.upstream)
+        self.manifests = ManifestStore(cache_dir / "manifests")
         host = ctx.options.blob_host or self._proxy_listen_host()
         try:
             self.blob_server = BlobServer(self.store, self.fills, host, port)
@@ -173,6 +183,9 @@ class RegistryCache:
         if self.access is not None:
             self.access.index.close()
             self.access = None
+        if self.manifests is not None:
+            self.manifests.close()
+            self.manifests = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -211,8 +224,84 @@ class RegistryCache:
                 if flow.response is None:
                     self._mark(flow, "error", route.reference, detail="store error, passed through")
                     flow.metadata[METADATA_KEY + ".stream"] = True
+        elif route.kind in (Kind.MANIFEST, Kind.PING) and flow.request.method in ("GET", "HEAD"):
+            await self._relay_remembering(flow, route)
         else:
             self._mark(flow, "pass", detail=route.kind.value)
+
+    # -- manifests and pings: relayed, with a stale answer when the upstream is down
+
+    async def _relay_remembering(self, flow: http.HTTPFlow, route: Route) -> None:
+        request = flow.request
+        registry = _registry_of(flow)
+        authorization = request.headers.get("Authorization")
+        headers = {name: ", ".join(request.headers.get_all(name)) for name in request.headers
+                   if name.lower() not in manifests.HOP_BY_HOP}
+        try:
+            answer = await self._io(self.upstream.fetch, request.method, request.url, headers)
+            why = f"upstream answered {answer.status}"
+        except requests.RequestException as exc:
+            answer, why = None, f"upstream unreachable: {exc}"
+        if answer is not None and answer.status not in UNREACHABLE:
+            flow.response = _relayed(answer, request.method)
+            self._mark(flow, "pass", detail=route.kind.value)
+            if answer.status == 200 and route.kind is Kind.MANIFEST:
+                await self._io(self._remember_manifest, registry, route, authorization, answer)
+            return
+        stale = None
+        if ctx.options.serve_stale:
+            stale = await self._io(self._stale_answer, registry, route, authorization, request)
+        if stale is not None:
+            log.warning("registry-cache: %s; answering %s %s from the store (stale)",
+                        why, request.method, request.path)
+            flow.response = stale
+            self._mark(flow, "stale", route.reference, detail=why)
+        elif answer is not None:
+            flow.response = _relayed(answer, request.method)
+            self._mark(flow, "error", route.reference, detail=why)
+        else:
+            log.warning("registry-cache: %s for %s %s", why, request.method, request.path)
+            flow.response = oci_error(502, "UNAVAILABLE", "upstream unreachable", why)
+            self._mark(flow, "error", route.reference, detail=why)
+
+    def _remember_manifest(self, registry: str, route: Route, authorization: str | None, answer) -> None:
+        """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD)."""
+        if answer.body:
+            manifest = manifests.verified_manifest(answer.body, answer.headers, route.reference)
+            if manifest is None:
+                return
+            self.manifests.put(manifest)
+            digest = manifest.digest
+        else:
+            digest = answer.headers.get("Docker-Content-Digest", "")
+            if not routes.SHA256_RE.fullmatch(digest) or self.manifests.get(digest) is None:
+                return
+        if ":" not in route.reference:
+            self.manifests.remember_tag(registry, route.name, route.reference, digest)
+        self.access.vouch(registry, route.name, digest, authorization, kind="manifests")
+
+    def _stale_answer(self, registry: str, route: Route, authorization: str | None,
+                      request: http.Request) -> http.Response | None:
+        """What the store can say while the upstream cannot (blocking)."""
+        if route.kind is Kind.PING:
+            return http.Response.make(200, b"{}", {"Content-Type": "application/json", **manifests.STALE_HEADERS})
+        digest = route.reference
+        if ":" not in digest:
+            digest = self.manifests.digest_of_tag(registry, route.name, route.reference)
+        manifest = self.manifests.get(digest) if digest else None
+        if manifest is None or not manifests.accepts(request.headers.get_all("Accept"), manifest.media_type):
+            return None
+        if not self.access.allowed_offline(registry, route.name, manifest.digest, authorization):
+            return None
+        response = http.Response.make(200, manifest.body, {
+            "Content-Type": manifest.media_type,
+            "Docker-Content-Digest": manifest.digest,
+            **manifests.STALE_HEADERS,
+        })
+        if request.method == "HEAD":
+            response.content = b""
+            response.headers["Content-Length"] = str(len(manifest.body))
+        return response
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(METADATA_KEY + ".stream"):
@@ -362,6 +451,16 @@ class RegistryCache:
             parts.append(f"({detail})")
         flow.comment = " ".join(parts)
         flow.metadata[METADATA_KEY] = outcome
+
+
+def _relayed(answer, method: str) -> http.Response:
+    """mitmproxy response carrying an upstream answer unchanged."""
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
+               if k.lower() not in ("connection", "keep-alive", "transfer-encoding")]
+    response = http.Response.make(answer.status, answer.body, headers)
+    if method == "HEAD" and "Content-Length" in answer.headers:
+        response.headers["Content-Length"] = answer.headers["Content-Length"]
+    return response
 
 
 def _registry_of(flow: http.HTTPFlow) -> str:

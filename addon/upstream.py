@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urljoin
 
 import requests
@@ -21,8 +22,27 @@ import requests.adapters
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
+# Sent with our own HEADs: a registry answers 404 for a manifest whose type the
+# request does not accept (distribution cannot convert OCI manifests).
+ALL_MANIFEST_TYPES = ", ".join([
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "*/*",
+])
+MAX_RELAYED_BODY = 32 << 20  # a manifest answer larger than this is refused
 CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0  # longest silence tolerated mid-body before a fill fails
+
+
+@dataclass
+class Answer:
+    """An upstream response read whole (manifests, pings: small bodies)."""
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
 
 
 class UpstreamClient:
@@ -59,10 +79,25 @@ class UpstreamClient:
             log.debug("upstream: blob redirected to %s", url.split("?", 1)[0])
         raise requests.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects for a blob")
 
+    def fetch(self, method: str, url: str, headers: dict[str, str]) -> Answer:
+        """Relay a small request (manifest, ping) with the client's headers.
+
+        The body comes back exactly as sent (no content decoding), and no
+        default header of ours is added to what the client sent.
+        """
+        headers = {"Accept": None, "User-Agent": None, **headers, "Accept-Encoding": "identity"}
+        response = self.session.request(method, url, headers=headers, stream=True, allow_redirects=False,
+                                        timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        with response:
+            body = b"" if method == "HEAD" else response.raw.read(MAX_RELAYED_BODY + 1, decode_content=False)
+        if len(body) > MAX_RELAYED_BODY:
+            raise requests.exceptions.ContentDecodingError(f"upstream answer larger than {MAX_RELAYED_BODY} bytes")
+        return Answer(response.status_code, response.headers, body)
+
     def head(self, url: str, authorization: str | None) -> tuple[int, Mapping[str, str]]:
         """HEAD with the client's credentials: (status, case-insensitive headers). No redirects:
         a 2xx or 3xx from the registry itself answers "may this client read it"."""
-        headers = {"User-Agent": self.user_agent}
+        headers = {"User-Agent": self.user_agent, "Accept": ALL_MANIFEST_TYPES}
         if authorization:
             headers["Authorization"] = authorization
         response = self.session.head(url, headers=headers, allow_redirects=False,

@@ -58,13 +58,21 @@ def test_private_blobs_stay_private(upstream, mirror, pushed_images):
     assert refused(alice, pushed_images.alpine.repo, layer) == 404
     assert upstream.counters.blob_bytes == 0  # not one byte fetched, not one served
 
-    # Alice, with a new token, gets the blob from the store: one HEAD proves
-    # her token, then the rest of the pull costs nothing upstream.
+    # Alice, with a new token, gets the blob from the store: the manifest GET
+    # (which always goes upstream) proves her token, so the blobs cost nothing.
     upstream.reset_counters()
     fresh = RegistryClient(mirror.url, *ALICE)
     assert fresh.pull(image.repo, image.tag).layers == image.layers
     assert upstream.counters.blob_bytes == 0 and upstream.counters.blob_gets == 0
-    assert upstream.counters.blob_heads == 1
+    assert upstream.counters.blob_heads == 0 and upstream.counters.manifest_gets >= 1
+    # Without a manifest request first, one blob HEAD with the token proves it
+    # (the client's first, token-less try is answered with the upstream's 401).
+    upstream.reset_counters()
+    direct = RegistryClient(mirror.url, *ALICE)
+    direct.get_blob(image.repo, layer, expected_size=size)
+    heads = [r for r in upstream.counters.requests if r.method == "HEAD" and "/blobs/" in r.path]
+    assert [(r.authorization, r.status) for r in heads] == [(False, 401), (True, 200)]
+    assert upstream.counters.blob_bytes == 0
     upstream.reset_counters()
     assert fresh.pull(image.repo, image.tag).layers == image.layers  # same token: remembered
     assert upstream.counters.blob_heads == 0

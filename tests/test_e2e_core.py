@@ -12,7 +12,6 @@ import http.client
 import itertools
 import json
 import os
-import threading
 
 import pytest
 import requests

@@ -125,7 +125,7 @@ def test_a_full_disk_mid_fill_still_delivers_the_blob_and_keeps_the_store_consis
         upstream.reset_counters()
         result = client.pull(big.repo, big.tag)  # verifies every byte
         assert result.layers == big.layers
-        mirror.wait_for_log(rf"did not store it: disk full", WAIT)
+        mirror.wait_for_log(r"did not store it: disk full", WAIT)
         assert successful_fetches(upstream, big_digest) == 1
         # Consistent: no part file left, no entry for the blob that did not fit.
         assert os.listdir(small_disk / "cache" / "fills") == []

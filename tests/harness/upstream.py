@@ -44,7 +44,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from ._http import LoopbackHTTPServer, QuietHandler
@@ -294,6 +294,9 @@ class Upstream:
         # Blob bytes (front door and CDN together) are paced through one shared
         # link of this many bytes/s: the slow line the mirror exists for.
         self.link = Link(link_rate) if link_rate else None
+        # A status (e.g. 429 or 503) the front door answers every /v2/ request
+        # with: Docker Hub rate-limiting us, or failing. None: behave.
+        self.answer_everything_with: int | None = None
 
         self.workdir: str | None = None
         self.rootdir: str | None = None
@@ -518,6 +521,7 @@ auth:
             self._faults[digest] = Fault(kind, times, where)
 
     def clear_faults(self) -> None:
+        self.answer_everything_with = None
         with self._faults_lock:
             self._faults.clear()
         self.release_stalls()
@@ -608,6 +612,10 @@ auth:
         c = self.counters
         c.add_record(rec)
         try:
+            if self.answer_everything_with and route.startswith("/v2"):
+                rec.fault = str(self.answer_everything_with)
+                h.drain_request_body()
+                return self._send_fault_status(h, self.answer_everything_with, rec)
             blob = BLOB_RE.match(route)
             manifest = MANIFEST_RE.match(route)
             if blob and h.command == "GET":

@@ -1,0 +1,90 @@
+"""Manifests: relayed to the upstream, remembered for when it is down.
+
+The mirror fetches manifest (and /v2/ ping) requests itself rather than
+leaving them to mitmproxy's pass-through, because mitmproxy answers a failed
+upstream connection with its own 502 and offers no hook to answer instead.
+Fetching them here, the mirror sees the failure first:
+
+- The upstream answers (anything but 429 or 5xx): relayed as is. Tags stay
+  fresh and the upstream decides who may pull what.
+- A 200 manifest is verified against its digest and kept in a small store
+  (a manifest's content never changes for its digest), and a tag's digest is
+  remembered.
+- The upstream is unreachable, 429 or 5xx, and `serve_stale` is on: a
+  manifest by digest comes from the store, a tag resolves to the last digest
+  seen for it, marked stale in the response headers. Only for repositories
+  seen to contain it, and for clients the access gate trusted before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import diskcache
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST = 4 << 20  # OCI: registries should accept manifests up to 4 MiB
+STALE_HEADERS = {
+    "Warning": '110 registry-cache "Response is Stale"',
+    "X-Registry-Cache": "stale",
+}
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+}
+
+
+@dataclass
+class StoredManifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+class ManifestStore:
+    """Manifests by digest, and the last digest seen for each tag."""
+
+    def __init__(self, directory: str | os.PathLike, size_limit: int = 256 << 20):
+        self._cache = diskcache.Cache(str(directory), size_limit=size_limit,
+                                      eviction_policy="least-recently-used", timeout=60)
+
+    def put(self, manifest: StoredManifest) -> None:
+        self._cache.set(f"manifest:{manifest.digest}", (manifest.media_type, manifest.body))
+
+    def get(self, digest: str) -> StoredManifest | None:
+        found = self._cache.get(f"manifest:{digest}")
+        return StoredManifest(digest, *found) if found else None
+
+    def remember_tag(self, registry: str, repo: str, tag: str, digest: str) -> None:
+        self._cache.set(f"tag:{registry}/{repo}:{tag}", digest)
+
+    def digest_of_tag(self, registry: str, repo: str, tag: str) -> str | None:
+        return self._cache.get(f"tag:{registry}/{repo}:{tag}")
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+def verified_manifest(body: bytes, headers, reference: str) -> StoredManifest | None:
+    """The manifest in a 200 answer, if its digest checks out (else None)."""
+    if len(body) > MAX_MANIFEST:
+        return None
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    claimed = headers.get("Docker-Content-Digest")
+    if (claimed and claimed != digest) or (":" in reference and reference != digest):
+        log.warning("manifests: upstream's manifest for %s does not match its digest; not keeping it", reference)
+        return None
+    media_type = headers.get("Content-Type", "").split(";")[0].strip()
+    return StoredManifest(digest, media_type, body)
+
+
+def accepts(accept_header_values: list[str], media_type: str) -> bool:
+    """Would a client that sent these Accept values take this media type?"""
+    if not accept_header_values:
+        return True
+    offered = {part.split(";")[0].strip() for value in accept_header_values for part in value.split(",")}
+    return media_type in offered or "*/*" in offered

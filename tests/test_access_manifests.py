@@ -1,0 +1,73 @@
+"""Unit tests: credential lifetimes, the seen-index, manifest verification."""
+
+import base64
+import hashlib
+import json
+import time
+
+from addon.access import MAX_GRANT_TTL, OPAQUE_GRANT_TTL, SeenIndex, credential_expiry, fingerprint
+from addon.manifests import ManifestStore, StoredManifest, accepts, verified_manifest
+
+
+def jwt_with(claims: dict) -> str:
+    def part(obj):
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+def test_credential_expiry_reads_jwt_exp_and_caps_it():
+    now = time.time()
+    assert credential_expiry(f"Bearer {jwt_with({'exp': now + 120})}", now) == now + 120
+    assert credential_expiry(f"Bearer {jwt_with({'exp': now + 10**9})}", now) == now + MAX_GRANT_TTL
+    assert credential_expiry("Bearer opaque-token", now) == now + OPAQUE_GRANT_TTL
+    assert credential_expiry("Basic YWxpY2U6cHc=", now) == now + OPAQUE_GRANT_TTL
+    assert credential_expiry(None, now) == now + OPAQUE_GRANT_TTL
+    assert fingerprint(None) == "" and fingerprint("a") != fingerprint("b")
+
+
+def test_seen_index_persists(tmp_path):
+    index = SeenIndex(tmp_path / "a.sqlite3")
+    index.record("http://r", "library/alpine", "sha256:" + "1" * 64)
+    index.record_public("http://r", "library/alpine", True, 123.0)
+    index.close()
+    again = SeenIndex(tmp_path / "a.sqlite3")
+    try:
+        assert again.contains("http://r", "library/alpine", "sha256:" + "1" * 64)
+        assert not again.contains("http://r", "library/other", "sha256:" + "1" * 64)
+        assert again.repos_of("sha256:" + "1" * 64) == [("http://r", "library/alpine")]
+        assert again.public_states() == {("http://r", "library/alpine"): (True, 123.0)}
+    finally:
+        again.close()
+
+
+def test_verified_manifest_checks_the_digest():
+    body = b'{"schemaVersion": 2}'
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    headers = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Docker-Content-Digest": digest}
+    m = verified_manifest(body, headers, "latest")
+    assert m == StoredManifest(digest, "application/vnd.oci.image.manifest.v1+json", body)
+    assert verified_manifest(body, headers, digest) == m
+    assert verified_manifest(body, {**headers, "Docker-Content-Digest": "sha256:" + "0" * 64}, "latest") is None
+    assert verified_manifest(body, headers, "sha256:" + "0" * 64) is None
+
+
+def test_accepts():
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    assert accepts([], oci)
+    assert accepts([f"application/x, {oci}"], oci)
+    assert accepts(["application/x", f"{oci}; q=0.5"], oci)
+    assert accepts(["*/*"], oci)
+    assert not accepts(["application/vnd.docker.distribution.manifest.v2+json"], oci)
+
+
+def test_manifest_store_keeps_manifests_and_tags(tmp_path):
+    store = ManifestStore(tmp_path / "m")
+    try:
+        m = StoredManifest("sha256:" + "2" * 64, "application/json", b"{}")
+        store.put(m)
+        store.remember_tag("http://r", "a/b", "v1", m.digest)
+        assert store.get(m.digest) == m
+        assert store.digest_of_tag("http://r", "a/b", "v1") == m.digest
+        assert store.digest_of_tag("http://r", "a/b", "v2") is None
+    finally:
+        store.close()

@@ -1,0 +1,118 @@
+"""End to end: the upstream goes away, or rate-limits us, mid-session.
+
+Stored blobs keep being served; manifests by digest come from the manifest
+store; a tag resolves to its last known digest, marked stale.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import requests
+
+from tests.harness.images import make_layer, push_image
+from tests.harness.mirror import Mirror
+from tests.harness.skopeo import make_skopeo_home, skopeo_copy, verify_dir_image
+from tests.harness.upstream import ALICE
+from tests.harness.v2client import PULL_ERRORS, RegistryClient
+
+WAIT = 60
+_seeds = itertools.count(13000)
+MANIFEST_TYPES = ", ".join([
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+])
+
+
+@pytest.fixture
+def mirror(tmp_path, upstream_session):
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
+        yield m
+
+
+def warm_image(upstream, mirror, repo=None, auth=None):
+    """A fresh image pulled once through the mirror; waits until the mirror
+    knows whether its repository is public (its one background check)."""
+    seed = next(_seeds)
+    image = push_image(upstream.url, repo or f"offline/img{seed}", f"t{seed}",
+                       [make_layer(700_000, seed), make_layer(300_000, seed + 1)], auth=ALICE)
+    client = RegistryClient(mirror.url, *(auth or ()))
+    assert client.pull(image.repo, image.tag).layers == image.layers
+    mirror.wait_for_log(rf"access: .*/{image.repo} is (public|not public)", WAIT)
+    return image, client
+
+
+def manifest_get(mirror, repo, ref, headers=None):
+    return requests.get(f"{mirror.url}/v2/{repo}/manifests/{ref}",
+                        headers={"Accept": MANIFEST_TYPES, **(headers or {})}, timeout=WAIT)
+
+
+@pytest.mark.parametrize("outage", ["down", 429, 503])
+def test_a_pull_works_while_the_upstream_is_gone_or_refusing(upstream, mirror, outage):
+    image, _ = warm_image(upstream, mirror)
+    if outage == "down":
+        upstream.set_down(True)  # registry, CDN and token server alike
+    else:
+        upstream.answer_everything_with = outage
+    # A brand-new client, no token: ping, tag, digest, blobs, all from the mirror.
+    r = requests.get(mirror.url + "/v2/", timeout=WAIT)
+    assert r.status_code == 200 and r.headers["X-Registry-Cache"] == "stale"
+    r = manifest_get(mirror, image.repo, image.tag)
+    assert r.status_code == 200 and r.content == image.manifest
+    assert r.headers["Docker-Content-Digest"] == image.digest
+    assert r.headers["X-Registry-Cache"] == "stale" and "110" in r.headers["Warning"]
+    r = manifest_get(mirror, image.repo, image.digest)
+    assert r.status_code == 200 and r.content == image.manifest
+    result = RegistryClient(mirror.url).pull(image.repo, image.tag)
+    assert result.manifest_digest == image.digest and result.layers == image.layers
+    mirror.wait_for_log(rf"answering GET /v2/{image.repo}/manifests/{image.tag} from the store \(stale\)", WAIT)
+
+
+def test_skopeo_pulls_through_the_mirror_while_the_upstream_is_down(upstream, mirror, closed_port, tmp_path):
+    image, _ = warm_image(upstream, mirror)
+    upstream.set_down(True)
+    home = make_skopeo_home(str(tmp_path / "home"), primary=closed_port, mirror=mirror.host_port)
+    skopeo_copy(f"{closed_port}/{image.repo}:{image.tag}", str(tmp_path / "copy"), home)
+    assert verify_dir_image(str(tmp_path / "copy"))["manifest_digest"] == image.digest
+
+
+def test_unknown_tags_and_private_repositories_are_not_made_up(upstream, mirror):
+    image, _ = warm_image(upstream, mirror)
+    private, alice = warm_image(upstream, mirror, repo="acme/private", auth=ALICE)
+    upstream.set_down(True)
+    assert manifest_get(mirror, image.repo, "never-pulled").status_code == 502
+    # The private repository: not for a client the upstream never vouched for...
+    r = manifest_get(mirror, private.repo, private.tag)
+    assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    r = requests.get(f"{mirror.url}/v2/{private.repo}/blobs/{private.layers[0][0]}", timeout=WAIT)
+    assert r.status_code == 503
+    # ...but alice, whose token the upstream accepted, still pulls it.
+    assert alice.pull(private.repo, private.tag).layers == private.layers
+
+
+def test_a_tag_moves_on_when_the_upstream_is_back(upstream, mirror):
+    image, _ = warm_image(upstream, mirror)
+    seed = next(_seeds)
+    moved = push_image(upstream.url, image.repo, image.tag, [make_layer(100_000, seed)], auth=ALICE)
+    upstream.set_down(True)
+    assert manifest_get(mirror, image.repo, image.tag).headers["Docker-Content-Digest"] == image.digest
+    upstream.set_down(False)
+    r = RegistryClient(mirror.url).pull(image.repo, image.tag)
+    assert r.manifest_digest == moved.digest  # fresh again: tags always ask the upstream first
+
+
+def test_serve_stale_can_be_turned_off(upstream, tmp_path):
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={"serve_stale": "false"}) as mirror:
+        image, client = warm_image(upstream, mirror)
+        upstream.set_down(True)
+        r = manifest_get(mirror, image.repo, image.tag)
+        assert r.status_code == 502 and "X-Registry-Cache" not in r.headers
+        assert requests.get(mirror.url + "/v2/", timeout=WAIT).status_code == 502
+        with pytest.raises(PULL_ERRORS + (requests.RequestException,)):
+            RegistryClient(mirror.url).pull(image.repo, image.tag)
+        # Blobs already stored are still served to the client the upstream allowed.
+        digest, size = image.layers[0]
+        assert client.get_blob(image.repo, digest, expected_size=size) == size
