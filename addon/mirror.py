@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .upstream import UpstreamClient
 log = logging.getLogger("registry_cache")
 
 START_TIMEOUT = 120.0  # bound on waiting for an upstream to answer a blob GET
+MAX_HEADER_BYTES = 32 * 1024  # registry clients send a few hundred bytes
 METADATA_KEY = "registry_cache"
 HIT_FILTER = '~meta "registry_cache: hit"'  # mitmweb/mitmdump filter listing hits (README)
 MARKS = {  # what mitmweb shows per outcome
@@ -62,17 +64,16 @@ def default_cache_dir() -> str:
     return os.path.join(base, "registry-cache")
 
 
+SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
 def parse_size(text: str) -> int:
-    """'20g', '512M', '1000000' -> bytes (binary units)."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    value = text.strip().lower().removesuffix("b").removesuffix("i")
-    number, unit = value, ""
-    if value and value[-1] in units:
-        number, unit = value[:-1], value[-1]
-    try:
-        size = int(float(number) * units[unit])
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (examples: 500m, 20g, 1t)") from None
+    """'20g', '512M', '1.5T', '1000000' -> bytes (binary units)."""
+    match = SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 500m, 20g, 1t)")
+    number, unit = match.groups()
+    size = int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
     if size <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return size
@@ -203,6 +204,16 @@ class RegistryCache:
         return hosts.pop() if len(hosts) == 1 else ""
 
     # -- request routing -------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not routes.is_registry_path(flow.request.path):
+            return
+        size = sum(len(name) + len(value) for name, value in flow.request.headers.fields)
+        if size > MAX_HEADER_BYTES:
+            log.warning("registry-cache: refused %s %s: %d bytes of headers",
+                        flow.request.method, flow.request.path[:200], size)
+            flow.response = oci_error(431, "UNSUPPORTED", "request headers too large", f"{size} bytes")
+            self._mark(flow, "error", detail="headers too large")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not routes.is_registry_path(flow.request.path):

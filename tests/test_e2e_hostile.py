@@ -1,0 +1,61 @@
+"""End to end, property-based: whatever a client sends under /v2/, the mirror
+answers it with a 4xx (OCI error JSON where it answers itself) or passes it
+on, never a 5xx or a hang, and it keeps serving afterwards."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.harness.mirror import Mirror
+from tests.harness.v2client import RegistryClient
+
+WAIT = 30
+SEGMENTS = st.sampled_from([
+    "library", "alpine", "a", "A", "..", ".", "%2e%2e", "%2f", "%2F", "%00", "blobs", "manifests", "uploads",
+    "tags", "list", "sha256:" + "a" * 64, "sha256:" + "A" * 64, "sha512:" + "b" * 128, "sha256:zz", "md5:x",
+    "latest", "-x", "x-", "_", "a__b", "a" * 300, "~", "@", "%", "a%20b", "?ns=docker.io", "?ns=", "&",
+])
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory, upstream_session):
+    with Mirror(tmp_path_factory.mktemp("hostile"), [f"reverse:{upstream_session.url}"]) as m:
+        yield m
+
+
+def send(mirror: Mirror, method: str, path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", mirror.ports[0], timeout=WAIT)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read(), dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(method=st.sampled_from(["GET", "HEAD", "DELETE"]), segments=st.lists(SEGMENTS, min_size=1, max_size=8))
+def test_any_path_gets_a_clean_answer(mirror, method, segments):
+    path = "/v2/" + "/".join(segments)
+    status, body, headers = send(mirror, method, path)
+    assert status < 500, (path, status, body[:300])
+    if headers.get("Content-Type") == "application/json" and status >= 400 and method != "HEAD":
+        assert json.loads(body)["errors"], (path, body[:300])  # an OCI error, ours or the registry's
+
+
+def test_huge_headers_are_refused(mirror):
+    status, body, _ = send(mirror, "GET", "/v2/library/alpine/manifests/latest", {"X-Filler": "x" * 40_000})
+    assert status == 431 and json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+
+
+def test_the_mirror_still_serves_after_all_that(mirror, upstream, pushed_images):
+    image = pushed_images.alpine
+    assert RegistryClient(mirror.url).pull(image.repo, image.tag).layers == image.layers
+    assert list((mirror.cache_dir / "fills").iterdir()) == []
+    assert not any(p.is_symlink() for p in mirror.cache_dir.rglob("*"))
