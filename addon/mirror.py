@@ -2,12 +2,17 @@
 
 Request paths (see README "How it works"):
 - not /v2/: untouched.
-- /v2/ ping, manifests, tags, token flow, uploads: passed to the upstream.
-- blob HEAD: answered here if stored, else passed to the upstream.
-- blob GET, stored: sent by the blob server (307 for plain-HTTP clients, a
-  rewritten, streamed request for TLS clients).
-- blob GET, not stored: one fill per digest fetches it from the upstream; the
-  client is sent to the blob server, which streams the part file as it grows.
+- /v2/ ping and manifest GET/HEAD: fetched from the upstream by the mirror
+  itself and relayed; 200 manifests are kept, and answer (marked stale) while
+  the upstream is down (manifests.py).
+- tags, catalog, uploads, everything else under /v2/: mitmproxy passes them on.
+- blob HEAD: answered here if stored (and allowed), else passed to the upstream.
+- blob GET, stored: the access gate decides (access.py), then the blob server
+  sends it (307 for plain-HTTP clients, a rewritten, streamed request for TLS
+  clients).
+- blob GET, not stored: one fill per digest fetches it from the upstream
+  (fill.py); the client is sent to the blob server, which streams the part
+  file as it grows.
 
 Hooks never block the event loop: store calls run in a private thread pool,
 fills and the blob server run in their own threads.
@@ -410,6 +415,7 @@ class RegistryCache:
     def _blob_head_response(self, digest: str, size: int) -> http.Response:
         response = http.Response.make(200, b"", self._blob_headers(digest))
         response.headers["Content-Length"] = str(size)
+        response.headers["X-Registry-Cache"] = "hit"  # e.g. for scripts/prefetch.py
         return response
 
     @staticmethod

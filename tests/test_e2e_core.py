@@ -185,6 +185,7 @@ def test_head_and_range_are_answered_from_the_store(upstream, mirror):
     r = client.request("HEAD", f"/v2/{image.repo}/blobs/{digest}")
     assert r.status_code == 200
     assert int(r.headers["Content-Length"]) == size and r.headers["Docker-Content-Digest"] == digest
+    assert r.headers["X-Registry-Cache"] == "hit"
     assert client.get_blob(image.repo, digest, range_=(1000, 1999)) == 1000
     assert client.get_blob(image.repo, digest, range_=(size - 10, None)) == 10
     expected = open(upstream.blob_path(digest), "rb").read()
