@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from .fill import Cursor, FillFailed, Fills
+from .metrics import Metrics
 from .routes import SHA256_RE
 from .store import BlobStore, StoredBlob
 
@@ -40,9 +41,11 @@ _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 class BlobServer:
-    def __init__(self, store: BlobStore, fills: Fills, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, store: BlobStore, fills: Fills, host: str = "127.0.0.1", port: int = 0,
+                 metrics: Metrics | None = None):
         self.store = store
         self.fills = fills
+        self.metrics = metrics
         self._secret = secrets.token_bytes(32)
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -70,9 +73,11 @@ class BlobServer:
             return False
         return hmac.compare_digest(self._sign(digest, int(expires)), sig)
 
-    def count_sent(self, n: int) -> None:
+    def count_sent(self, n: int, source: str) -> None:
         with self._lock:
             self.bytes_sent += n
+        if self.metrics is not None:
+            self.metrics.count("blob_bytes_served_total", n, source)
 
 
 class _Server(ThreadingHTTPServer):
@@ -179,10 +184,12 @@ class _Handler(BaseHTTPRequestHandler):
             if chunked:
                 self.wfile.write(b"%x\r\n" % (limit - pos))
                 self.wfile.flush()
+            # Counted before sending, so the figures are complete by the time
+            # the client has its last byte.
+            self.server_ctx.count_sent(limit - pos, source.name)
             source.send(self.connection, pos, limit)
             if chunked:
                 self.wfile.write(b"\r\n")
-            self.server_ctx.count_sent(limit - pos)
             pos = limit
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
@@ -200,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _StoredSource:
     """A committed blob: all of it is readable at once."""
+
+    name = "store"
 
     def __init__(self, blob: StoredBlob):
         self.blob = blob
@@ -220,6 +229,8 @@ class _StoredSource:
 
 class _FillSource:
     """A fill in progress, read behind its writer (from memory past a spill)."""
+
+    name = "fill"
 
     def __init__(self, cursor: Cursor):
         self.cursor = cursor

@@ -130,8 +130,6 @@ class Fill:
             else:
                 self.store.commit(self.digest, part, self.written)
                 committed = True
-                log.info("fill: stored %s (%d bytes) in %.2fs",
-                         self.digest, self.written, time.monotonic() - self.started_at)
         except Exception as exc:  # noqa: BLE001 - every failure ends the fill cleanly
             reason = exc.args[0] if isinstance(exc, FillFailed) else f"{type(exc).__name__}: {exc}"
             if self.state is State.VERIFIED:
@@ -150,6 +148,9 @@ class Fill:
             with self._cond:
                 self.finished = True
             self._notify()
+            if committed:  # logged last: when this line shows, the fill is over and counted
+                log.info("fill: stored %s (%d bytes) in %.2fs",
+                         self.digest, self.written, time.monotonic() - self.started_at)
 
     def _found_in_store(self) -> bool:
         """Close the race with a fill that committed this digest just before
@@ -445,9 +446,11 @@ def _resolve(future: asyncio.Future) -> None:
 class Fills:
     """The fills in flight, by digest: the coalescing point."""
 
-    def __init__(self, store: BlobStore, max_stored_size: int | None = None):
+    def __init__(self, store: BlobStore, max_stored_size: int | None = None,
+                 on_finished: Callable[[Fill], None] = lambda fill: None):
         self.store = store
         self.max_stored_size = max_stored_size
+        self.on_finished = on_finished  # e.g. metrics; runs in the fill's thread
         self._lock = threading.Lock()
         self._by_digest: dict[str, Fill] = {}
 
@@ -467,6 +470,7 @@ class Fills:
         return fill, True
 
     def _forget(self, fill: Fill) -> None:
+        self.on_finished(fill)  # first: once it is gone from in_flight(), it is counted
         with self._lock:
             if self._by_digest.get(fill.digest) is fill:
                 del self._by_digest[fill.digest]

@@ -25,8 +25,11 @@ import json
 import logging
 import os
 import re
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from mitmproxy import ctx, exceptions, hooks, http
@@ -37,6 +40,8 @@ from .access import UNREACHABLE, AccessGate, SeenIndex
 from .blobserver import BlobServer
 from .fill import Fills, State
 from .manifests import ManifestStore
+from .metrics import METRICS_PATH, STATS_PATH, Metrics
+from .registries import DEFAULT_REGISTRIES, base_url_for, parse_registries
 from .routes import Kind, Route, RouteError
 from .store import DiskBlobStore
 from .upstream import UpstreamClient
@@ -101,6 +106,9 @@ class RegistryCache:
         self.upstream: UpstreamClient | None = None
         self.access: AccessGate | None = None
         self.manifests: ManifestStore | None = None
+        self.metrics = Metrics()
+        self.registries: dict[str, str] = {}
+        self._size_limit = 0
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-cache-io")
         self._tasks: set[asyncio.Task] = set()
 
@@ -114,6 +122,11 @@ class RegistryCache:
         loader.add_option(
             "cache_size", str, "20g",
             "Size limit of the blob store (e.g. 500m, 20g, 1t); least recently used blobs are evicted.",
+        )
+        loader.add_option(
+            "registries", Sequence[str], list(DEFAULT_REGISTRIES),
+            "Registries a request may name with containerd's ?ns= (name, or name=URL; comma-separated "
+            "or repeated). Any other ns is refused. docker.io means https://registry-1.docker.io.",
         )
         loader.add_option(
             "serve_stale", bool, True,
@@ -140,6 +153,11 @@ class RegistryCache:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "registries" in updated:
+            try:
+                self.registries = parse_registries(ctx.options.registries)
+            except ValueError as exc:
+                raise exceptions.OptionsError(f"registry-cache: registries: {exc}") from None
         watched = {"cache_dir", "cache_size", "blob_host", "blob_port", "mode", "listen_host"}
         if self.store is not None and not (updated & watched):
             return
@@ -152,14 +170,15 @@ class RegistryCache:
             raise exceptions.OptionsError(f"registry-cache: {exc}") from None
         self._shutdown()
         cache_dir = Path(ctx.options.cache_dir or default_cache_dir()).expanduser()
+        self._size_limit = size_limit
         self.store = DiskBlobStore(cache_dir, size_limit)
-        self.fills = Fills(self.store, max_stored_size=size_limit)
+        self.fills = Fills(self.store, max_stored_size=size_limit, on_finished=self._count_fill)
         self.upstream = UpstreamClient(verify=self._upstream_verify())
         self.access = AccessGate(SeenIndex(cache_dir / "access.sqlite3"), self.upstream)
         self.manifests = ManifestStore(cache_dir / "manifests")
         host = ctx.options.blob_host or self._proxy_listen_host()
         try:
-            self.blob_server = BlobServer(self.store, self.fills, host, port)
+            self.blob_server = BlobServer(self.store, self.fills, host, port, metrics=self.metrics)
         except OSError as exc:
             raise exceptions.OptionsError(f"registry-cache: blob server cannot listen on {host}:{port}: {exc}")
         self.blob_server.start()
@@ -221,8 +240,13 @@ class RegistryCache:
             self._mark(flow, "error", detail="headers too large")
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        path = flow.request.path.split("?", 1)[0]
+        if path in (METRICS_PATH, STATS_PATH):
+            flow.response = await self._io(self._metrics_response, path)
+            return
         if flow.response is not None or not routes.is_registry_path(flow.request.path):
             return
+        flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
         try:
             route = routes.parse(flow.request.path)
         except RouteError as exc:
@@ -230,8 +254,9 @@ class RegistryCache:
             flow.response = oci_error(400, exc.code, exc.message, exc.detail)
             self._mark(flow, "error", detail=exc.message)
             return
-        if route.namespace is not None:
-            del flow.request.query["ns"]  # meant for the mirror, not the registry
+        flow.metadata[METADATA_KEY + ".route"] = route
+        if route.namespace is not None and not self._route_to_namespace(flow, route.namespace):
+            return
         if route.kind is Kind.BLOB and flow.request.method in ("GET", "HEAD"):
             try:
                 await self._blob(flow, route)
@@ -244,6 +269,87 @@ class RegistryCache:
             await self._relay_remembering(flow, route)
         else:
             self._mark(flow, "pass", detail=route.kind.value)
+
+    def _route_to_namespace(self, flow: http.HTTPFlow, ns: str) -> bool:
+        """Send a request to the registry containerd named with ?ns=, if served."""
+        del flow.request.query["ns"]  # meant for the mirror, not the registry
+        target = base_url_for(ns, self.registries)
+        if target is None:
+            log.warning("registry-cache: refused %s %s: registry %r is not in the registries option",
+                        flow.request.method, flow.request.path[:200], ns)
+            flow.response = oci_error(403, "DENIED", "registry not mirrored here", ns[:200])
+            self._mark(flow, "denied", detail=f"ns={ns[:200]}")
+            return False
+        parts = urlsplit(target)
+        request = flow.request
+        if (request.scheme, request.host, request.port) != (parts.scheme, parts.hostname, parts.port or
+                                                            (443 if parts.scheme == "https" else 80)):
+            flow.metadata[METADATA_KEY + ".original_url"] = request.url
+            request.url = target + request.path
+        return True
+
+    # -- metrics, request log --------------------------------------------------
+
+    def _gauges(self) -> dict[str, float]:
+        used, count = self.store.usage()
+        return {
+            "fills_in_flight": self.fills.in_flight(),
+            "store_bytes": used,
+            "store_blobs": count,
+            "store_limit_bytes": self._size_limit,
+            "evictions_total": self.store.evictions,
+        }
+
+    def _metrics_response(self, path: str) -> http.Response:
+        gauges = self._gauges()
+        if path == METRICS_PATH:
+            return http.Response.make(200, self.metrics.prometheus(gauges).encode(),
+                                      {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return http.Response.make(200, json.dumps(self.metrics.stats(gauges), indent=1).encode(),
+                                  {"Content-Type": "application/json"})
+
+    def _count_fill(self, fill) -> None:
+        """Called by each fill as it ends (in its thread)."""
+        if not fill.already_stored:
+            self.metrics.count("upstream_blob_bytes_total", fill.written)
+        if fill.state is not State.FAILED:
+            return
+        if fill.answer is not None:
+            reason = f"upstream {fill.answer.status}"
+            if fill.answer.status in UNREACHABLE:
+                self.metrics.count("upstream_errors_total", 1, str(fill.answer.status))
+        elif fill.error.startswith(("digest mismatch", "truncated", "upstream sent more")):
+            reason = "verification"
+        else:
+            reason = "connection"
+            self.metrics.count("upstream_errors_total", 1, "connection")
+        self.metrics.count("fill_failures_total", 1, reason)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._log_request(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._log_request(flow)
+
+    def _log_request(self, flow: http.HTTPFlow) -> None:
+        """One line per registry request: method, repository, reference,
+        outcome, bytes, milliseconds; and its count in the metrics."""
+        started = flow.metadata.get(METADATA_KEY + ".started")
+        if started is None:
+            return
+        route = flow.metadata.get(METADATA_KEY + ".route")
+        outcome = flow.metadata.get(METADATA_KEY, "pass")
+        if flow.error is not None and outcome in ("pass", "hit", "miss"):
+            outcome = "error"
+        size = flow.metadata.get(METADATA_KEY + ".size")
+        if size is None and flow.response is not None:
+            size = len(flow.response.raw_content or b"")
+        kind = route.kind.value if route else "invalid"
+        self.metrics.count("requests_total", 1, kind, outcome)
+        log.info("registry-cache: %s %s %s %s %s %d bytes %.0f ms",
+                 flow.request.method, route.name if route and route.name else "-", kind,
+                 route.reference if route and route.reference else "-", outcome, size or 0,
+                 (time.monotonic() - started) * 1000)
 
     # -- manifests and pings: relayed, with a stale answer when the upstream is down
 
@@ -258,6 +364,8 @@ class RegistryCache:
             why = f"upstream answered {answer.status}"
         except requests.RequestException as exc:
             answer, why = None, f"upstream unreachable: {exc}"
+        if answer is None or answer.status in UNREACHABLE:
+            self.metrics.count("upstream_errors_total", 1, str(answer.status) if answer else "connection")
         if answer is not None and answer.status not in UNREACHABLE:
             flow.response = _relayed(answer, request.method)
             self._mark(flow, "pass", detail=route.kind.value)
@@ -468,6 +576,8 @@ class RegistryCache:
             parts.append(f"({detail})")
         flow.comment = " ".join(parts)
         flow.metadata[METADATA_KEY] = outcome
+        if size is not None:
+            flow.metadata[METADATA_KEY + ".size"] = size
 
 
 def _relayed(answer, method: str) -> http.Response:

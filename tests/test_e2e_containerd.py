@@ -55,11 +55,15 @@ def containerd(tmp_path_factory):
 
 
 @pytest.fixture
-def mirror(tmp_path, upstream_redirect, monkeypatch):
+def mirror(tmp_path, upstream_redirect, closed_port, monkeypatch):
     # mitmdump shortens each flow's URL to the terminal width, which it takes
     # from COLUMNS when there is no terminal: make room for whole blob URLs.
     monkeypatch.setenv("COLUMNS", "300")
-    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_redirect.url}"]) as m:
+    # containerd names the registry with ?ns=: the images' registry (the closed
+    # port) and docker.io (the legacy CRI form) both live at the test upstream.
+    registries = f"{closed_port}={upstream_redirect.url},docker.io={upstream_redirect.url}"
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_redirect.url}"],
+                options={"registries": registries}) as m:
         yield m
 
 

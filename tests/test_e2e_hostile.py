@@ -24,7 +24,10 @@ SEGMENTS = st.sampled_from([
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory, upstream_session):
-    with Mirror(tmp_path_factory.mktemp("hostile"), [f"reverse:{upstream_session.url}"]) as m:
+    # Only the test upstream may be named with ?ns= (the default list names
+    # public registries this sandbox cannot reach).
+    with Mirror(tmp_path_factory.mktemp("hostile"), [f"reverse:{upstream_session.url}"],
+                options={"registries": f"{upstream_session.host_port}={upstream_session.url}"}) as m:
         yield m
 
 

@@ -147,6 +147,7 @@ class RegistryClient:
     verify: bool | str = True
     proxies: dict | None = None
     timeout: float = 60.0
+    query: dict | None = None  # added to every registry request, e.g. {"ns": "ghcr.io"} like containerd
     session: requests.Session = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -222,6 +223,8 @@ class RegistryClient:
         """
         repo = repo if repo is not None else _repo_of(path)
         headers = dict(headers or {})
+        if self.query and not path.startswith(("http://", "https://")):
+            params = {**self.query, **(params or {})}
         token = self._cached_token(repo)
         if token:
             headers["Authorization"] = "Bearer " + token

@@ -1,0 +1,140 @@
+"""End to end: several registries in one mirror (containerd's ?ns=), metrics
+and stats, and the one-line-per-request log."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import requests
+
+from tests.harness.images import make_layer, push_image
+from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE, Upstream
+from tests.harness.v2client import RegistryClient
+
+WAIT = 60
+_seeds = itertools.count(17000)
+
+
+@pytest.fixture(scope="module")
+def second_upstream():
+    """Another registry, as ghcr.io is beside docker.io."""
+    with Upstream() as u:
+        yield u
+
+
+@pytest.fixture
+def second(second_upstream):
+    second_upstream.clear_faults()
+    second_upstream.reset_counters()
+    return second_upstream
+
+
+@pytest.fixture
+def mirror(tmp_path, upstream_session, second_upstream):
+    registries = f"{upstream_session.host_port}={upstream_session.url},{second_upstream.host_port}={second_upstream.url}"
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"], options={"registries": registries}) as m:
+        yield m
+
+
+def image_on(upstream, repo=None, layers=None):
+    seed = next(_seeds)
+    image = push_image(upstream.url, repo or f"ops/img{seed}", f"t{seed}",
+                       layers or [make_layer(600_000, seed), make_layer(200_000, seed + 1)], auth=ALICE)
+    upstream.reset_counters()
+    return image
+
+
+def test_ns_picks_the_registry_and_anything_else_is_refused(upstream, second, mirror):
+    first_image, second_image = image_on(upstream), image_on(second)
+    via_second = RegistryClient(mirror.url, query={"ns": second.host_port})
+    assert via_second.pull(second_image.repo, second_image.tag).layers == second_image.layers
+    assert second.counters.blob_bytes == second_image.blob_bytes and upstream.counters.blob_bytes == 0
+    via_first = RegistryClient(mirror.url, query={"ns": upstream.host_port})
+    assert via_first.pull(first_image.repo, first_image.tag).layers == first_image.layers
+    assert upstream.counters.blob_bytes == first_image.blob_bytes
+    assert not any("ns=" in r.path for r in upstream.counters.requests + second.counters.requests)
+    for ns in ("evil.example", "169.254.169.254", "127.0.0.1:1", "localhost", "docker.io"):
+        r = requests.get(f"{mirror.url}/v2/library/alpine/manifests/latest", params={"ns": ns}, timeout=WAIT)
+        assert r.status_code == 403 and r.json()["errors"][0]["code"] == "DENIED", ns
+    mirror.wait_for_log(r"registry 'evil.example' is not in the registries option", WAIT)
+
+
+def test_the_store_is_shared_but_access_stays_per_registry(upstream, second, mirror):
+    """The same layer public on one registry and private on another: pulled
+    from the first, it is not handed out as the second's private blob."""
+    seed = next(_seeds)
+    shared_layer = make_layer(900_000, seed)
+    public = image_on(upstream, layers=[shared_layer])
+    private = image_on(second, repo="acme/private", layers=[shared_layer])
+    digest, size = public.layers[0]
+    assert private.layers[0][0] == digest
+    RegistryClient(mirror.url, query={"ns": upstream.host_port}).pull(public.repo, public.tag)
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+    anonymous = RegistryClient(mirror.url, query={"ns": second.host_port})
+    r = anonymous.request("GET", f"/v2/{private.repo}/blobs/{digest}")
+    assert r.status_code == 401 and len(r.content) < 10_000
+    alice = RegistryClient(mirror.url, *ALICE, query={"ns": second.host_port})
+    assert alice.pull(private.repo, private.tag).layers == private.layers
+    assert second.counters.blob_bytes_for(digest) == 0  # one store: the second registry never sent it
+
+
+def stats(mirror) -> dict:
+    r = requests.get(mirror.url + "/_registry_cache/stats", timeout=WAIT)
+    assert r.status_code == 200
+    return r.json()
+
+
+def metrics(mirror) -> dict[str, float]:
+    r = requests.get(mirror.url + "/_registry_cache/metrics", timeout=WAIT)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    values = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_count_what_happened(upstream, mirror):
+    image = image_on(upstream)
+    blobs = len(image.blobs)
+    RegistryClient(mirror.url).pull(image.repo, image.tag)
+    for digest, _ in image.blobs:
+        mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+    RegistryClient(mirror.url).pull(image.repo, image.tag)
+    now = stats(mirror)  # the fills logged "stored" only once over and counted
+    assert now["requests"]["blob"]["miss"] == blobs and now["requests"]["blob"]["hit"] == blobs
+    assert now["requests"]["manifest"]["pass"] >= 2
+    assert now["bytes"]["fetched_upstream"] == image.blob_bytes
+    assert sum(now["bytes"]["served"].values()) == 2 * image.blob_bytes
+    assert now["bytes"]["served"]["store"] >= image.blob_bytes  # at least the second pull
+    assert now["bytes"]["saved"] == image.blob_bytes
+    assert now["store"]["blobs"] == blobs and now["store"]["bytes"] >= image.blob_bytes
+    prom = metrics(mirror)
+    assert prom['registry_cache_requests_total{kind="blob",outcome="hit"}'] == blobs
+    assert prom["registry_cache_upstream_blob_bytes_total"] == image.blob_bytes
+    assert prom["registry_cache_bytes_saved_total"] == image.blob_bytes
+    assert prom["registry_cache_fills_in_flight"] == 0
+    assert prom["registry_cache_store_blobs"] == blobs
+    # Upstream trouble is counted by status; these paths never reach it.
+    upstream.answer_everything_with = 503
+    requests.get(f"{mirror.url}/v2/{image.repo}/manifests/{image.tag}", timeout=WAIT)
+    assert stats(mirror)["upstream_errors"]["503"] == 1
+    upstream.answer_everything_with = None
+    assert not any("_registry_cache" in r.path for r in upstream.counters.requests)
+
+
+def test_one_log_line_per_registry_request(upstream, mirror):
+    image = image_on(upstream)
+    RegistryClient(mirror.url).pull(image.repo, image.tag)
+    RegistryClient(mirror.url).pull(image.repo, image.tag)
+    digest, size = image.layers[0]
+    line = mirror.wait_for_log(
+        rf"registry-cache: GET {re.escape(image.repo)} blob {digest} hit {size} bytes \d+ ms", WAIT)
+    assert line
+    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} manifest {image.tag} pass \d+ bytes \d+ ms",
+                        WAIT)
+    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} miss {size} bytes", WAIT)
