@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import diskcache
 
+from .routes import SHA256_RE
+
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST = 4 << 20  # OCI: registries should accept manifests up to 4 MiB
@@ -64,6 +66,28 @@ class ManifestStore:
 
     def digest_of_tag(self, registry: str, repo: str, tag: str) -> str | None:
         return self._cache.get(f"tag:{registry}/{repo}:{tag}")
+
+    def remember(self, registry: str, repo: str, reference: str, body: bytes, headers) -> str | None:
+        """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD,
+        for a manifest already kept). Returns the digest, or None if nothing was kept."""
+        if body:
+            manifest = verified_manifest(body, headers, reference)
+            if manifest is None:
+                return None
+            self.put(manifest)
+            digest = manifest.digest
+        else:
+            digest = headers.get("Docker-Content-Digest", "")
+            if not SHA256_RE.fullmatch(digest) or self.get(digest) is None:
+                return None
+        if ":" not in reference:
+            self.remember_tag(registry, repo, reference, digest)
+        return digest
+
+    def lookup(self, registry: str, repo: str, reference: str) -> StoredManifest | None:
+        """The kept manifest for a digest, or for a tag's last known digest."""
+        digest = reference if ":" in reference else self.digest_of_tag(registry, repo, reference)
+        return self.get(digest) if digest else None
 
     def close(self) -> None:
         self._cache.close()

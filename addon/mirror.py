@@ -389,30 +389,16 @@ class RegistryCache:
             self._mark(flow, "error", route.reference, detail=why)
 
     def _remember_manifest(self, registry: str, route: Route, authorization: str | None, answer) -> None:
-        """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD)."""
-        if answer.body:
-            manifest = manifests.verified_manifest(answer.body, answer.headers, route.reference)
-            if manifest is None:
-                return
-            self.manifests.put(manifest)
-            digest = manifest.digest
-        else:
-            digest = answer.headers.get("Docker-Content-Digest", "")
-            if not routes.SHA256_RE.fullmatch(digest) or self.manifests.get(digest) is None:
-                return
-        if ":" not in route.reference:
-            self.manifests.remember_tag(registry, route.name, route.reference, digest)
-        self.access.vouch(registry, route.name, digest, authorization, kind="manifests")
+        digest = self.manifests.remember(registry, route.name, route.reference, answer.body, answer.headers)
+        if digest is not None:  # the upstream served this manifest under this repository to this client
+            self.access.vouch(registry, route.name, digest, authorization, kind="manifests")
 
     def _stale_answer(self, registry: str, route: Route, authorization: str | None,
                       request: http.Request) -> http.Response | None:
         """What the store can say while the upstream cannot (blocking)."""
         if route.kind is Kind.PING:
             return http.Response.make(200, b"{}", {"Content-Type": "application/json", **manifests.STALE_HEADERS})
-        digest = route.reference
-        if ":" not in digest:
-            digest = self.manifests.digest_of_tag(registry, route.name, route.reference)
-        manifest = self.manifests.get(digest) if digest else None
+        manifest = self.manifests.lookup(registry, route.name, route.reference)
         if manifest is None or not manifests.accepts(request.headers.get_all("Accept"), manifest.media_type):
             return None
         if not self.access.allowed_offline(registry, route.name, manifest.digest, authorization):

@@ -71,3 +71,21 @@ def test_manifest_store_keeps_manifests_and_tags(tmp_path):
         assert store.digest_of_tag("http://r", "a/b", "v2") is None
     finally:
         store.close()
+
+
+def test_manifest_store_remembers_answers_and_looks_up_tags(tmp_path):
+    store = ManifestStore(tmp_path / "m")
+    try:
+        body = b'{"schemaVersion": 2, "x": 1}'
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        headers = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Docker-Content-Digest": digest}
+        assert store.remember("http://r", "a/b", "v1", body, headers) == digest  # GET by tag
+        assert store.lookup("http://r", "a/b", "v1").body == body
+        assert store.lookup("http://r", "a/b", digest).body == body
+        assert store.remember("http://r", "a/b", "v2", b"", headers) == digest  # HEAD of a kept manifest
+        assert store.lookup("http://r", "a/b", "v2").digest == digest
+        unknown = {"Docker-Content-Digest": "sha256:" + "9" * 64}
+        assert store.remember("http://r", "a/b", "v3", b"", unknown) is None  # HEAD, nothing kept
+        assert store.lookup("http://r", "a/b", "v3") is None
+    finally:
+        store.close()
