@@ -56,6 +56,17 @@ class StoredBlob:
         self.file.close()
 
 
+@dataclass(frozen=True)
+class BlobEntry:
+    """One committed blob as the index lists it (for admin tools)."""
+
+    digest: str
+    size: int
+    stored_at: float  # time.time() of the commit
+    accessed_at: float  # last read (diskcache's LRU access time)
+    path: Path  # the committed file
+
+
 @dataclass
 class PartFile:
     """A fill in progress: an exclusive, locked temp file in the store."""
@@ -186,6 +197,31 @@ class DiskBlobStore:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return PartFile(path, fd)
 
+    def link_part(self, digest: str, source: str | os.PathLike) -> PartFile:
+        """A part file that is a hard link to `source` (no bytes copied), for
+        seeding the store from another content store on the same filesystem.
+        Locked like new_part's, so commit() renames it into place. Raises
+        OSError when the link cannot be made (EXDEV: another filesystem;
+        EPERM: fs.protected_hardlinks and a file we do not own): copy instead.
+        Verify the content through `part.fd` before committing it."""
+        for _attempt in range(3):
+            path = self.fills_dir / f"{digest.replace(':', '-')}.{os.urandom(8).hex()}{PART_SUFFIX}"
+            os.link(source, path)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A sweep (another process starting) may have taken the
+                # unlocked link in between: only keep it if it is still ours.
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return PartFile(str(path), fd)
+            except OSError:
+                pass
+            os.close(fd)
+        raise OSError(errno.EAGAIN, f"could not hold a link to {source} in {self.fills_dir}")
+
     def commit(self, digest: str, part: PartFile, size: int) -> None:
         os.fsync(part.fd)  # a committed entry must survive a crash intact
         mtime = os.fstat(part.fd).st_mtime_ns  # rename keeps it; any later write moves it
@@ -256,6 +292,51 @@ class DiskBlobStore:
                 log.info("store: evicted %s to stay under %d bytes", row[0], limit)
         self.evictions += evicted
         return evicted
+
+    # -- administration (scripts/cachectl.py) --------------------------------
+
+    @staticmethod
+    def stored_size_limit(directory: str | os.PathLike) -> int | None:
+        """The size limit an existing store was opened with (diskcache keeps
+        it in its Settings table), or None if there is no store there. Open
+        an existing store with this limit: another value would be written
+        over it."""
+        db = Path(directory) / diskcache.core.DBNAME
+        if not db.is_file():
+            return None
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        try:
+            row = con.execute("SELECT value FROM Settings WHERE key = 'size_limit'").fetchone()
+        except sqlite3.OperationalError:
+            return None  # not a diskcache directory
+        finally:
+            con.close()
+        return int(row[0]) if row else None
+
+    def entries(self) -> list[BlobEntry]:
+        """Every committed blob, least recently used first (eviction order).
+        Read from the index alone: no access time changes, no file opened."""
+        rows = self._cache._sql(
+            "SELECT key, size, store_time, access_time, filename FROM Cache"
+            " WHERE filename IS NOT NULL ORDER BY access_time"
+        ).fetchall()
+        return [BlobEntry(key, size, stored, accessed, self.directory / filename)
+                for key, size, stored, accessed, filename in rows]
+
+    def drop(self, entry: BlobEntry, *, unless_read_since: bool = False) -> bool:
+        """Delete a blob the caller listed with entries(), but only if its
+        index row still names the same file (not committed again since), and
+        with unless_read_since, only if it was not read since it was listed.
+        True if it was deleted. A client reading it keeps its open file."""
+        with self._cache.transact(retry=True):
+            row = self._cache._sql(
+                "SELECT filename, access_time FROM Cache WHERE key = ? AND raw = 1", (entry.digest,)
+            ).fetchone()
+            if row is None or self.directory / row[0] != entry.path:
+                return False
+            if unless_read_since and row[1] != entry.accessed_at:
+                return False
+            return bool(self._cache.delete(entry.digest, retry=True))
 
     def close(self) -> None:
         self._cache.close()
