@@ -191,11 +191,17 @@ class DiskBlobStore:
     # -- filling -----------------------------------------------------------
 
     def new_part(self, digest: str) -> PartFile:
-        fd, path = tempfile.mkstemp(
-            prefix=digest.replace(":", "-") + ".", suffix=PART_SUFFIX, dir=self.fills_dir
-        )
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return PartFile(path, fd)
+        for _attempt in range(3):
+            fd, path = tempfile.mkstemp(
+                prefix=digest.replace(":", "-") + ".", suffix=PART_SUFFIX, dir=self.fills_dir
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Between mkstemp and flock another process starting up may have
+            # swept the still-unlocked file: keep it only if it is still ours.
+            if _same_file(path, fd):
+                return PartFile(path, fd)
+            os.close(fd)
+        raise OSError(errno.EAGAIN, f"could not hold a part file in {self.fills_dir}")
 
     def link_part(self, digest: str, source: str | os.PathLike) -> PartFile:
         """A part file that is a hard link to `source` (no bytes copied), for
@@ -215,7 +221,7 @@ class DiskBlobStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 # A sweep (another process starting) may have taken the
                 # unlocked link in between: only keep it if it is still ours.
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                if _same_file(path, fd):
                     return PartFile(str(path), fd)
             except OSError:
                 pass
@@ -340,3 +346,11 @@ class DiskBlobStore:
 
     def close(self) -> None:
         self._cache.close()
+
+
+def _same_file(path: str | os.PathLike, fd: int) -> bool:
+    """Does path still name the file open as fd?"""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
