@@ -1,0 +1,434 @@
+"""scripts/prefetch.py end to end: the script in a subprocess, pulling through a
+real mirror (mitmdump with the addon, its own store per test) from the real
+upstream (distribution behind token auth, with counters).
+
+What "warmed" means is checked from the upstream's side: after a prefetch, a
+client pulling the same images through the mirror costs zero upstream blob
+bytes. One extra test uses three tiny local servers instead of the mirror, to
+see exactly which headers reach the token realm and the blob-port redirect
+target.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from tests.harness._http import LoopbackHTTPServer
+from tests.harness.images import make_layer, push_image
+from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE, Upstream
+from tests.harness.v2client import RegistryClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "prefetch.py"
+WAIT = 60
+_seeds = itertools.count(23000)
+
+
+@pytest.fixture(scope="module")
+def second_upstream():
+    """Another registry, as ghcr.io is beside docker.io."""
+    with Upstream() as u:
+        yield u
+
+
+@pytest.fixture
+def mirror(tmp_path, upstream_session):
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
+        yield m
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.lower().endswith("_proxy") and k != "REGISTRY_PASSWORD"}
+    env.update(extra)
+    return env
+
+
+def prefetch(mirror_url: str, *args: str, input: str | None = None, env: dict | None = None,
+             expect: int | None = 0) -> subprocess.CompletedProcess:
+    """Run the script to completion (bounded); stdout is a pipe, not a terminal."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--mirror", mirror_url, *args],
+                          input=input or "", capture_output=True, text=True, timeout=WAIT * 2,
+                          env=env or _env(), cwd=ROOT)
+    if expect is not None:
+        assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    # Not a terminal: plain lines only, no progress-bar control characters.
+    for stream in (proc.stdout, proc.stderr):
+        assert "\r" not in stream and "\x1b" not in stream
+    return proc
+
+
+def summary_line(proc: subprocess.CompletedProcess, key: str) -> str:
+    """The value of a summary line, e.g. summary_line(p, "images") -> "2 ok, 0 failed"."""
+    for line in proc.stdout.splitlines():
+        if line.strip().startswith(key + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {key!r} summary line in:\n{proc.stdout}")
+
+
+def wait_stored(mirror: Mirror, digests) -> None:
+    """Every fill the prefetch caused is committed (bounded wait on the mirror's log)."""
+    for digest in digests:
+        mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+
+
+def digests_of(*images) -> list[str]:
+    return [d for image in images for d, _ in image.blobs]
+
+
+def fresh_image(upstream, *sizes):
+    seed = next(_seeds)
+    layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]
+    image = push_image(upstream.url, f"prefetch/img{seed}", "v1", layers, auth=ALICE)
+    upstream.reset_counters()
+    return image
+
+
+def mirror_says_hit(mirror: Mirror, repo: str, digest: str) -> bool:
+    """Whether this mirror marks blob HEADs answered from its store (X-Registry-Cache: hit)."""
+    client = RegistryClient(mirror.url)
+    client.head_manifest(repo, "latest")  # a token for the repository
+    r = client.request("HEAD", f"/v2/{repo}/blobs/{digest}", allow_redirects=False)
+    return r.status_code == 200 and r.headers.get("X-Registry-Cache") == "hit"
+
+
+# ---------------------------------------------------------------------------- warming
+def test_prefetched_images_are_pulled_without_upstream_blob_bytes(upstream, mirror, pushed_images):
+    alpine, multi = pushed_images.alpine, pushed_images.multi
+    arm64 = multi.images[("linux", "arm64", "v8")]
+    amd64 = multi.images[("linux", "amd64")]
+    proc = prefetch(mirror.url, "--platform", "linux/arm64/v8", "alpine", f"docker.io/{multi.ref}")
+    assert summary_line(proc, "images") == "2 ok, 0 failed"
+    assert summary_line(proc, "layers") == f"{len(alpine.layers) + len(arm64.layers)} fetched, 0 already cached"
+    assert summary_line(proc, "configs") == "2 fetched, 0 already cached"
+    fetched = alpine.blob_bytes + arm64.blob_bytes
+    assert summary_line(proc, "bytes fetched").split("(")[1].startswith(f"{fetched} bytes")
+    # One upstream copy of each wanted blob, nothing of the platform not asked for.
+    assert upstream.counters.blob_bytes == fetched
+    assert all(upstream.counters.blob_bytes_for(d) == 0 for d in digests_of(amd64))
+    wait_stored(mirror, digests_of(alpine, arm64))
+
+    upstream.reset_counters()
+    client = RegistryClient(mirror.url)
+    assert client.pull(alpine.repo, alpine.tag).layers == alpine.layers
+    result = client.pull(multi.repo, multi.tag, platform=("linux", "arm64", "v8"))
+    assert result.manifest_digest == arm64.digest and result.layers == arm64.layers
+    assert upstream.counters.blob_bytes == 0 and upstream.counters.blob_gets == 0
+
+
+def test_default_platform_is_this_machines(upstream, mirror, pushed_images):
+    import platform
+    if platform.machine() not in ("x86_64", "amd64"):
+        pytest.skip("the multi image has linux/amd64 and linux/arm64/v8; this test assumes amd64")
+    multi = pushed_images.multi
+    proc = prefetch(mirror.url, multi.ref)
+    assert "linux/amd64" in proc.stdout and "linux/arm64" not in proc.stdout
+    assert upstream.counters.blob_bytes == multi.images[("linux", "amd64")].blob_bytes
+
+
+def test_all_platforms_fetches_every_platform(upstream, mirror, pushed_images):
+    multi = pushed_images.multi
+    proc = prefetch(mirror.url, "--all-platforms", multi.ref)
+    assert summary_line(proc, "layers") == "2 fetched, 0 already cached"
+    assert upstream.counters.blob_bytes == sum(image.blob_bytes for image in multi.images.values())
+    wait_stored(mirror, digests_of(*multi.images.values()))
+    upstream.reset_counters()
+    for platform, image in multi.images.items():
+        assert RegistryClient(mirror.url).pull(multi.repo, multi.tag, platform=platform).layers == image.layers
+    assert upstream.counters.blob_bytes == 0
+
+
+def test_image_list_file_with_comments(upstream, mirror, pushed_images, tmp_path):
+    alpine, schema2, dockerlist = pushed_images.alpine, pushed_images.schema2, pushed_images.dockerlist
+    arm = dockerlist.images[("linux", "arm", "v7")]
+    images = tmp_path / "images.txt"
+    images.write_text(
+        "# nightly warm-up list\n"
+        "\n"
+        f"   {alpine.repo}:{alpine.tag}   # indented, with a comment\n"
+        "# library/not-this-one:1\n"
+        f"{schema2.ref}\n"
+        f"docker.io/{dockerlist.ref}\n"
+        "\n"
+    )
+    proc = prefetch(mirror.url, "--file", str(images), "--platform", "linux/arm")  # arm means arm/v7
+    assert summary_line(proc, "images") == "3 ok, 0 failed"
+    assert "not-this-one" not in proc.stdout + proc.stderr
+    assert upstream.counters.blob_bytes == alpine.blob_bytes + schema2.blob_bytes + arm.blob_bytes
+    wait_stored(mirror, digests_of(alpine, schema2, arm))
+    upstream.reset_counters()
+    RegistryClient(mirror.url).pull(schema2.repo, schema2.tag)
+    RegistryClient(mirror.url).pull(dockerlist.repo, dockerlist.tag, platform=("linux", "arm", "v7"))
+    assert upstream.counters.blob_bytes == 0
+
+
+def test_pinned_digest(upstream, mirror, pushed_images):
+    image = pushed_images.schema2
+    proc = prefetch(mirror.url, f"{image.repo}@{image.digest}")
+    assert summary_line(proc, "images") == "1 ok, 0 failed"
+    assert upstream.counters.blob_bytes == image.blob_bytes
+
+
+def test_failed_images_are_reported_and_the_others_still_warmed(upstream, mirror, pushed_images):
+    alpine, schema2 = pushed_images.alpine, pushed_images.schema2
+    proc = prefetch(mirror.url, alpine.ref, "library/doesnotexist:1", "registry.invalid/foo/bar:1",
+                    "Not/A/Reference", schema2.ref, expect=1)
+    assert summary_line(proc, "images") == "2 ok, 3 failed"
+    errors = proc.stderr.splitlines()
+    assert any(e.startswith("FAILED library/doesnotexist:1: manifest 1: not found (HTTP 404") for e in errors), errors
+    assert any(e.startswith("FAILED Not/A/Reference: not an image reference") for e in errors), errors
+    # Another registry is asked for with containerd's ?ns=; this one is not on
+    # the mirror's registries list.
+    assert f"FAILED registry.invalid/foo/bar:1: the mirror refused registry registry.invalid (HTTP 403" \
+        in proc.stderr, errors
+    assert upstream.counters.blob_bytes == alpine.blob_bytes + schema2.blob_bytes
+    for line in ("FAILED library/doesnotexist:1", "FAILED registry.invalid/foo/bar:1"):
+        assert line in proc.stdout  # listed again in the summary
+
+
+def test_another_registry_goes_through_the_mirror_with_ns(upstream, second_upstream, tmp_path):
+    second = second_upstream
+    seed = next(_seeds)
+    image = push_image(second.url, f"org/app{seed}", "v1", [make_layer(500_000, seed * 10)], auth=ALICE)
+    second.reset_counters()
+    options = {"registries": f"{second.host_port}={second.url}"}
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream.url}"], options=options) as mirror:
+        name = f"{second.host_port}/{image.ref}"
+        proc = prefetch(mirror.url, name)
+        assert f"ok {name}: " in proc.stdout
+        assert second.counters.blob_bytes == image.blob_bytes and upstream.counters.blob_bytes == 0
+        assert not any("ns=" in r.path for r in second.counters.requests)  # the mirror took it off
+        wait_stored(mirror, digests_of(image))
+        second.reset_counters()
+        # containerd's pull of that image (same ns) is served from the store.
+        RegistryClient(mirror.url, query={"ns": second.host_port}).pull(image.repo, image.tag)
+        assert second.counters.blob_bytes == 0
+
+
+def test_unknown_platform_fails_only_when_nothing_matches(upstream, mirror, pushed_images):
+    multi = pushed_images.multi
+    proc = prefetch(mirror.url, "--platform", "linux/s390x", multi.ref, expect=1)
+    assert "no manifest for linux/s390x in the index (it has linux/amd64, linux/arm64/v8)" in proc.stderr
+    proc = prefetch(mirror.url, "--platform", "linux/s390x", "--platform", "linux/arm64", multi.ref)
+    assert summary_line(proc, "platforms not in their image's index") == "1"
+    assert upstream.counters.blob_bytes == multi.images[("linux", "arm64", "v8")].blob_bytes
+
+
+def test_second_run_fetches_nothing_from_the_upstream(upstream, mirror, pushed_images):
+    alpine, multi = pushed_images.alpine, pushed_images.multi
+    arm64 = multi.images[("linux", "arm64", "v8")]
+    args = ("--platform", "linux/arm64/v8", alpine.ref, multi.ref)
+    prefetch(mirror.url, *args)
+    wait_stored(mirror, digests_of(alpine, arm64))
+    upstream.reset_counters()
+    proc = prefetch(mirror.url, *args)
+    assert summary_line(proc, "images") == "2 ok, 0 failed"
+    assert upstream.counters.blob_bytes == 0 and upstream.counters.blob_gets == 0
+    if mirror_says_hit(mirror, alpine.repo, alpine.layers[0][0]):
+        # The mirror marks its store's answers: nothing was even downloaded from it.
+        assert summary_line(proc, "layers") == f"0 fetched, {len(alpine.layers) + len(arm64.layers)} already cached"
+        assert summary_line(proc, "configs") == "0 fetched, 2 already cached"
+        assert summary_line(proc, "bytes fetched").startswith("0 B")
+        assert f"ok {alpine.ref}: already cached" in proc.stdout
+
+
+def test_private_image_needs_credentials(upstream, mirror, pushed_images):
+    image = pushed_images.private
+    proc = prefetch(mirror.url, image.ref, expect=1)
+    assert f"FAILED {image.ref}: manifest latest: not authorized" in proc.stderr
+    assert "--username" in proc.stderr
+    proc = prefetch(mirror.url, "--username", "alice", "--password-stdin", image.ref, input="wrong\n", expect=1)
+    assert "refused the credentials of 'alice'" in proc.stderr
+    assert upstream.counters.blob_bytes == 0
+    prefetch(mirror.url, "--username", ALICE[0], "--password-stdin", image.ref, input=ALICE[1] + "\n")
+    assert upstream.counters.blob_bytes == image.blob_bytes
+    wait_stored(mirror, digests_of(image))
+    upstream.reset_counters()
+    proc = prefetch(mirror.url, "--username", ALICE[0], image.ref, env=_env(REGISTRY_PASSWORD=ALICE[1]))
+    assert upstream.counters.blob_bytes == 0
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_prints_a_partial_summary_and_the_mirror_finishes(upstream, mirror, sig, code):
+    image = fresh_image(upstream, 4_000_000)
+    digest, size = image.layers[0]
+    upstream.set_fault(digest, "stall", times=1)  # half the layer, then the upstream waits
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--mirror", mirror.url, image.ref],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        upstream.wait_stalled(1, WAIT)  # the prefetch is in the middle of the layer
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+    assert proc.returncode == code, stdout + stderr
+    assert "Traceback" not in stderr
+    assert f"Interrupted while warming {image.ref}" in stdout
+    assert "Summary (interrupted: partial)" in stdout
+    # The client is gone; the fill it started completes on its own.
+    upstream.release_stalls()
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+    assert upstream.counters.blob_bytes_for(digest) == size
+    upstream.reset_counters()
+    proc = prefetch(mirror.url, image.ref)
+    assert summary_line(proc, "images") == "1 ok, 0 failed"
+    assert upstream.counters.blob_bytes == 0
+
+
+def test_terminal_output_has_a_progress_bar(upstream, mirror):
+    image = fresh_image(upstream, 3_000_000)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--mirror", mirror.url, image.ref],
+                            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=_env(), cwd=ROOT)
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read_all():
+        while True:
+            try:
+                data = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    try:
+        assert proc.wait(WAIT) == 0
+        reader.join(WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)
+    output = b"".join(chunks).decode()
+    size = image.layers[0][1]
+    # A live bar was drawn (not just the terminal's \r\n line ends)...
+    assert re.search(r"\r  layer  sha256:[0-9a-f]{12} \[[#-]{10,30}\] +\d+% .*/s\x1b\[K", output), repr(output)
+    assert f"{size / 1024 / 1024:.1f} MiB" in output
+    assert "Summary" in output and "1 ok, 0 failed" in output  # ...and the summary follows
+
+
+# ---------------------------------------------------------------------------- credentials
+class _Recorder:
+    """Three loopback servers in the roles the real ones play: the mirror, its
+    blob port (where the mirror's 307s point) and the upstream's token realm."""
+
+    def __init__(self):
+        self.layer = os.urandom(300_000)
+        self.config = b"{}"
+        self.digest = "sha256:" + hashlib.sha256(self.layer).hexdigest()
+        self.config_digest = "sha256:" + hashlib.sha256(self.config).hexdigest()
+        self.seen: dict[str, list[dict]] = {"mirror": [], "blobport": [], "realm": []}
+        self.servers = {name: LoopbackHTTPServer(self._handler(name), name=name) for name in self.seen}
+
+    def _handler(self, role: str):
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body=b"", headers=None):
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_HEAD(self):
+                self.do_GET()
+
+            def do_GET(self):
+                recorder.seen[role].append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+                getattr(recorder, role)(self)
+
+        return Handler
+
+    def mirror(self, h):
+        if h.headers.get("Authorization") != "Bearer good-token":
+            realm = self.servers["realm"].url + "/token"
+            return h._send(401, b"{}", {"WWW-Authenticate": f'Bearer realm="{realm}",service="fake",'
+                                                            f'scope="repository:acme/app:pull"'})
+        if "/manifests/" in h.path:
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": self.config_digest, "size": len(self.config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": self.digest, "size": len(self.layer)}],
+            }).encode()
+            return h._send(200, manifest, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        digest = h.path.rsplit("/", 1)[1]
+        if h.command == "HEAD":
+            return h._send(200, b"", {"Docker-Content-Digest": digest})  # not a hit: the prefetch GETs
+        h._send(307, b"", {"Location": f"{self.servers['blobport'].url}/blobs/{digest}?sig=x"})
+
+    def blobport(self, h):
+        digest = h.path.split("/blobs/")[1].split("?")[0]
+        h._send(200, self.layer if digest == self.digest else self.config)
+
+    def realm(self, h):
+        h._send(200, json.dumps({"token": "good-token", "expires_in": 300}).encode(),
+                {"Content-Type": "application/json"})
+
+
+def test_password_goes_only_to_the_realm_and_nothing_to_the_blob_port():
+    recorder = _Recorder()
+    for server in recorder.servers.values():
+        server.start()
+    try:
+        proc = prefetch(recorder.servers["mirror"].url, "--username", "carol", "acme/app:v1",
+                        env=_env(REGISTRY_PASSWORD="carol-secret"))
+    finally:
+        for server in recorder.servers.values():
+            server.stop()
+    assert summary_line(proc, "layers") == "1 fetched, 0 already cached"
+    basic = "Basic " + base64.b64encode(b"carol:carol-secret").decode()
+    assert [r.get("authorization") for r in recorder.seen["realm"]] == [basic]
+    assert {r.get("authorization") for r in recorder.seen["mirror"]} <= {None, "Bearer good-token"}
+    assert len(recorder.seen["blobport"]) == 2  # config and layer, each redirected
+    assert not any("authorization" in r for r in recorder.seen["blobport"])
+
+
+def test_a_broken_transfer_is_tried_again(upstream, mirror):
+    image = fresh_image(upstream, 2_000_000)
+    digest, size = image.layers[0]
+    upstream.set_fault(digest, "truncate", times=1)  # the first fill fails half-way
+    proc = prefetch(mirror.url, image.ref)
+    # Seen as a cut transfer, or (when the fill failed before the redirect was
+    # followed) as the blob port no longer having the blob; either way, again.
+    assert f"layer  {digest[:19]}  " in proc.stdout and "trying again" in proc.stdout, proc.stdout
+    assert summary_line(proc, "images") == "1 ok, 0 failed"
+    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+
+
+def test_an_unreachable_blob_port_is_named(upstream, upstream_session, tmp_path, closed_port, pushed_images):
+    # As when a firewall lets clients reach the mirror's port but not its blob port.
+    options = {"blob_url": f"http://{closed_port}"}
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"], options=options) as mirror:
+        proc = prefetch(mirror.url, pushed_images.schema2.ref, expect=1)
+    assert f"cannot connect to {closed_port} (the mirror's blob port): [Errno 111] Connection refused" \
+        in proc.stderr, proc.stderr
