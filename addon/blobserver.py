@@ -115,6 +115,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(403, "DENIED", "missing, invalid or expired signature")
         source = self._open_source(digest)
         if source is None:
+            failure = self.server_ctx.fills.recent_failure(digest)
+            if failure is not None:  # the fill this URL was for failed before the client came
+                return self._error(502, "UNAVAILABLE", f"fetching the blob upstream failed: {failure}")
             return self._error(404, "BLOB_UNKNOWN", "blob not in the store")
         try:
             self._send(digest, source, head)

@@ -41,6 +41,7 @@ CHUNK = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
 WINDOW_LIMIT = 16 << 20  # bytes a spilled fill holds in memory for its followers
 SLOW_FOLLOWER_TIMEOUT = 60.0  # a follower this far behind a spilled fill is dropped
+RECENT_FAILURE = 300.0  # seconds a failed fill is remembered (as long as a blob URL lives)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -453,6 +454,7 @@ class Fills:
         self.on_finished = on_finished  # e.g. metrics; runs in the fill's thread
         self._lock = threading.Lock()
         self._by_digest: dict[str, Fill] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # digest -> (when, why), recent only
 
     def get(self, digest: str) -> Fill | None:
         with self._lock:
@@ -471,9 +473,20 @@ class Fills:
 
     def _forget(self, fill: Fill) -> None:
         self.on_finished(fill)  # first: once it is gone from in_flight(), it is counted
+        now = time.monotonic()
         with self._lock:
             if self._by_digest.get(fill.digest) is fill:
                 del self._by_digest[fill.digest]
+            if fill.state is State.FAILED:
+                self._failed[fill.digest] = (now, fill.error)
+            self._failed = {d: f for d, f in self._failed.items() if now - f[0] < RECENT_FAILURE}
+
+    def recent_failure(self, digest: str) -> str | None:
+        """Why the last fill of digest failed, if that was recent: a client
+        that arrives after it should hear "upstream failed", not "unknown"."""
+        with self._lock:
+            failed = self._failed.get(digest)
+        return failed[1] if failed and time.monotonic() - failed[0] < RECENT_FAILURE else None
 
     def in_flight(self) -> int:
         with self._lock:

@@ -89,3 +89,16 @@ def test_unknown_blob_is_404(served):
     server, _, _ = served
     r = requests.get(url(server, server.signed_path("sha256:" + "1" * 64)), timeout=10)
     assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def test_a_blob_whose_fill_just_failed_is_a_502_not_unknown(served):
+    server, _, _ = served
+    from addon.fill import Fill, State
+
+    digest = "sha256:" + "3" * 64
+    failed = Fill(digest, server.store, lambda: None)
+    failed.state, failed.error = State.FAILED, "digest mismatch: upstream sent sha256:00"
+    server.fills._forget(failed)
+    r = requests.get(url(server, server.signed_path(digest)), timeout=10)
+    assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert "digest mismatch" in r.json()["errors"][0]["message"]
