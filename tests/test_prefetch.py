@@ -194,7 +194,7 @@ def test_failed_images_are_reported_and_the_others_still_warmed(upstream, mirror
     assert any(e.startswith("FAILED Not/A/Reference: not an image reference") for e in errors), errors
     # Another registry is asked for with containerd's ?ns=; this one is not on
     # the mirror's registries list.
-    assert f"FAILED registry.invalid/foo/bar:1: the mirror refused registry registry.invalid (HTTP 403" \
+    assert "FAILED registry.invalid/foo/bar:1: the mirror refused registry registry.invalid (HTTP 403" \
         in proc.stderr, errors
     assert upstream.counters.blob_bytes == alpine.blob_bytes + schema2.blob_bytes
     for line in ("FAILED library/doesnotexist:1", "FAILED registry.invalid/foo/bar:1"):
