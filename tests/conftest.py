@@ -23,6 +23,7 @@ import pytest
 # Every process and server started here is stopped at teardown.
 # =============================================================================
 from tests.harness.images import PushedImage, PushedIndex, make_layer, push_image, push_index
+from tests.harness.mirror import Mirror
 from tests.harness.skopeo import ClosedPort
 from tests.harness.upstream import ALICE, Upstream
 
@@ -112,3 +113,22 @@ def closed_port():
         port.close()
 
 # ============================ end of harness fixtures ========================
+
+
+# =============================================================================
+# Mirror fixtures
+#
+#   mirror        function  mitmdump with the addon, reverse mode in front of
+#                           upstream_session, its own empty store
+#   any_upstream  function  parametrized: the upstream relaying blobs itself,
+#                           then redirecting them to its CDN (as Docker Hub does)
+# =============================================================================
+@pytest.fixture
+def mirror(tmp_path, upstream_session):
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
+        yield m
+
+
+@pytest.fixture(params=["relay", "redirect"])
+def any_upstream(request):
+    return request.getfixturevalue("upstream" if request.param == "relay" else "upstream_redirect")

@@ -8,19 +8,12 @@ import itertools
 import pytest
 
 from tests.harness.images import make_layer, push_image
-from tests.harness.mirror import Mirror
 from tests.harness.upstream import ALICE, BOB
 from tests.harness.v2client import RegistryClient, RegistryError
 
 WAIT = 60
 PRIVATE = "acme/private"  # the harness's token server lets only alice pull it
 _seeds = itertools.count(7000)
-
-
-@pytest.fixture
-def mirror(tmp_path, upstream_session):
-    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
-        yield m
 
 
 def private_image(upstream):

@@ -10,28 +10,15 @@ from __future__ import annotations
 import itertools
 import threading
 
-import pytest
 import requests
 
 from tests.harness.images import make_layer, push_image
-from tests.harness.mirror import Mirror
 from tests.harness.upstream import ALICE
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
 CLIENTS = 4
 _seeds = itertools.count(9000)
-
-
-@pytest.fixture
-def mirror(tmp_path, upstream_session):
-    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
-        yield m
-
-
-@pytest.fixture(params=["relay", "redirect"])
-def any_upstream(request):
-    return request.getfixturevalue("upstream" if request.param == "relay" else "upstream_redirect")
 
 
 def fresh_layer(upstream, size=6_000_000):

@@ -27,18 +27,6 @@ WAIT = 60
 _seeds = itertools.count(1000)
 
 
-@pytest.fixture
-def mirror(tmp_path, upstream_session):
-    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
-        yield m
-
-
-@pytest.fixture(params=["relay", "redirect"])
-def any_upstream(request):
-    """The upstream serving blobs itself, then redirecting them to its CDN."""
-    return request.getfixturevalue("upstream" if request.param == "relay" else "upstream_redirect")
-
-
 def fresh_image(upstream, *sizes, repo=None):
     """An image no earlier test has pulled (random layers); counters start at zero."""
     seed = next(_seeds)

@@ -20,12 +20,6 @@ WAIT = 60
 _seeds = itertools.count(11000)
 
 
-@pytest.fixture
-def mirror(tmp_path, upstream_session):
-    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
-        yield m
-
-
 def fresh_image(upstream, *sizes):
     seed = next(_seeds)
     layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]

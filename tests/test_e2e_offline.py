@@ -27,12 +27,6 @@ MANIFEST_TYPES = ", ".join([
 ])
 
 
-@pytest.fixture
-def mirror(tmp_path, upstream_session):
-    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
-        yield m
-
-
 def warm_image(upstream, mirror, repo=None, auth=None):
     """A fresh image pulled once through the mirror; waits until the mirror
     knows whether its repository is public (its one background check)."""

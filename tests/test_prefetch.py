@@ -46,12 +46,6 @@ def second_upstream():
         yield u
 
 
-@pytest.fixture
-def mirror(tmp_path, upstream_session):
-    with Mirror(tmp_path / "mirror", [f"reverse:{upstream_session.url}"]) as m:
-        yield m
-
-
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.lower().endswith("_proxy") and k != "REGISTRY_PASSWORD"}

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from .lifecycle import Service
+
 CONTAINERD = "containerd"
 CTR = "ctr"
 START_TIMEOUT = 30.0
@@ -186,7 +188,7 @@ class ContentEntry:
     labels: str  # comma-separated key=value
 
 
-class Containerd:
+class Containerd(Service):
     """A private containerd daemon. Context manager, or start()/stop().
 
     ``workdir``: where root/, state/, config.toml and the log go (default: a
@@ -224,19 +226,6 @@ class Containerd:
         self.log_path: Path | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "Containerd":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> "Containerd":
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         if self._workdir_arg is not None:

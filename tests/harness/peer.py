@@ -16,25 +16,18 @@ after the client has its bytes. :func:`wait_upstream_quiet` waits for that.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 
+from .lifecycle import Service
+from .registryproc import registry_config, start_registry, stop_process
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DistributionProxy:
+class DistributionProxy(Service):
     """``docker-registry serve`` with ``proxy: remoteurl: <remote_url>``.
 
     Use as a context manager or call :meth:`start`/:meth:`stop`. ``url`` is
@@ -62,44 +55,13 @@ class DistributionProxy:
         self._log_file = None
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "DistributionProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> "DistributionProxy":
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def config(self, port: int) -> str:
         q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
         proxy = f"proxy:\n  remoteurl: {q(self.remote_url)}\n"
         if self.username is not None:
             proxy += f"  username: {q(self.username)}\n  password: {q(self.password or '')}\n"
-        return f"""\
-version: 0.1
-log:
-  level: {self.log_level}
-  formatter: text
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {q(self.rootdir)}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{port}
-  secret: {q(secrets.token_hex(16))}
-{proxy}"""
+        return registry_config(port, self.rootdir, self.log_level) + proxy
 
     def _start(self) -> None:
         self.workdir = self._workdir_arg or tempfile.mkdtemp(prefix="peer-")
@@ -108,56 +70,19 @@ http:
         os.makedirs(self.rootdir, exist_ok=True)
         self._log_path = os.path.join(self.workdir, "registry.log")
         self._log_file = open(self._log_path, "ab")
-        config_path = os.path.join(self.workdir, "config.yml")
         # No REGISTRY_* overrides from the environment, no proxies for its upstream fetches.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("REGISTRY_") and not k.lower().endswith("_proxy")}
-        for _attempt in range(3):  # the port can be taken between probing and binding
-            port = _free_port()
-            with open(config_path, "w") as f:
-                f.write(self.config(port))
-            self.proc = subprocess.Popen(
-                [self.registry_binary, "serve", config_path],
-                stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-                env=env, cwd=self.workdir,
-            )
-            if self._wait_ready(port):
-                self.port = port
-                return
-            self._stop_process()
-            if "address already in use" not in self.logs():
-                break
-        raise RuntimeError(f"docker-registry (proxy) did not start; log:\n{self.logs()}")
-
-    def _wait_ready(self, port: int) -> bool:
-        """Poll GET /v2/ until it answers 200 (a proxy has no auth of its own), bounded."""
-        deadline = time.monotonic() + self.start_timeout
-        pause = threading.Event()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                conn.request("GET", "/v2/")
-                if conn.getresponse().status == 200:
-                    return True
-            except OSError:
-                pass
-            finally:
-                conn.close()
-            pause.wait(0.02)
-        return False
+        self.proc, self.port = start_registry(
+            self.registry_binary, os.path.join(self.workdir, "config.yml"), self.config,
+            log_file=self._log_file, log_text=self.logs, env=env, cwd=self.workdir,
+            ready_status=200,  # a proxy has no auth of its own
+            timeout=self.start_timeout,
+        )
 
     def _stop_process(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
 
     def stop(self) -> None:
         self._stop_process()

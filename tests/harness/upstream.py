@@ -49,6 +49,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from ._http import LoopbackHTTPServer, QuietHandler
 from .certs import make_tls_files
+from .lifecycle import Service
+from .registryproc import registry_config, start_registry, stop_process
 from .tokenserver import TokenServer
 
 CHUNK = 1 << 20
@@ -167,12 +169,6 @@ class _Abort(Exception):
     """Stop handling this request and drop the client connection."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _error_body(status: int, message: str) -> bytes:
     code = ERROR_CODES.get(status, "UNKNOWN")
     return json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
@@ -245,7 +241,7 @@ class Link:
             time.sleep(delay)
 
 
-class Upstream:
+class Upstream(Service):
     """distribution + token server + counting/faulting front door + redirect CDN.
 
     Use as a context manager or call :meth:`start`/:meth:`stop`. ``users`` and
@@ -311,19 +307,6 @@ class Upstream:
         self._registry_port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "Upstream":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> "Upstream":
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         self.workdir = self._workdir_arg or tempfile.mkdtemp(prefix="upstream-")
@@ -353,24 +336,7 @@ class Upstream:
 
     def _registry_config(self, port: int, cert_path: str) -> str:
         q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
-        return f"""\
-version: 0.1
-log:
-  level: warn
-  formatter: text
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {q(self.rootdir)}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{port}
-  secret: {q(secrets.token_hex(16))}
+        return registry_config(port, self.rootdir, "warn") + f"""\
   # Relative Location headers: uploads keep going through whichever front
   # door (http or https) the client used, with no header rewriting.
   relativeurls: true
@@ -384,58 +350,18 @@ auth:
 
     def _start_registry(self, cert_path: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        config_path = os.path.join(self.workdir, "config.yml")
         self._log_file = open(self._log_path, "ab")
-        for _attempt in range(3):  # the port can be taken between probing and binding
-            port = _free_port()
-            with open(config_path, "w") as f:
-                f.write(self._registry_config(port, cert_path))
-            self._proc = subprocess.Popen(
-                [self.registry_binary, "serve", config_path],
-                stdin=subprocess.DEVNULL,
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.workdir,
-            )
-            if self._wait_registry_ready(port):
-                self._registry_port = port
-                return
-            self._stop_registry()
-            if "address already in use" not in self.logs():
-                break
-        raise RuntimeError(f"docker-registry did not start; log:\n{self.logs()}")
-
-    def _wait_registry_ready(self, port: int) -> bool:
-        """Poll GET /v2/ until it answers 401 (token auth is on), bounded."""
-        deadline = time.monotonic() + self.start_timeout
-        pause = threading.Event()
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                return False
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                conn.request("GET", "/v2/")
-                if conn.getresponse().status == 401:
-                    return True
-            except OSError:
-                pass
-            finally:
-                conn.close()
-            pause.wait(0.02)
-        return False
+        self._proc, self._registry_port = start_registry(
+            self.registry_binary, os.path.join(self.workdir, "config.yml"),
+            lambda port: self._registry_config(port, cert_path), log_file=self._log_file,
+            log_text=self.logs, env=env, cwd=self.workdir,
+            ready_status=401,  # token auth is on
+            timeout=self.start_timeout,
+        )
 
     def _stop_registry(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
 
     def stop(self) -> None:
         for server in (self._frontdoor, self._cdn):

@@ -1,0 +1,96 @@
+"""Running Debian's docker-registry (CNCF distribution) for the harness: the
+upstream registry (upstream.py) and the pull-through peer (peer.py) alike."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+
+def registry_config(port: int, rootdir: str, log_level: str) -> str:
+    """The config both registries share, up to and including the http section
+    (callers append their own lines: http options first, then auth or proxy)."""
+    q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
+    return f"""\
+version: 0.1
+log:
+  level: {log_level}
+  formatter: text
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {q(rootdir)}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+  secret: {q(secrets.token_hex(16))}
+"""
+
+
+def free_port() -> int:
+    """A loopback port free right now (it can be taken before it is used: retry)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_registry(binary: str, config_path: str, config_for_port: Callable[[int], str], *,
+                   log_file, log_text: Callable[[], str], env: dict, cwd: str,
+                   ready_status: int, timeout: float) -> tuple[subprocess.Popen, int]:
+    """Start `binary serve config_path` on a free port; (process, port) once
+    GET /v2/ answers ready_status. A port taken meanwhile is retried."""
+    for _attempt in range(3):
+        port = free_port()
+        with open(config_path, "w") as f:
+            f.write(config_for_port(port))
+        proc = subprocess.Popen([binary, "serve", config_path], stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        if wait_ready(proc, port, ready_status, timeout):
+            return proc, port
+        stop_process(proc)
+        if "address already in use" not in log_text():
+            break
+    raise RuntimeError(f"{binary} did not start; log:\n{log_text()}")
+
+
+def wait_ready(proc: subprocess.Popen, port: int, status: int, timeout: float) -> bool:
+    """Poll GET /v2/ until it answers `status`, bounded by timeout."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/v2/")
+            if conn.getresponse().status == status:
+                return True
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        pause.wait(0.02)
+    return False
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after a bound."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
