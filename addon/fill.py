@@ -477,13 +477,14 @@ class Fills:
         with self._lock:
             if self._by_digest.get(fill.digest) is fill:
                 del self._by_digest[fill.digest]
-            if fill.state is State.FAILED:
+            if fill.state is State.FAILED or fill.spill_at is not None:  # failed, or served unstored
                 self._failed[fill.digest] = (now, fill.error)
             self._failed = {d: f for d, f in self._failed.items() if now - f[0] < RECENT_FAILURE}
 
     def recent_failure(self, digest: str) -> str | None:
-        """Why the last fill of digest failed, if that was recent: a client
-        that arrives after it should hear "upstream failed", not "unknown"."""
+        """Why the last fill of digest failed (or could not store it), if that
+        was recent: a client that arrives after it should hear "try again",
+        not "unknown blob"."""
         with self._lock:
             failed = self._failed.get(digest)
         return failed[1] if failed and time.monotonic() - failed[0] < RECENT_FAILURE else None

@@ -126,16 +126,14 @@ def follow(fill):
     return bytes(out)
 
 
+def wait_until(fill, condition):
+    """Block (bounded) until condition() holds, woken by the fill's own notifications."""
+    with fill._cond:
+        assert fill._cond.wait_for(condition, WAIT)
+
+
 def wait_streaming(fill):
-    fill_started = threading.Event()
-
-    def watch():
-        with fill._cond:
-            fill._cond.wait_for(lambda: fill.state is not State.CONNECTING, WAIT)
-        fill_started.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    assert fill_started.wait(WAIT)
+    wait_until(fill, lambda: fill.state is not State.CONNECTING)
 
 
 def test_good_body_is_verified_stored_and_followed(store, upstream):
@@ -290,5 +288,22 @@ def test_a_blob_larger_than_the_store_is_streamed_not_stored(tmp_path, upstream)
         wait_streaming(fill)
         assert follow(fill) == body
         assert small.open(digest) is None and small.usage()[1] == 0
+    finally:
+        small.close()
+
+
+def test_a_fill_that_could_not_store_is_remembered_for_late_clients(tmp_path, upstream):
+    small = DiskBlobStore(tmp_path / "small", size_limit=1 << 20)
+    try:
+        body = os.urandom(2_000_000)
+        upstream.body = body
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        fills = Fills(small, max_stored_size=small.size_limit)
+        client = UpstreamClient()
+        fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+        wait_streaming(fill)
+        assert follow(fill) == body
+        wait_until(fill, lambda: fill.finished)
+        assert "more than the store may hold" in fills.recent_failure(digest)
     finally:
         small.close()
