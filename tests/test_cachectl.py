@@ -29,6 +29,7 @@ from addon.store import DiskBlobStore
 from tests.harness.mirror import Mirror
 from tests.harness.upstream import ALICE
 from tests.harness.v2client import RegistryClient
+from tests.test_store import digest_of, put
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "cachectl.py"
@@ -43,21 +44,8 @@ DAY = 86400.0
 RUN_TIMEOUT = 120
 
 
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def blob(seed: int, size: int = 10_000) -> bytes:
     return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + bytes([seed % 256]) * (size % 32)
-
-
-def put(store: DiskBlobStore, data: bytes) -> str:
-    digest = digest_of(data)
-    part = store.new_part(digest)
-    os.write(part.fd, data)
-    store.commit(digest, part, len(data))
-    os.close(part.fd)
-    return digest
 
 
 def set_access_time(cache_dir: Path, digest: str, when: float) -> None:
