@@ -111,6 +111,9 @@ class Fill:
     def _run(self) -> None:
         part: PartFile | None = None
         committed = False
+        # The fill's outcome is logged last, once its part file is gone: when
+        # the line shows, the fill is over, counted, and the fills dir is clean.
+        last_words: tuple = ()
         try:
             if self._found_in_store():
                 return
@@ -118,7 +121,8 @@ class Fill:
                 if response.status_code != 200:
                     self.answer = UpstreamAnswer.from_response(response)
                     self._finish(State.FAILED, f"upstream answered {response.status_code}")
-                    log.info("fill: %s failed: upstream answered %d", self.digest, response.status_code)
+                    last_words = (logging.INFO, "fill: %s failed: upstream answered %d",
+                                  self.digest, response.status_code)
                     return
                 part = self._begin_streaming(response)
                 with PipelinedSha256() as hasher:
@@ -126,18 +130,20 @@ class Fill:
             self._verify(hasher)
             self._set_state(State.VERIFIED)
             if self.spill_at is not None:
-                log.warning("fill: served %s (%d bytes) to its clients but did not store it: %s",
-                            self.digest, self.written, self.error)
+                last_words = (logging.WARNING, "fill: served %s (%d bytes) to its clients but did not store it: %s",
+                              self.digest, self.written, self.error)
             else:
                 self.store.commit(self.digest, part, self.written)
                 committed = True
+                last_words = (logging.INFO, "fill: stored %s (%d bytes) in %.2fs",
+                              self.digest, self.written, time.monotonic() - self.started_at)
         except Exception as exc:  # noqa: BLE001 - every failure ends the fill cleanly
             reason = exc.args[0] if isinstance(exc, FillFailed) else f"{type(exc).__name__}: {exc}"
             if self.state is State.VERIFIED:
                 # Followers already have good bytes; only the store missed out.
-                log.error("fill: verified %s but could not store it: %s", self.digest, reason)
+                last_words = (logging.ERROR, "fill: verified %s but could not store it: %s", self.digest, reason)
             else:
-                log.warning("fill: %s failed: %s", self.digest, reason)
+                last_words = (logging.WARNING, "fill: %s failed: %s", self.digest, reason)
                 self._finish(State.FAILED, reason)
         finally:
             if part is not None:
@@ -149,9 +155,8 @@ class Fill:
             with self._cond:
                 self.finished = True
             self._notify()
-            if committed:  # logged last: when this line shows, the fill is over and counted
-                log.info("fill: stored %s (%d bytes) in %.2fs",
-                         self.digest, self.written, time.monotonic() - self.started_at)
+            if last_words:
+                log.log(*last_words)
 
     def _found_in_store(self) -> bool:
         """Close the race with a fill that committed this digest just before

@@ -279,8 +279,7 @@ def test_malformed_requests_get_oci_errors_and_the_mirror_keeps_serving(upstream
 def test_store_holds_exactly_the_verified_bytes(upstream, mirror):
     image = fresh_image(upstream, 2_500_000)
     digest, size = image.layers[0]
-    RegistryClient(mirror.url).pull(image.repo, image.tag)
-    mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
+    mirror.wait_stored(RegistryClient(mirror.url).pull(image.repo, image.tag).blobs, WAIT)
     store = DiskBlobStore(mirror.cache_dir, size_limit=1 << 40)
     try:
         blob = store.open(digest)

@@ -59,6 +59,8 @@ def test_huge_headers_are_refused(mirror):
 
 def test_the_mirror_still_serves_after_all_that(mirror, upstream, pushed_images):
     image = pushed_images.alpine
-    assert RegistryClient(mirror.url).pull(image.repo, image.tag).layers == image.layers
+    pulled = RegistryClient(mirror.url).pull(image.repo, image.tag)
+    assert pulled.layers == image.layers
+    mirror.wait_stored(pulled.blobs, WAIT)
     assert list((mirror.cache_dir / "fills").iterdir()) == []
     assert not any(p.is_symlink() for p in mirror.cache_dir.rglob("*"))

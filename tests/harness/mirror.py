@@ -119,6 +119,12 @@ class Mirror:
                     raise TimeoutError(f"no log line matching {pattern!r} in {timeout}s; log:\n{self.log_text()}")
                 self._cond.wait(min(remaining, 0.5))
 
+    def wait_stored(self, digests, timeout: float = 30.0) -> None:
+        """Wait (bounded) until the fill of every digest has committed and
+        cleaned up; clients get their last byte before that happens."""
+        for digest in digests:
+            self.wait_for_log(rf"fill: stored {digest}", timeout)
+
     def log_text(self) -> str:
         return "\n".join(self.lines[-200:])
 
