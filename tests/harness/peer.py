@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 
 from .lifecycle import Service
-from .registryproc import registry_config, start_registry, stop_process
+from .registryproc import RegistryWorkdir, registry_config, start_registry, stop_process
 
 class DistributionProxy(Service):
     """``docker-registry serve`` with ``proxy: remoteurl: <remote_url>``.
@@ -51,8 +49,7 @@ class DistributionProxy(Service):
         self.rootdir: str | None = None
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
-        self._log_path: str | None = None
-        self._log_file = None
+        self._files: RegistryWorkdir | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -64,18 +61,14 @@ class DistributionProxy(Service):
         return registry_config(port, self.rootdir, self.log_level) + proxy
 
     def _start(self) -> None:
-        self.workdir = self._workdir_arg or tempfile.mkdtemp(prefix="peer-")
-        os.makedirs(self.workdir, exist_ok=True)
-        self.rootdir = os.path.join(self.workdir, "storage")
-        os.makedirs(self.rootdir, exist_ok=True)
-        self._log_path = os.path.join(self.workdir, "registry.log")
-        self._log_file = open(self._log_path, "ab")
+        self._files = RegistryWorkdir(self._workdir_arg, self._keep_workdir, "peer-")
+        self.workdir, self.rootdir = self._files.path, self._files.rootdir
         # No REGISTRY_* overrides from the environment, no proxies for its upstream fetches.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("REGISTRY_") and not k.lower().endswith("_proxy")}
         self.proc, self.port = start_registry(
-            self.registry_binary, os.path.join(self.workdir, "config.yml"), self.config,
-            log_file=self._log_file, log_text=self.logs, env=env, cwd=self.workdir,
+            self.registry_binary, self._files.config_path, self.config,
+            log_file=self._files.log_file, log_text=self.logs, env=env, cwd=self.workdir,
             ready_status=200,  # a proxy has no auth of its own
             timeout=self.start_timeout,
         )
@@ -86,11 +79,9 @@ class DistributionProxy(Service):
 
     def stop(self) -> None:
         self._stop_process()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if self.workdir and not self._keep_workdir and not self._workdir_arg:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        files, self._files = self._files, None
+        if files is not None:
+            files.close()
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -106,10 +97,7 @@ class DistributionProxy(Service):
         return self.proc.pid if self.proc is not None else None
 
     def logs(self) -> str:
-        if self._log_path and os.path.exists(self._log_path):
-            with open(self._log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        return ""
+        return self._files.log_text() if self._files is not None else ""
 
     def stored_blob_bytes(self) -> int:
         """Bytes of blob data in its store (what it has committed)."""

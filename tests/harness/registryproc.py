@@ -5,12 +5,39 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+
+
+class RegistryWorkdir:
+    """Where a docker-registry keeps its config, storage root (`rootdir`) and
+    log: a new temp dir that close() removes unless `keep`, or the caller's
+    `given` directory, always kept."""
+
+    def __init__(self, given: str | None, keep: bool, prefix: str):
+        self.path = given or tempfile.mkdtemp(prefix=prefix)
+        self._remove = not given and not keep
+        self.rootdir = os.path.join(self.path, "storage")
+        os.makedirs(self.rootdir, exist_ok=True)
+        self.config_path = os.path.join(self.path, "config.yml")
+        self.log_path = os.path.join(self.path, "registry.log")
+        self.log_file = open(self.log_path, "ab")
+
+    def log_text(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.log_file.close()
+        if self._remove:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def registry_config(port: int, rootdir: str, log_level: str) -> str:

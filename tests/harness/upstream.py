@@ -37,11 +37,9 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 from ._http import LoopbackHTTPServer, QuietHandler
 from .certs import make_tls_files
 from .lifecycle import Service
-from .registryproc import registry_config, start_registry, stop_process
+from .registryproc import RegistryWorkdir, registry_config, start_registry, stop_process
 from .tokenserver import TokenServer
 
 CHUNK = 1 << 20
@@ -302,18 +300,14 @@ class Upstream(Service):
         self._frontdoor: _OwnedServer | None = None
         self._cdn: _OwnedServer | None = None
         self._proc: subprocess.Popen | None = None
-        self._log_path: str | None = None
-        self._log_file = None
+        self._files: RegistryWorkdir | None = None
         self._registry_port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def _start(self) -> None:
-        self.workdir = self._workdir_arg or tempfile.mkdtemp(prefix="upstream-")
-        os.makedirs(self.workdir, exist_ok=True)
-        self.rootdir = os.path.join(self.workdir, "storage")
-        os.makedirs(self.rootdir, exist_ok=True)
-        self._log_path = os.path.join(self.workdir, "registry.log")
+        self._files = RegistryWorkdir(self._workdir_arg, self._keep_workdir, "upstream-")
+        self.workdir, self.rootdir = self._files.path, self._files.rootdir
 
         if self.https:
             tls = make_tls_files(os.path.join(self.workdir, "tls"))
@@ -350,10 +344,9 @@ auth:
 
     def _start_registry(self, cert_path: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        self._log_file = open(self._log_path, "ab")
         self._proc, self._registry_port = start_registry(
-            self.registry_binary, os.path.join(self.workdir, "config.yml"),
-            lambda port: self._registry_config(port, cert_path), log_file=self._log_file,
+            self.registry_binary, self._files.config_path,
+            lambda port: self._registry_config(port, cert_path), log_file=self._files.log_file,
             log_text=self.logs, env=env, cwd=self.workdir,
             ready_status=401,  # token auth is on
             timeout=self.start_timeout,
@@ -371,11 +364,9 @@ auth:
         self._stop_registry()
         if self.tokens is not None:
             self.tokens.stop()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if self.workdir and not self._keep_workdir and not self._workdir_arg:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        files, self._files = self._files, None
+        if files is not None:
+            files.close()
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -406,10 +397,7 @@ auth:
 
     def logs(self) -> str:
         """distribution's log, then any unexpected exceptions in our servers."""
-        text = ""
-        if self._log_path and os.path.exists(self._log_path):
-            with open(self._log_path, "rb") as f:
-                text = f.read().decode("utf-8", "replace")
+        text = self._files.log_text() if self._files is not None else ""
         for err in self.errors():
             text += "\n[harness server error]\n" + err
         return text
