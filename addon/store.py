@@ -195,12 +195,8 @@ class DiskBlobStore:
             fd, path = tempfile.mkstemp(
                 prefix=digest.replace(":", "-") + ".", suffix=PART_SUFFIX, dir=self.fills_dir
             )
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Between mkstemp and flock another process starting up may have
-            # swept the still-unlocked file: keep it only if it is still ours.
-            if _same_file(path, fd):
-                return PartFile(path, fd)
-            os.close(fd)
+            if part := _hold(path, fd):
+                return part
         raise OSError(errno.EAGAIN, f"could not hold a part file in {self.fills_dir}")
 
     def link_part(self, digest: str, source: str | os.PathLike) -> PartFile:
@@ -217,15 +213,8 @@ class DiskBlobStore:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # A sweep (another process starting) may have taken the
-                # unlocked link in between: only keep it if it is still ours.
-                if _same_file(path, fd):
-                    return PartFile(str(path), fd)
-            except OSError:
-                pass
-            os.close(fd)
+            if part := _hold(str(path), fd):
+                return part
         raise OSError(errno.EAGAIN, f"could not hold a link to {source} in {self.fills_dir}")
 
     def commit(self, digest: str, part: PartFile, size: int) -> None:
@@ -249,14 +238,13 @@ class DiskBlobStore:
             except FileNotFoundError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                continue  # a running fill (maybe in another process) owns it
+                if not _try_lock(fd):
+                    continue  # a running fill (maybe in another process) owns it
+                # Unlinked while locked: a fill that locks this file later
+                # finds its path gone (_hold) and makes another.
+                path.unlink(missing_ok=True)
             finally:
                 os.close(fd)
-            path.unlink(missing_ok=True)
             removed += 1
         if removed:
             log.info("store: removed %d unfinished fill(s) left by an earlier run", removed)
@@ -346,6 +334,28 @@ class DiskBlobStore:
 
     def close(self) -> None:
         self._cache.close()
+
+
+def _try_lock(fd: int) -> bool:
+    """Take a part file's lock without waiting; False if someone holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return False
+    return True
+
+
+def _hold(path: str, fd: int) -> PartFile | None:
+    """Lock the part file just made at path; or close fd and return None if a
+    sweep (another process starting) took it first. A sweep unlinks only
+    while it holds the lock, so then we either fail to lock the file or find
+    its path gone."""
+    if _try_lock(fd) and _same_file(path, fd):
+        return PartFile(path, fd)
+    os.close(fd)
+    return None
 
 
 def _same_file(path: str | os.PathLike, fd: int) -> bool:

@@ -1,7 +1,10 @@
 """Unit tests for the diskcache-backed blob store."""
 
+import fcntl
 import hashlib
 import os
+import pathlib
+import tempfile
 
 import pytest
 
@@ -86,6 +89,55 @@ def test_unfinished_parts_of_a_dead_process_are_swept_but_live_ones_kept(tmp_pat
         os.close(live.fd)
         first.close()
         second.close()
+
+
+def test_a_sweep_unlinks_a_part_only_while_it_holds_its_lock(tmp_path, monkeypatch):
+    """Otherwise a fill could lock the file between the sweep's check and its
+    unlink, and go on filling a file that no longer has a name."""
+    store = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
+    orphan = store.fills_dir / "sha256-dead.x.part"
+    orphan.write_bytes(b"half a blob")
+    lockable_at_unlink = []
+    real_unlink = pathlib.Path.unlink
+
+    def unlink_watched(path, *args, **kwargs):
+        fd = os.open(path, os.O_RDONLY)  # a fill trying to take the file now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lockable_at_unlink.append(True)
+        except BlockingIOError:
+            lockable_at_unlink.append(False)
+        finally:
+            os.close(fd)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink_watched)
+    try:
+        assert store.sweep_orphaned_parts() == 1
+    finally:
+        monkeypatch.undo()
+        store.close()
+    assert lockable_at_unlink == [False] and not orphan.exists()
+
+
+def test_a_part_swept_before_it_was_locked_is_replaced(store, monkeypatch):
+    made = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_swept(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        made.append(path)
+        if len(made) == 1:
+            os.unlink(path)  # another process's start-up sweep got there first
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_swept)
+    part = store.new_part(digest_of(b"x"))
+    monkeypatch.undo()
+    try:
+        assert len(made) == 2 and part.path == made[1] and os.path.exists(part.path)
+    finally:
+        os.close(part.fd)
 
 
 def test_evicts_least_recently_used_one_at_a_time(tmp_path):
