@@ -3,22 +3,20 @@ that repository, and only for repositories seen to contain it."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 
-from tests.harness.images import make_layer, push_image
+from tests.harness.fresh import fresh_image, fresh_layer, unique_seed
+from tests.harness.images import push_image
 from tests.harness.upstream import ALICE, BOB
 from tests.harness.v2client import RegistryClient, RegistryError
 
 WAIT = 60
 PRIVATE = "acme/private"  # the harness's token server lets only alice pull it
-_seeds = itertools.count(7000)
 
 
 def private_image(upstream):
-    seed = next(_seeds)
-    image = push_image(upstream.url, PRIVATE, f"t{seed}", [make_layer(800_000, seed)], auth=ALICE)
+    image = push_image(upstream.url, PRIVATE, f"t{unique_seed()}", [fresh_layer(800_000)], auth=ALICE)
     upstream.reset_counters()
     return image
 
@@ -88,9 +86,7 @@ def test_joining_a_fill_needs_the_same_consent(upstream, mirror):
 
 
 def test_known_public_repositories_cost_no_extra_round_trip(upstream, mirror):
-    seed = next(_seeds)
-    image = push_image(upstream.url, f"open/img{seed}", "v1",
-                       [make_layer(300_000, seed), make_layer(200_000, seed + 1)], auth=ALICE)
+    image = fresh_image(upstream, 300_000, 200_000)
     RegistryClient(mirror.url).pull(image.repo, image.tag)
     mirror.wait_for_log(rf"access: .*/{image.repo} is public", WAIT)
     upstream.reset_counters()

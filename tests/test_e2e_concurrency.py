@@ -7,24 +7,19 @@ releases it, so "while the fetch is running" is a state, not a timing guess.
 
 from __future__ import annotations
 
-import itertools
 import threading
 
 import requests
 
-from tests.harness.images import make_layer, push_image
-from tests.harness.upstream import ALICE
+from tests.harness.fresh import fresh_image
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
 CLIENTS = 4
-_seeds = itertools.count(9000)
 
 
-def fresh_layer(upstream, size=6_000_000):
-    seed = next(_seeds)
-    image = push_image(upstream.url, f"conc/img{seed}", "v1", [make_layer(size, seed)], auth=ALICE)
-    upstream.reset_counters()
+def image_with_one_layer(upstream, size=6_000_000):
+    image = fresh_image(upstream, size)
     return image, image.layers[0]
 
 
@@ -71,7 +66,7 @@ def token_holding_client(mirror, image) -> RegistryClient:
 
 
 def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_upstream, mirror):
-    image, (digest, size) = fresh_layer(any_upstream)
+    image, (digest, size) = image_with_one_layer(any_upstream)
     expected = open(any_upstream.blob_path(digest), "rb").read()
     any_upstream.set_fault(digest, "stall")
     downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
@@ -92,7 +87,7 @@ def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_
 
 
 def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
-    image, (digest, size) = fresh_layer(upstream)
+    image, (digest, size) = image_with_one_layer(upstream)
     expected = open(upstream.blob_path(digest), "rb").read()
     upstream.set_fault(digest, "stall")
     first = Downloader(token_holding_client(mirror, image), image.repo, digest, size, stop_after=1000)
@@ -113,7 +108,7 @@ def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
 
 
 def test_a_failed_fill_errors_its_waiters_and_the_next_request_fetches_again(upstream, mirror):
-    image, (digest, size) = fresh_layer(upstream)
+    image, (digest, size) = image_with_one_layer(upstream)
     upstream.set_fault(digest, "stall")
     downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
     for d in downloaders:
@@ -137,10 +132,7 @@ def test_a_failed_fill_errors_its_waiters_and_the_next_request_fetches_again(ups
 
 
 def test_many_clients_pull_a_cold_image_with_one_upstream_copy(any_upstream, mirror):
-    seed = next(_seeds)
-    image = push_image(any_upstream.url, f"conc/many{seed}", "v1",
-                       [make_layer(3_000_000, seed), make_layer(1_000_000, seed + 1)], auth=ALICE)
-    any_upstream.reset_counters()
+    image = fresh_image(any_upstream, 3_000_000, 1_000_000)
     results, errors = [], []
 
     def pull():

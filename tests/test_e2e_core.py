@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import itertools
 import json
 import os
 
@@ -17,23 +16,13 @@ import pytest
 import requests
 
 from addon.store import DiskBlobStore
-from tests.harness.images import make_layer, push_image
+from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
 from tests.harness.skopeo import make_skopeo_home, skopeo_copy, verify_dir_image
 from tests.harness.upstream import ALICE
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
-_seeds = itertools.count(1000)
-
-
-def fresh_image(upstream, *sizes, repo=None):
-    """An image no earlier test has pulled (random layers); counters start at zero."""
-    seed = next(_seeds)
-    layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]
-    image = push_image(upstream.url, repo or f"test/img{seed}", "v1", layers, auth=ALICE)
-    upstream.reset_counters()
-    return image
 
 
 def stored(mirror: Mirror, digest: str) -> bool:

@@ -3,7 +3,6 @@ corrupted on disk after it was stored."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 
@@ -11,21 +10,11 @@ import pytest
 import requests
 
 from addon.store import DiskBlobStore
-from tests.harness.images import make_layer, push_image
+from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
-from tests.harness.upstream import ALICE
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
-_seeds = itertools.count(11000)
-
-
-def fresh_image(upstream, *sizes):
-    seed = next(_seeds)
-    layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]
-    image = push_image(upstream.url, f"faults/img{seed}", "v1", layers, auth=ALICE)
-    upstream.reset_counters()
-    return image
 
 
 def successful_fetches(upstream, digest) -> int:

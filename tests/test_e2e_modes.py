@@ -3,7 +3,6 @@ serving while the upstream is down, and the marks mitmweb shows."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -11,22 +10,12 @@ import pytest
 import requests
 
 from addon.mirror import HIT_FILTER
-from tests.harness.images import make_layer, push_image
+from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
-from tests.harness.upstream import ALICE
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
 RECORDER = Path(__file__).parent / "harness" / "flow_recorder.py"
-_seeds = itertools.count(5000)
-
-
-def fresh_image(upstream, *sizes, verify=True):
-    seed = next(_seeds)
-    layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]
-    image = push_image(upstream.url, f"modes/img{seed}", "v1", layers, auth=ALICE, verify=verify)
-    upstream.reset_counters()
-    return image
 
 
 @pytest.fixture

@@ -6,19 +6,18 @@ store; a tag resolves to its last known digest, marked stale.
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import requests
 
-from tests.harness.images import make_layer, push_image
+from tests.harness.fresh import fresh_layer, unique_seed
+from tests.harness.images import push_image
 from tests.harness.mirror import Mirror
 from tests.harness.skopeo import make_skopeo_home, skopeo_copy, verify_dir_image
 from tests.harness.upstream import ALICE
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
-_seeds = itertools.count(13000)
 MANIFEST_TYPES = ", ".join([
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",
@@ -30,9 +29,9 @@ MANIFEST_TYPES = ", ".join([
 def warm_image(upstream, mirror, repo=None, auth=None):
     """A fresh image pulled once through the mirror; waits until the mirror
     knows whether its repository is public (its one background check)."""
-    seed = next(_seeds)
+    seed = unique_seed()
     image = push_image(upstream.url, repo or f"offline/img{seed}", f"t{seed}",
-                       [make_layer(700_000, seed), make_layer(300_000, seed + 1)], auth=ALICE)
+                       [fresh_layer(700_000), fresh_layer(300_000)], auth=ALICE)
     client = RegistryClient(mirror.url, *(auth or ()))
     assert client.pull(image.repo, image.tag).layers == image.layers
     mirror.wait_for_log(rf"access: .*/{image.repo} is (public|not public)", WAIT)
@@ -89,8 +88,7 @@ def test_unknown_tags_and_private_repositories_are_not_made_up(upstream, mirror)
 
 def test_a_tag_moves_on_when_the_upstream_is_back(upstream, mirror):
     image, _ = warm_image(upstream, mirror)
-    seed = next(_seeds)
-    moved = push_image(upstream.url, image.repo, image.tag, [make_layer(100_000, seed)], auth=ALICE)
+    moved = push_image(upstream.url, image.repo, image.tag, [fresh_layer(100_000)], auth=ALICE)
     upstream.set_down(True)
     assert manifest_get(mirror, image.repo, image.tag).headers["Docker-Content-Digest"] == image.digest
     upstream.set_down(False)

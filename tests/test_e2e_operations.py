@@ -3,19 +3,18 @@ and stats, and the one-line-per-request log."""
 
 from __future__ import annotations
 
-import itertools
 import re
 
 import pytest
 import requests
 
-from tests.harness.images import make_layer, push_image
+from tests.harness.fresh import fresh_layer, unique_seed
+from tests.harness.images import push_image
 from tests.harness.mirror import Mirror
 from tests.harness.upstream import ALICE, Upstream
 from tests.harness.v2client import RegistryClient
 
 WAIT = 60
-_seeds = itertools.count(17000)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +39,9 @@ def mirror(tmp_path, upstream_session, second_upstream):
 
 
 def image_on(upstream, repo=None, layers=None):
-    seed = next(_seeds)
+    seed = unique_seed()
     image = push_image(upstream.url, repo or f"ops/img{seed}", f"t{seed}",
-                       layers or [make_layer(600_000, seed), make_layer(200_000, seed + 1)], auth=ALICE)
+                       layers or [fresh_layer(600_000), fresh_layer(200_000)], auth=ALICE)
     upstream.reset_counters()
     return image
 
@@ -65,8 +64,7 @@ def test_ns_picks_the_registry_and_anything_else_is_refused(upstream, second, mi
 def test_the_store_is_shared_but_access_stays_per_registry(upstream, second, mirror):
     """The same layer public on one registry and private on another: pulled
     from the first, it is not handed out as the second's private blob."""
-    seed = next(_seeds)
-    shared_layer = make_layer(900_000, seed)
+    shared_layer = fresh_layer(900_000)
     public = image_on(upstream, layers=[shared_layer])
     private = image_on(second, repo="acme/private", layers=[shared_layer])
     digest, size = public.layers[0]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import json
 import os
 import pty
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness._http import LoopbackHTTPServer
-from tests.harness.images import make_layer, push_image
+from tests.harness.fresh import fresh_image, unique_seed
 from tests.harness.mirror import Mirror
 from tests.harness.upstream import ALICE, Upstream
 from tests.harness.v2client import RegistryClient
@@ -36,7 +35,6 @@ from tests.harness.v2client import RegistryClient
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prefetch.py"
 WAIT = 60
-_seeds = itertools.count(23000)
 
 
 @pytest.fixture(scope="module")
@@ -75,22 +73,8 @@ def summary_line(proc: subprocess.CompletedProcess, key: str) -> str:
     raise AssertionError(f"no {key!r} summary line in:\n{proc.stdout}")
 
 
-def wait_stored(mirror: Mirror, digests) -> None:
-    """Every fill the prefetch caused is committed (bounded wait on the mirror's log)."""
-    for digest in digests:
-        mirror.wait_for_log(rf"fill: stored {digest}", WAIT)
-
-
 def digests_of(*images) -> list[str]:
     return [d for image in images for d, _ in image.blobs]
-
-
-def fresh_image(upstream, *sizes):
-    seed = next(_seeds)
-    layers = [make_layer(size, seed * 10 + i) for i, size in enumerate(sizes)]
-    image = push_image(upstream.url, f"prefetch/img{seed}", "v1", layers, auth=ALICE)
-    upstream.reset_counters()
-    return image
 
 
 def mirror_says_hit(mirror: Mirror, repo: str, digest: str) -> bool:
@@ -115,7 +99,7 @@ def test_prefetched_images_are_pulled_without_upstream_blob_bytes(upstream, mirr
     # One upstream copy of each wanted blob, nothing of the platform not asked for.
     assert upstream.counters.blob_bytes == fetched
     assert all(upstream.counters.blob_bytes_for(d) == 0 for d in digests_of(amd64))
-    wait_stored(mirror, digests_of(alpine, arm64))
+    mirror.wait_stored(digests_of(alpine, arm64), WAIT)
 
     upstream.reset_counters()
     client = RegistryClient(mirror.url)
@@ -140,7 +124,7 @@ def test_all_platforms_fetches_every_platform(upstream, mirror, pushed_images):
     proc = prefetch(mirror.url, "--all-platforms", multi.ref)
     assert summary_line(proc, "layers") == "2 fetched, 0 already cached"
     assert upstream.counters.blob_bytes == sum(image.blob_bytes for image in multi.images.values())
-    wait_stored(mirror, digests_of(*multi.images.values()))
+    mirror.wait_stored(digests_of(*multi.images.values()), WAIT)
     upstream.reset_counters()
     for platform, image in multi.images.items():
         assert RegistryClient(mirror.url).pull(multi.repo, multi.tag, platform=platform).layers == image.layers
@@ -164,7 +148,7 @@ def test_image_list_file_with_comments(upstream, mirror, pushed_images, tmp_path
     assert summary_line(proc, "images") == "3 ok, 0 failed"
     assert "not-this-one" not in proc.stdout + proc.stderr
     assert upstream.counters.blob_bytes == alpine.blob_bytes + schema2.blob_bytes + arm.blob_bytes
-    wait_stored(mirror, digests_of(alpine, schema2, arm))
+    mirror.wait_stored(digests_of(alpine, schema2, arm), WAIT)
     upstream.reset_counters()
     RegistryClient(mirror.url).pull(schema2.repo, schema2.tag)
     RegistryClient(mirror.url).pull(dockerlist.repo, dockerlist.tag, platform=("linux", "arm", "v7"))
@@ -197,9 +181,7 @@ def test_failed_images_are_reported_and_the_others_still_warmed(upstream, mirror
 
 def test_another_registry_goes_through_the_mirror_with_ns(upstream, second_upstream, tmp_path):
     second = second_upstream
-    seed = next(_seeds)
-    image = push_image(second.url, f"org/app{seed}", "v1", [make_layer(500_000, seed * 10)], auth=ALICE)
-    second.reset_counters()
+    image = fresh_image(second, 500_000, repo=f"org/app{unique_seed()}")
     options = {"registries": f"{second.host_port}={second.url}"}
     with Mirror(tmp_path / "mirror", [f"reverse:{upstream.url}"], options=options) as mirror:
         name = f"{second.host_port}/{image.ref}"
@@ -207,7 +189,7 @@ def test_another_registry_goes_through_the_mirror_with_ns(upstream, second_upstr
         assert f"ok {name}: " in proc.stdout
         assert second.counters.blob_bytes == image.blob_bytes and upstream.counters.blob_bytes == 0
         assert not any("ns=" in r.path for r in second.counters.requests)  # the mirror took it off
-        wait_stored(mirror, digests_of(image))
+        mirror.wait_stored(digests_of(image), WAIT)
         second.reset_counters()
         # containerd's pull of that image (same ns) is served from the store.
         RegistryClient(mirror.url, query={"ns": second.host_port}).pull(image.repo, image.tag)
@@ -228,7 +210,7 @@ def test_second_run_fetches_nothing_from_the_upstream(upstream, mirror, pushed_i
     arm64 = multi.images[("linux", "arm64", "v8")]
     args = ("--platform", "linux/arm64/v8", alpine.ref, multi.ref)
     prefetch(mirror.url, *args)
-    wait_stored(mirror, digests_of(alpine, arm64))
+    mirror.wait_stored(digests_of(alpine, arm64), WAIT)
     upstream.reset_counters()
     proc = prefetch(mirror.url, *args)
     assert summary_line(proc, "images") == "2 ok, 0 failed"
@@ -251,7 +233,7 @@ def test_private_image_needs_credentials(upstream, mirror, pushed_images):
     assert upstream.counters.blob_bytes == 0
     prefetch(mirror.url, "--username", ALICE[0], "--password-stdin", image.ref, input=ALICE[1] + "\n")
     assert upstream.counters.blob_bytes == image.blob_bytes
-    wait_stored(mirror, digests_of(image))
+    mirror.wait_stored(digests_of(image), WAIT)
     upstream.reset_counters()
     proc = prefetch(mirror.url, "--username", ALICE[0], image.ref, env=_env(REGISTRY_PASSWORD=ALICE[1]))
     assert upstream.counters.blob_bytes == 0
