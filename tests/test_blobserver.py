@@ -1,6 +1,5 @@
 """Unit tests for the blob server: signatures, ranges, HEAD, and serving from the store."""
 
-import hashlib
 import os
 
 import pytest
@@ -9,6 +8,7 @@ import requests
 from addon.blobserver import BlobServer, _parse_range
 from addon.fill import Fills
 from addon.store import DiskBlobStore
+from tests.test_store import put
 
 
 @pytest.mark.parametrize(
@@ -35,11 +35,7 @@ def test_parse_range(header, expected):
 def served(tmp_path):
     store = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
     data = os.urandom(200_000)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    part = store.new_part(digest)
-    os.write(part.fd, data)
-    store.commit(digest, part, len(data))
-    os.close(part.fd)
+    digest = put(store, data)
     server = BlobServer(store, Fills(store), "127.0.0.1", 0)
     server.start()
     yield server, digest, data

@@ -15,6 +15,7 @@ import pytest
 from addon.fill import Fill, FillFailed, Fills, State
 from addon.store import DiskBlobStore
 from addon.upstream import UpstreamClient
+from tests.test_store import put
 
 WAIT = 30  # bound on every wait in this file
 
@@ -238,11 +239,7 @@ def test_registry_coalesces_and_restarts_after_failure(store, upstream):
 
 def test_a_fill_started_after_the_blob_was_committed_does_not_fetch(store):
     body = os.urandom(100_000)
-    digest = "sha256:" + hashlib.sha256(body).hexdigest()
-    part = store.new_part(digest)
-    os.write(part.fd, body)
-    store.commit(digest, part, len(body))
-    os.close(part.fd)
+    digest = put(store, body)
     calls = []
     finished = threading.Event()
     fill = Fill(digest, store, lambda: calls.append(1), on_finished=lambda f: finished.set())
