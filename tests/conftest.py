@@ -73,6 +73,20 @@ def upstream_https():
         u.stop()
 
 
+@pytest.fixture(scope="session")
+def second_upstream():
+    """Another registry, as ghcr.io is beside docker.io."""
+    with Upstream() as u:
+        yield u
+
+
+@pytest.fixture
+def second(second_upstream):
+    second_upstream.clear_faults()
+    second_upstream.reset_counters()
+    return second_upstream
+
+
 @dataclass
 class PushedImages:
     """The standard images on upstream_session (all layers distinct)."""

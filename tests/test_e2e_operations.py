@@ -11,24 +11,10 @@ import requests
 from tests.harness.fresh import fresh_layer, unique_seed
 from tests.harness.images import push_image
 from tests.harness.mirror import Mirror
-from tests.harness.upstream import ALICE, Upstream
+from tests.harness.upstream import ALICE
 from tests.harness.v2client import RegistryClient
 
 WAIT = 60
-
-
-@pytest.fixture(scope="module")
-def second_upstream():
-    """Another registry, as ghcr.io is beside docker.io."""
-    with Upstream() as u:
-        yield u
-
-
-@pytest.fixture
-def second(second_upstream):
-    second_upstream.clear_faults()
-    second_upstream.reset_counters()
-    return second_upstream
 
 
 @pytest.fixture

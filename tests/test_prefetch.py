@@ -29,19 +29,12 @@ import pytest
 from tests.harness._http import LoopbackHTTPServer
 from tests.harness.fresh import fresh_image, unique_seed
 from tests.harness.mirror import Mirror
-from tests.harness.upstream import ALICE, Upstream
+from tests.harness.upstream import ALICE
 from tests.harness.v2client import RegistryClient
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prefetch.py"
 WAIT = 60
-
-
-@pytest.fixture(scope="module")
-def second_upstream():
-    """Another registry, as ghcr.io is beside docker.io."""
-    with Upstream() as u:
-        yield u
 
 
 def _env(**extra) -> dict:
@@ -179,8 +172,7 @@ def test_failed_images_are_reported_and_the_others_still_warmed(upstream, mirror
         assert line in proc.stdout  # listed again in the summary
 
 
-def test_another_registry_goes_through_the_mirror_with_ns(upstream, second_upstream, tmp_path):
-    second = second_upstream
+def test_another_registry_goes_through_the_mirror_with_ns(upstream, second, tmp_path):
     image = fresh_image(second, 500_000, repo=f"org/app{unique_seed()}")
     options = {"registries": f"{second.host_port}={second.url}"}
     with Mirror(tmp_path / "mirror", [f"reverse:{upstream.url}"], options=options) as mirror:
