@@ -15,6 +15,13 @@ repository R only when both hold:
 When either is unknown, one HEAD of the blob with the client's credentials
 settles both; it costs no blob bytes and (on Docker Hub) no rate limit.
 Anonymous pulls of a repository known to be public cost nothing extra.
+
+That HEAD is only evidence from a registry the operator chose (the
+reverse-mode upstream, the `registries` list). In regular mode a client can
+name any host, one it runs itself included, which would answer 200 for any
+digest. Such a registry is believed only about blobs it has itself served to
+the mirror, verified; for any other stored blob its client is passed through
+to it, as if the mirror had no copy.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class Decision:
     status: int = 200  # when refused: the upstream's status for the client
     headers: tuple[tuple[str, str], ...] = ()
     reason: str = ""
+    pass_through: bool = False  # not refused: let the registry answer, not the store
 
 
 ALLOWED = Decision(True)
@@ -80,6 +88,7 @@ class SeenIndex:
                 "CREATE TABLE IF NOT EXISTS seen (registry TEXT, repo TEXT, digest TEXT, seen_at REAL,"
                 " PRIMARY KEY (registry, repo, digest)) WITHOUT ROWID"
             )
+            self._db.execute("CREATE INDEX IF NOT EXISTS seen_by_digest ON seen (digest, registry)")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS public (registry TEXT, repo TEXT, public INTEGER, checked_at REAL,"
                 " PRIMARY KEY (registry, repo)) WITHOUT ROWID"
@@ -89,6 +98,14 @@ class SeenIndex:
         with self._lock:
             row = self._db.execute(
                 "SELECT 1 FROM seen WHERE registry=? AND repo=? AND digest=?", (registry, repo, digest)
+            ).fetchone()
+        return row is not None
+
+    def served_by(self, registry: str, digest: str) -> bool:
+        """Did this registry serve (or confirm) digest under any repository?"""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM seen WHERE digest=? AND registry=? LIMIT 1", (digest, registry)
             ).fetchone()
         return row is not None
 
@@ -130,8 +147,14 @@ class AccessGate:
         # served from the store if the upstream is down when we come back.
         self._public.update(self.index.public_states())
 
-    def check(self, registry: str, repo: str, digest: str, authorization: str | None) -> Decision:
-        """May this client read this stored blob as part of repo? (blocking)"""
+    def check(self, registry: str, repo: str, digest: str, authorization: str | None,
+              trusted: bool = True) -> Decision:
+        """May this client read this stored blob as part of repo? (blocking)
+
+        `trusted`: the operator chose this registry (see the module docstring)."""
+        if not trusted and not self.index.served_by(registry, digest):
+            return Decision(False, pass_through=True,
+                            reason=f"{registry} has not served this blob to the mirror itself")
         now = time.time()
         cred = fingerprint(authorization)
         known = self.index.contains(registry, repo, digest)

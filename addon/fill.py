@@ -84,6 +84,9 @@ class Fill:
     store: BlobStore
     opener: Opener  # performs the upstream GET (redirects followed)
     on_finished: Callable[["Fill"], None] = lambda fill: None
+    # Runs in the fill's thread once the bytes are verified, before any client
+    # can have the last byte (the access gate records its proof here).
+    on_verified: Callable[[], None] | None = None
     max_stored_size: int | None = None  # larger blobs are streamed, not stored
 
     state: State = State.CONNECTING
@@ -128,6 +131,11 @@ class Fill:
                 with PipelinedSha256() as hasher:
                     self._copy(response, part, hasher)
             self._verify(hasher)
+            if self.on_verified is not None:
+                try:
+                    self.on_verified()
+                except Exception:  # noqa: BLE001 - the bytes are good whatever the callback does
+                    log.exception("fill: after verifying %s", self.digest)
             self._set_state(State.VERIFIED)
             if self.spill_at is not None:
                 last_words = (logging.WARNING, "fill: served %s (%d bytes) to its clients but did not store it: %s",
@@ -465,13 +473,16 @@ class Fills:
         with self._lock:
             return self._by_digest.get(digest)
 
-    def start_or_join(self, digest: str, opener: Opener) -> tuple[Fill, bool]:
-        """The running fill for digest, or a new one started with opener."""
+    def start_or_join(self, digest: str, opener: Opener,
+                      on_verified: Callable[[], None] | None = None) -> tuple[Fill, bool]:
+        """The running fill for digest, or a new one started with opener
+        (on_verified applies only to a new one)."""
         with self._lock:
             fill = self._by_digest.get(digest)
             if fill is not None and fill.state is not State.FAILED:
                 return fill, False
-            fill = Fill(digest, self.store, opener, on_finished=self._forget, max_stored_size=self.max_stored_size)
+            fill = Fill(digest, self.store, opener, on_finished=self._forget, on_verified=on_verified,
+                        max_stored_size=self.max_stored_size)
             self._by_digest[digest] = fill
         fill.start()
         return fill, True

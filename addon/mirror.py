@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import requests
 from mitmproxy import ctx, exceptions, hooks, http
-from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from . import manifests, routes
 from .access import UNREACHABLE, AccessGate, SeenIndex
@@ -41,7 +41,7 @@ from .blobserver import BlobServer
 from .fill import Fills, State
 from .manifests import ManifestStore
 from .metrics import METRICS_PATH, STATS_PATH, Metrics
-from .registries import DEFAULT_REGISTRIES, base_url_for, parse_registries
+from .registries import DEFAULT_REGISTRIES, base_url_for, origin_of, parse_registries
 from .routes import Kind, Route, RouteError
 from .store import DiskBlobStore
 from .upstream import UpstreamClient
@@ -108,6 +108,7 @@ class RegistryCache:
         self.manifests: ManifestStore | None = None
         self.metrics = Metrics()
         self.registries: dict[str, str] = {}
+        self._listed_origins: set[str] = set()
         self._size_limit = 0
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-cache-io")
         self._tasks: set[asyncio.Task] = set()
@@ -156,6 +157,7 @@ class RegistryCache:
         if "registries" in updated:
             try:
                 self.registries = parse_registries(ctx.options.registries)
+                self._listed_origins = {origin_of(url) for url in self.registries.values()}
             except ValueError as exc:
                 raise exceptions.OptionsError(f"registry-cache: registries: {exc}") from None
         watched = {"cache_dir", "cache_size", "blob_host", "blob_port", "mode", "listen_host"}
@@ -437,7 +439,14 @@ class RegistryCache:
         if flow.request.method == "HEAD":
             self._mark(flow, "pass", digest)  # a HEAD never costs a blob download
             return
-        fill, started = await self._start_or_join_fill(flow, digest)
+        fill, started = await self._start_or_join_fill(flow, digest, registry, route.name)
+        if fill.state is State.CONNECTING:  # START_TIMEOUT: it goes on, and will be stored
+            log.warning("registry-cache: the upstream has not answered for %s in %.0fs", digest, START_TIMEOUT)
+            flow.response = oci_error(503, "UNAVAILABLE", "upstream slow to answer, retry later",
+                                      f"no answer in {START_TIMEOUT:.0f}s")
+            flow.response.headers["Retry-After"] = "10"
+            self._mark(flow, "error", digest, detail="upstream did not answer in time")
+            return
         if fill.state is State.FAILED:
             self._mark(flow, "fill-failed", digest, detail=fill.error)
             if fill.answer is not None:
@@ -446,22 +455,34 @@ class RegistryCache:
             else:
                 flow.response = oci_error(502, "UNAVAILABLE", "upstream fetch failed", fill.error)
             return
-        if started and not fill.already_stored:
-            # The upstream just served this digest under this repository to
-            # this client: that is the proof the access gate asks for.
-            await self._io(self.access.vouch, registry, route.name, digest, authorization)
-        elif not await self._may_read(flow, registry, route.name, digest, authorization):
-            return  # joining someone else's fill needs the same proof as a hit
+        # A fill this request started vouches for it once its bytes verify
+        # (on_verified); joining someone else's needs the same proof as a hit.
+        if (not started or fill.already_stored) and \
+                not await self._may_read(flow, registry, route.name, digest, authorization):
+            return
         self._mark(flow, "hit" if fill.already_stored else "miss", digest, fill.size)
         self._send_to_blob_server(flow, digest)
         self._background(self._report_fill_outcome(flow, fill))
 
+    def _trusted(self, flow: http.HTTPFlow) -> bool:
+        """Did the operator choose the registry this flow goes to? In reverse
+        mode: the upstream, or an ns= from the registries list. In regular
+        mode the client names the host: only the registries list counts."""
+        return isinstance(flow.client_conn.proxy_mode, ReverseMode) or \
+            _registry_of(flow) in self._listed_origins
+
     async def _may_read(self, flow: http.HTTPFlow, registry: str, repo: str, digest: str,
                         authorization: str | None) -> bool:
         """Apply the access gate; on refusal, answer the client as the upstream did."""
-        decision = await self._io(self.access.check, registry, repo, digest, authorization)
+        decision = await self._io(self.access.check, registry, repo, digest, authorization, self._trusted(flow))
         if decision.allowed:
             return True
+        if decision.pass_through:
+            log.info("registry-cache: passing %s %s through, not serving it from the store: %s",
+                     flow.request.method, digest, decision.reason)
+            self._mark(flow, "pass", digest, detail=decision.reason)
+            flow.metadata[METADATA_KEY + ".stream"] = True
+            return False
         self._mark(flow, "denied", digest, detail=decision.reason)
         code, message = REFUSAL_CODES.get(decision.status, ("DENIED", "access denied"))
         response = oci_error(decision.status, code, message, decision.reason)
@@ -486,15 +507,20 @@ class RegistryCache:
             ctx.master.addons.trigger(hooks.UpdateHook([flow]))
             log.info("registry-cache: marked flow %s fill-failed: %s", flow.id, fill.digest)
 
-    async def _start_or_join_fill(self, flow: http.HTTPFlow, digest: str):
+    async def _start_or_join_fill(self, flow: http.HTTPFlow, digest: str, registry: str, repo: str):
         url = flow.request.url.split("?", 1)[0]
         authorization = flow.request.headers.get("Authorization")
 
         def opener():
             return self.upstream.get_blob(url, authorization)
 
+        def vouch():
+            # The upstream served these verified bytes under this repository
+            # to this client: the proof the access gate asks for.
+            self.access.vouch(registry, repo, digest, authorization)
+
         for _attempt in range(2):
-            fill, started = self.fills.start_or_join(digest, opener)
+            fill, started = self.fills.start_or_join(digest, opener, vouch)
             log.info("registry-cache: miss %s: %s fill", digest, "started" if started else "joined")
             try:
                 await asyncio.wait_for(fill.wait_started(), START_TIMEOUT)
@@ -579,7 +605,7 @@ def _relayed(answer, method: str) -> http.Response:
 def _registry_of(flow: http.HTTPFlow) -> str:
     """The upstream registry a flow is for, as a base URL (the access gate's key)."""
     request = flow.request
-    return f"{request.scheme}://{request.host}:{request.port}"
+    return f"{request.scheme}://{request.host.lower()}:{request.port}"
 
 
 def _loopback_for(host: str) -> str:

@@ -49,6 +49,14 @@ def parse_registries(entries: Iterable[str]) -> dict[str, str]:
     return registries
 
 
+def origin_of(url: str) -> str:
+    """scheme://host:port with the port spelled out: how the access gate names
+    a registry (see mirror._registry_of), whatever form the URL came in."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname}:{port}"
+
+
 def base_url_for(ns: str, registries: dict[str, str]) -> str | None:
     """Where the registry containerd named lives, or None if it is not served."""
     return registries.get(ns.strip().lower())

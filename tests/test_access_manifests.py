@@ -5,8 +5,10 @@ import hashlib
 import json
 import time
 
-from addon.access import MAX_GRANT_TTL, OPAQUE_GRANT_TTL, SeenIndex, credential_expiry, fingerprint
+from addon.access import (MAX_GRANT_TTL, OPAQUE_GRANT_TTL, AccessGate, SeenIndex, credential_expiry,
+                          fingerprint)
 from addon.manifests import ManifestStore, StoredManifest, accepts, verified_manifest
+from addon.registries import origin_of
 
 
 def jwt_with(claims: dict) -> str:
@@ -38,6 +40,45 @@ def test_seen_index_persists(tmp_path):
         assert again.public_states() == {("http://r", "library/alpine"): (True, 123.0)}
     finally:
         again.close()
+
+
+class SaysYes:
+    """An upstream that confirms every blob HEAD, counting them."""
+
+    def __init__(self):
+        self.heads = []
+
+    def head(self, url, authorization):
+        self.heads.append(url)
+        return 200, {}
+
+
+def test_a_registry_nobody_chose_vouches_only_for_blobs_it_served_itself(tmp_path):
+    index = SeenIndex(tmp_path / "a.sqlite3")
+    for registry, repo in (("https://ghcr.io:443", "x/y"), ("http://evil:80", "x/z")):
+        index.record_public(registry, repo, False, time.time())  # known: no background probe
+    upstream = SaysYes()
+    gate = AccessGate(index, upstream)
+    digest = "sha256:" + "2" * 64
+    index.record("https://registry-1.docker.io:443", "corp/secret", digest)  # stored from the real registry
+    try:
+        decision = gate.check("http://evil:80", "x/y", digest, None, trusted=False)
+        assert not decision.allowed and decision.pass_through and upstream.heads == []
+        # A listed registry is asked, as before.
+        assert gate.check("https://ghcr.io:443", "x/y", digest, "Bearer t", trusted=True).allowed
+        assert upstream.heads == [f"https://ghcr.io:443/v2/x/y/blobs/{digest}"]
+        # Once the unlisted registry has served the blob itself (a verified fill),
+        # its HEAD counts for its other repositories too.
+        index.record("http://evil:80", "x/y", digest)
+        assert gate.check("http://evil:80", "x/z", digest, "Bearer t", trusted=False).allowed
+    finally:
+        index.close()
+
+
+def test_origin_of_spells_out_the_port():
+    assert origin_of("https://registry-1.docker.io") == "https://registry-1.docker.io:443"
+    assert origin_of("http://127.0.0.1:5000/") == "http://127.0.0.1:5000"
+    assert origin_of("http://Mirror.LAN") == "http://mirror.lan:80"
 
 
 def test_verified_manifest_checks_the_digest():

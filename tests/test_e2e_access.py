@@ -5,9 +5,12 @@ from __future__ import annotations
 
 
 import pytest
+import requests
 
+from tests.harness._http import LoopbackHTTPServer, QuietHandler
 from tests.harness.fresh import fresh_image, fresh_layer, unique_seed
 from tests.harness.images import push_image
+from tests.harness.mirror import Mirror
 from tests.harness.upstream import ALICE, BOB
 from tests.harness.v2client import RegistryClient, RegistryError
 
@@ -106,3 +109,39 @@ def test_a_private_blob_needs_credentials_even_when_already_stored(upstream, mir
     assert response.headers.get("Content-Length") in (None, "0")
     with pytest.raises(RegistryError):
         anonymous.get_blob(PRIVATE, layer)
+
+
+class YesRegistry(QuietHandler):
+    """A registry a client runs itself: every blob exists, every GET is junk."""
+
+    def do_HEAD(self):  # noqa: N802 - http.server naming
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+
+    def do_GET(self):  # noqa: N802
+        self.send_body(200, b"junk from the client's own registry", "application/octet-stream")
+
+
+def test_a_host_named_in_regular_mode_cannot_vouch_for_a_stored_private_blob(tmp_path, upstream):
+    """In regular mode the client names the host. A host of its own that says
+    yes to every HEAD must not unlock what the real registry keeps private."""
+    image = private_image(upstream)
+    layer, size = image.layers[0]
+    evil = LoopbackHTTPServer(YesRegistry, name="yes-registry").start()
+    try:
+        with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+            RegistryClient(mirror.url_of(0), *ALICE).pull(image.repo, image.tag)
+            mirror.wait_for_log(rf"fill: stored {layer}", WAIT)
+            proxy = mirror.url_of(1)
+            response = requests.get(f"{evil.url}/v2/x/y/blobs/{layer}", proxies={"http": proxy},
+                                    allow_redirects=True, timeout=WAIT)
+            assert response.content == b"junk from the client's own registry"  # its own answer, not ours
+            mirror.wait_for_log(rf"passing GET {layer} through", WAIT)
+            # The real registry, through the same proxy port, is still served from the store.
+            upstream.reset_counters()
+            client = RegistryClient(upstream.url, *ALICE, proxies={"http": proxy})
+            assert client.get_blob(image.repo, layer, expected_size=size) == size
+            assert upstream.counters.blob_bytes == 0
+    finally:
+        evil.stop()

@@ -90,12 +90,13 @@ def store(tmp_path):
     s.close()
 
 
-def run_fill(store, upstream, body, digest=None, auth=None):
+def run_fill(store, upstream, body, digest=None, auth=None, on_verified=None):
     upstream.body = body
     digest = digest or "sha256:" + hashlib.sha256(body).hexdigest()
     client = UpstreamClient()
     finished = threading.Event()
-    fill = Fill(digest, store, lambda: client.get_blob(upstream.url + digest, auth), on_finished=lambda f: finished.set())
+    fill = Fill(digest, store, lambda: client.get_blob(upstream.url + digest, auth),
+                on_finished=lambda f: finished.set(), on_verified=on_verified)
     fill.start()
     return fill, finished
 
@@ -290,3 +291,27 @@ def test_a_blob_larger_than_the_store_is_streamed_not_stored_and_late_clients_to
         assert "more than the store may hold" in fills.recent_failure(digest)
     finally:
         small.close()
+
+
+@pytest.mark.parametrize("mode", ["good", "corrupt", "truncate"])
+def test_on_verified_runs_before_any_follower_has_the_last_byte_and_only_if_verified(store, upstream, mode):
+    """The access gate records its proof there: a client that has the whole
+    blob must find it recorded, and bytes that failed verification prove nothing."""
+    upstream.mode = mode
+    body = os.urandom(300_000)
+    seen_at_callback = []
+    fill_box = []
+
+    def on_verified():
+        fill = fill_box[0]
+        seen_at_callback.append((fill.state, fill.readable_until(0, 0) < len(body)))
+
+    upstream.gate.clear()
+    fill, finished = run_fill(store, upstream, body, on_verified=on_verified)
+    fill_box.append(fill)
+    upstream.gate.set()
+    assert finished.wait(WAIT)
+    if mode == "good":
+        assert seen_at_callback == [(State.STREAMING, True)]  # last byte still held back
+    else:
+        assert seen_at_callback == [] and fill.state is State.FAILED
