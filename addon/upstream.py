@@ -18,6 +18,7 @@ from urllib.parse import urljoin
 
 import requests
 import requests.adapters
+import urllib3.exceptions
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,24 @@ class UpstreamClient:
         """Relay a small request (manifest, ping) with the client's headers.
 
         The body comes back exactly as sent (no content decoding), and no
-        default header of ours is added to what the client sent.
+        default header of ours is added to what the client sent. A body cut
+        short (the upstream closed, reset or went silent mid-body) raises
+        requests.ConnectionError like an unreachable upstream: relaying it as a
+        complete 200 would hand the client a broken manifest.
         """
         headers = {"Accept": None, "User-Agent": None, **headers, "Accept-Encoding": "identity"}
         response = self.session.request(method, url, headers=headers, stream=True, allow_redirects=False,
                                         timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
         with response:
-            body = b"" if method == "HEAD" else response.raw.read(MAX_RELAYED_BODY + 1, decode_content=False)
+            try:
+                body = b"" if method == "HEAD" else response.raw.read(MAX_RELAYED_BODY + 1, decode_content=False)
+            except urllib3.exceptions.HTTPError as exc:  # not a requests.RequestException
+                raise requests.ConnectionError(f"upstream answer cut short: {exc}") from exc
         if len(body) > MAX_RELAYED_BODY:
             raise requests.exceptions.ContentDecodingError(f"upstream answer larger than {MAX_RELAYED_BODY} bytes")
+        expected = response.headers.get("Content-Length", "")
+        if method != "HEAD" and expected.isdigit() and len(body) != int(expected):
+            raise requests.ConnectionError(f"upstream answer cut short: {len(body)} of {expected} bytes")
         return Answer(response.status_code, response.headers, body)
 
     def head(self, url: str, authorization: str | None) -> tuple[int, Mapping[str, str]]:

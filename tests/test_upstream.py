@@ -1,0 +1,49 @@
+"""Unit tests for the mirror's own HTTP client: relayed answers are whole or an error."""
+
+import socket
+import threading
+
+import pytest
+import requests
+
+from addon.upstream import UpstreamClient
+
+
+@pytest.fixture
+def cut_short():
+    """A server that promises 100 bytes, sends 10 and closes the connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            if stop.is_set():
+                conn.close()
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n" + b"{" * 10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    socket.create_connection(server.getsockname(), timeout=5).close()  # wakes accept()
+    thread.join(5)
+    server.close()
+    assert not thread.is_alive()
+
+
+def test_a_manifest_cut_short_is_an_error_not_a_short_200(cut_short):
+    with pytest.raises(requests.ConnectionError, match="cut short"):
+        UpstreamClient().fetch("GET", f"{cut_short}/v2/x/manifests/latest", {})
+
+
+def test_a_head_has_no_body_to_check(cut_short):
+    answer = UpstreamClient().fetch("HEAD", f"{cut_short}/v2/x/manifests/latest", {})
+    assert answer.status == 200 and answer.body == b""
