@@ -46,6 +46,10 @@ PUBLIC_TTL = 600.0  # how long "R is public/private" is believed
 MAX_GRANT_TTL = 3600.0  # cap on trusting a token, whatever its exp says
 OPAQUE_GRANT_TTL = 60.0  # for credentials whose lifetime we cannot read
 UNREACHABLE = (429, 500, 502, 503, 504)
+# Credential x repository grants kept in memory. Expired ones still serve
+# offline decisions, so they are not dropped at expiry; past this many, the
+# older half goes (every pull brings a new token, so they would pile up).
+MAX_GRANTS = 20_000
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,9 @@ class AccessGate:
         self.index.record(registry, repo, digest)
         with self._lock:
             self._grants[(fingerprint(authorization), registry, repo)] = credential_expiry(authorization, now)
+            if len(self._grants) > MAX_GRANTS:
+                newest = sorted(self._grants.items(), key=lambda item: item[1])[len(self._grants) // 2:]
+                self._grants = dict(newest)
             probe = (registry, repo) not in self._probing and self._public_state(registry, repo, now) is None
             if probe:
                 self._probing.add((registry, repo))

@@ -5,6 +5,7 @@ import hashlib
 import json
 import time
 
+from addon import access
 from addon.access import (MAX_GRANT_TTL, OPAQUE_GRANT_TTL, AccessGate, SeenIndex, credential_expiry,
                           fingerprint)
 from addon.manifests import ManifestStore, StoredManifest, accepts, verified_manifest
@@ -71,6 +72,23 @@ def test_a_registry_nobody_chose_vouches_only_for_blobs_it_served_itself(tmp_pat
         # its HEAD counts for its other repositories too.
         index.record("http://evil:80", "x/y", digest)
         assert gate.check("http://evil:80", "x/z", digest, "Bearer t", trusted=False).allowed
+    finally:
+        index.close()
+
+
+def test_remembered_grants_are_bounded_and_the_newest_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(access, "MAX_GRANTS", 10)
+    index = SeenIndex(tmp_path / "a.sqlite3")
+    index.record_public("http://r:80", "x/y", False, time.time())  # known: no background probe
+    gate = AccessGate(index, SaysYes())
+    now = time.time()
+    tokens = [f"Bearer {jwt_with({'exp': now + 100 + i})}" for i in range(25)]  # each pull, a new token
+    try:
+        for token in tokens:
+            gate.vouch("http://r:80", "x/y", "sha256:" + "3" * 64, token)
+        assert len(gate._grants) <= 10
+        assert gate._granted(fingerprint(tokens[-1]), "http://r:80", "x/y", now)
+        assert not gate._allowed_before(fingerprint(tokens[0]), "http://r:80", "x/y")
     finally:
         index.close()
 
