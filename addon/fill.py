@@ -192,10 +192,17 @@ class Fill:
                 if exc.errno not in DISK_FULL:
                     raise
                 self._spill("disk full")
+        read_fd = None
+        if part is not None:
+            try:
+                read_fd = os.open(part.path, os.O_RDONLY)
+            except OSError:  # e.g. out of file descriptors: _run cannot clean up a part it never got
+                self.store.discard_part(part)
+                os.close(part.fd)
+                raise
         with self._cond:
             self.size = size
-            if part is not None:
-                self._read_fd = os.open(part.path, os.O_RDONLY)
+            self._read_fd = read_fd
         self._set_state(State.STREAMING)
         return part
 

@@ -315,3 +315,33 @@ def test_on_verified_runs_before_any_follower_has_the_last_byte_and_only_if_veri
         assert seen_at_callback == [(State.STREAMING, True)]  # last byte still held back
     else:
         assert seen_at_callback == [] and fill.state is State.FAILED
+
+
+def test_a_part_file_that_cannot_be_opened_for_reading_is_not_left_behind(store, upstream, monkeypatch):
+    """Out of file descriptors right after the part file was made: the fill
+    fails cleanly and neither the file nor its descriptor is leaked."""
+    import errno
+    real_open = os.open
+
+    def no_read_fds(path, flags, *args, **kwargs):
+        if str(path).endswith(".part") and flags == os.O_RDONLY:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args, **kwargs)
+
+    def open_in_fills():
+        fills = str(store.fills_dir)
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return [link for link in links if link.startswith(fills)]
+
+    monkeypatch.setattr(os, "open", no_read_fds)
+    fill, finished = run_fill(store, upstream, os.urandom(100_000))
+    assert finished.wait(WAIT)
+    monkeypatch.undo()
+    assert fill.state is State.FAILED and "Too many open files" in fill.error
+    assert list(store.fills_dir.iterdir()) == []
+    assert open_in_fills() == []
