@@ -159,10 +159,7 @@ class Fill:
                     self.store.discard_part(part)
                 os.close(part.fd)
             self.on_finished(self)
-            self._close_read_fd()
-            with self._cond:
-                self.finished = True
-            self._notify()
+            self._end()
             if last_words:
                 log.log(*last_words)
 
@@ -320,11 +317,15 @@ class Fill:
         for loop, future, _ in ready:
             loop.call_soon_threadsafe(_resolve, future)
 
-    def _close_read_fd(self) -> None:
+    def _end(self) -> None:
+        """Finished, and no new follower gets the part file: one step, so
+        follow() never sees a fill without its file but not yet finished."""
         with self._cond:
             fd, self._read_fd = self._read_fd, None
+            self.finished = True
         if fd is not None:
             os.close(fd)
+        self._notify()
 
     # -- for the event loop --------------------------------------------------
 
