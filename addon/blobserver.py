@@ -179,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
         pos = start
         source.seek(start)
         while end is None or pos < end:
-            limit = source.readable_until(pos, FOLLOW_TIMEOUT)
+            limit = source.readable_until(pos, FOLLOW_TIMEOUT, end)
             if end is not None:
                 limit = min(limit, end)
             elif limit == pos:  # verified and fully sent
@@ -220,7 +220,7 @@ class _StoredSource:
     def seek(self, pos: int) -> None:
         pass
 
-    def readable_until(self, pos: int, timeout: float) -> int:
+    def readable_until(self, pos: int, timeout: float, end: int | None) -> int:
         return self.size
 
     def send(self, sock: socket.socket, pos: int, limit: int) -> None:
@@ -242,8 +242,8 @@ class _FillSource:
     def seek(self, pos: int) -> None:
         self.cursor.advance(pos)
 
-    def readable_until(self, pos: int, timeout: float) -> int:
-        return self.cursor.readable_until(pos, timeout)
+    def readable_until(self, pos: int, timeout: float, end: int | None) -> int:
+        return self.cursor.readable_until(pos, timeout, end)
 
     def send(self, sock: socket.socket, pos: int, limit: int) -> None:
         on_disk = self.cursor.on_disk_until()

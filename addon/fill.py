@@ -359,10 +359,12 @@ class Fill:
             self._cursors.add(cursor)
             return cursor
 
-    def readable_until(self, offset: int, timeout: float) -> int:
+    def readable_until(self, offset: int, timeout: float, end: int | None = None) -> int:
         """Block until bytes past `offset` may be sent; return the limit.
 
-        The last byte of the blob becomes readable only once it is verified.
+        The last byte a client asked for (`end`, exclusive: a Range; else the
+        whole blob) becomes readable only once the blob is verified, so no
+        response is complete before its bytes are known good.
         Raises FillFailed if the fill failed or nothing arrived within timeout.
         """
         deadline = time.monotonic() + timeout
@@ -373,8 +375,9 @@ class Fill:
                 if self.state is State.VERIFIED:
                     return self.written
                 limit = self.written
-                if self.size is not None:
-                    limit = min(limit, self.size - 1)
+                held = end if end is not None else self.size
+                if held is not None:
+                    limit = min(limit, held - 1)
                 if limit > offset:
                     return limit
                 remaining = deadline - time.monotonic()
@@ -393,10 +396,10 @@ class Cursor:
         self.pos = pos
         self.dropped = False
 
-    def readable_until(self, offset: int, timeout: float) -> int:
+    def readable_until(self, offset: int, timeout: float, end: int | None = None) -> int:
         if self.dropped:
             raise FillFailed("client fell too far behind a fill that could not be stored")
-        return self.fill.readable_until(offset, timeout)
+        return self.fill.readable_until(offset, timeout, end)
 
     def on_disk_until(self) -> int | None:
         """Bytes below this offset are in the part file (None: all are)."""

@@ -197,6 +197,32 @@ def test_last_byte_is_withheld_until_verified(store, upstream):
     assert fill.readable_until(0, WAIT) == len(body)
 
 
+def test_the_last_byte_of_a_range_is_withheld_until_verified_too(store, upstream):
+    """Range: bytes=0-999 of a blob whose first half has arrived: 999 bytes
+    may go out, the 1000th (completing the 206) only once the blob is good."""
+    body = os.urandom(1_000_000)
+    upstream.gate.clear()  # the upstream sends half, then waits
+    fill, finished = run_fill(store, upstream, body)
+    wait_until(fill, lambda: fill.written >= len(body) // 2)
+    assert fill.readable_until(0, WAIT, end=1000) == 999
+    assert fill.readable_until(2000, WAIT, end=5000) == 4999
+    upstream.gate.set()
+    assert finished.wait(WAIT)
+    assert fill.readable_until(0, WAIT, end=1000) == len(body)  # verified: the caller caps at its end
+
+
+def test_a_range_of_a_corrupt_fill_is_never_complete(store, upstream):
+    upstream.mode = "corrupt"  # a flipped byte in the middle: only the digest tells
+    body = os.urandom(1_000_000)
+    fill, finished = run_fill(store, upstream, body)
+    pos = 0
+    with pytest.raises(FillFailed):
+        while pos < 1000:  # as the blob server sends bytes=0-999
+            pos = min(fill.readable_until(pos, WAIT, end=1000), 1000)
+    assert pos < 1000  # the 1000th byte never became readable
+    assert finished.wait(WAIT) and fill.state is State.FAILED
+
+
 def test_upstream_refusal_is_kept_for_the_client(store, upstream):
     upstream.mode = "404"
     fill, finished = run_fill(store, upstream, b"x" * 100)
