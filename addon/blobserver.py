@@ -35,6 +35,8 @@ from .store import BlobStore, StoredBlob
 log = logging.getLogger(__name__)
 
 URL_TTL = 300.0  # seconds a signed URL may be used to START a download
+EXPIRES_RE = re.compile(r"[0-9]{1,12}")  # what signed_path writes: a Unix time
+SIG_RE = re.compile(r"[0-9a-f]{64}")  # an HMAC-SHA256 in hex
 SEND_TIMEOUT = 60.0  # a client that accepts nothing for this long is dropped
 FOLLOW_TIMEOUT = 90.0  # > the fill's own upstream read timeout
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -69,7 +71,7 @@ class BlobServer:
         return hmac.new(self._secret, f"{digest}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def check_signature(self, digest: str, expires: str, sig: str) -> bool:
-        if not expires.isdigit() or int(expires) < time.time():
+        if not (EXPIRES_RE.fullmatch(expires) and SIG_RE.fullmatch(sig)) or int(expires) < time.time():
             return False
         return hmac.compare_digest(self._sign(digest, int(expires)), sig)
 

@@ -74,6 +74,9 @@ def test_refuses_unsigned_forged_and_expired_urls(served):
         server.signed_path(digest, ttl=-10),
         good.replace(digest, other),  # signature of another digest
         "/blobs/../../etc/passwd?" + good.split("?")[1],
+        f"/blobs/{digest}?expires=9999999999&sig=%C3%A9",  # not ASCII
+        f"/blobs/{digest}?expires=%C2%B2&sig=" + "0" * 64,  # a digit to isdigit(), not to int()
+        f"/blobs/{digest}?expires={'9' * 5000}&sig=" + "0" * 64,  # too long for int()
     ]
     for path in cases:
         r = requests.get(url(server, path), timeout=10)
