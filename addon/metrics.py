@@ -20,7 +20,9 @@ DESCRIPTIONS = {
     "requests_total": ("counter", "Registry requests by kind and outcome (hit, miss, pass, stale, denied, error, fill-failed)."),
     "blob_bytes_served_total": ("counter", "Blob bytes sent to clients, from the store or from a fill in progress."),
     "upstream_blob_bytes_total": ("counter", "Blob bytes fetched from upstream registries."),
-    "bytes_saved_total": ("counter", "Blob bytes clients received that were not fetched upstream for them."),
+    # A gauge: upstream bytes are counted when a fill ends, served bytes as
+    # they go out, so the difference dips while a fill runs ahead of its clients.
+    "bytes_saved": ("gauge", "Blob bytes sent to clients minus blob bytes fetched upstream, since start."),
     "fill_failures_total": ("counter", "Fills that ended without a verified blob, by reason."),
     "upstream_errors_total": ("counter", "Upstream failures (connection, 429, 5xx) by status."),
     "evictions_total": ("counter", "Blobs evicted from the store to keep it under its size limit."),
@@ -56,7 +58,7 @@ class Metrics:
             values: dict[str, dict | float] = {name: dict(c) for name, c in self._counters.items()}
             values.update(self._plain)
         served = sum(values["blob_bytes_served_total"].values())
-        values["bytes_saved_total"] = max(0.0, served - values.get("upstream_blob_bytes_total", 0.0))
+        values["bytes_saved"] = max(0.0, served - values.get("upstream_blob_bytes_total", 0.0))
         values.update(gauges)
         return values
 
@@ -84,7 +86,7 @@ class Metrics:
             "bytes": {
                 "served": served,
                 "fetched_upstream": int(values.get("upstream_blob_bytes_total", 0)),
-                "saved": int(values["bytes_saved_total"]),
+                "saved": int(values["bytes_saved"]),
             },
             "fills_in_flight": int(values["fills_in_flight"]),
             "fill_failures": {reason: int(n) for (reason,), n in values["fill_failures_total"].items()},

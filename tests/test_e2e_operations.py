@@ -100,7 +100,7 @@ def test_metrics_count_what_happened(upstream, mirror):
     prom = metrics(mirror)
     assert prom['registry_cache_requests_total{kind="blob",outcome="hit"}'] == blobs
     assert prom["registry_cache_upstream_blob_bytes_total"] == image.blob_bytes
-    assert prom["registry_cache_bytes_saved_total"] == image.blob_bytes
+    assert prom["registry_cache_bytes_saved"] == image.blob_bytes
     assert prom["registry_cache_fills_in_flight"] == 0
     assert prom["registry_cache_store_blobs"] == blobs
     # Upstream trouble is counted by status; these paths never reach it.
