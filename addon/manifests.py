@@ -34,6 +34,10 @@ STALE_HEADERS = {
     "Warning": '110 registry-cache "Response is Stale"',
     "X-Registry-Cache": "stale",
 }
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
@@ -67,9 +71,11 @@ class ManifestStore:
     def digest_of_tag(self, registry: str, repo: str, tag: str) -> str | None:
         return self._cache.get(f"tag:{registry}/{repo}:{tag}")
 
-    def remember(self, registry: str, repo: str, reference: str, body: bytes, headers) -> str | None:
+    def remember(self, registry: str, repo: str, reference: str, body: bytes, headers,
+                 accepted: list[str]) -> str | None:
         """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD,
-        for a manifest already kept). Returns the digest, or None if nothing was kept."""
+        for a manifest already kept). Returns the digest, or None if nothing
+        was kept. `accepted`: the Accept values of the client's request."""
         if body:
             manifest = verified_manifest(body, headers, reference)
             if manifest is None:
@@ -80,7 +86,8 @@ class ManifestStore:
             digest = headers.get("Docker-Content-Digest", "")
             if not SHA256_RE.fullmatch(digest) or self.get(digest) is None:
                 return None
-        if ":" not in reference:
+        media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        if ":" not in reference and is_what_the_tag_names(accepted, media_type):
             self.remember_tag(registry, repo, reference, digest)
         return digest
 
@@ -104,6 +111,14 @@ def verified_manifest(body: bytes, headers, reference: str) -> StoredManifest | 
         return None
     media_type = headers.get("Content-Type", "").split(";")[0].strip()
     return StoredManifest(digest, media_type, body)
+
+
+def is_what_the_tag_names(accepted: list[str], media_type: str) -> bool:
+    """Is this answer to a request by tag what the tag itself points at? A
+    client that does not take index types gets one platform's manifest (or a
+    converted one) in place of a multi-arch index: remembering that for the
+    tag would later hand arm64 nodes an amd64 manifest."""
+    return media_type in INDEX_TYPES or (bool(accepted) and any(accepts(accepted, t) for t in INDEX_TYPES))
 
 
 def accepts(accept_header_values: list[str], media_type: str) -> bool:

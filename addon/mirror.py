@@ -372,7 +372,8 @@ class RegistryCache:
             flow.response = _relayed(answer, request.method)
             self._mark(flow, "pass", detail=route.kind.value)
             if answer.status == 200 and route.kind is Kind.MANIFEST:
-                await self._io(self._remember_manifest, registry, route, authorization, answer)
+                await self._io(self._remember_manifest, registry, route, authorization, answer,
+                               request.headers.get_all("Accept"))
             return
         stale = None
         if ctx.options.serve_stale:
@@ -390,8 +391,10 @@ class RegistryCache:
             flow.response = oci_error(502, "UNAVAILABLE", "upstream unreachable", why)
             self._mark(flow, "error", route.reference, detail=why)
 
-    def _remember_manifest(self, registry: str, route: Route, authorization: str | None, answer) -> None:
-        digest = self.manifests.remember(registry, route.name, route.reference, answer.body, answer.headers)
+    def _remember_manifest(self, registry: str, route: Route, authorization: str | None, answer,
+                           accepted: list[str]) -> None:
+        digest = self.manifests.remember(registry, route.name, route.reference, answer.body, answer.headers,
+                                         accepted)
         if digest is not None:  # the upstream served this manifest under this repository to this client
             self.access.vouch(registry, route.name, digest, authorization, kind="manifests")
 

@@ -132,19 +132,47 @@ def test_manifest_store_keeps_manifests_and_tags(tmp_path):
         store.close()
 
 
+ACCEPT_ALL = ["application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+              "application/vnd.docker.distribution.manifest.v2+json",
+              "application/vnd.docker.distribution.manifest.list.v2+json"]  # one line each, as skopeo sends
+
+
 def test_manifest_store_remembers_answers_and_looks_up_tags(tmp_path):
     store = ManifestStore(tmp_path / "m")
     try:
         body = b'{"schemaVersion": 2, "x": 1}'
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         headers = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Docker-Content-Digest": digest}
-        assert store.remember("http://r", "a/b", "v1", body, headers) == digest  # GET by tag
+        assert store.remember("http://r", "a/b", "v1", body, headers, ACCEPT_ALL) == digest  # GET by tag
         assert store.lookup("http://r", "a/b", "v1").body == body
         assert store.lookup("http://r", "a/b", digest).body == body
-        assert store.remember("http://r", "a/b", "v2", b"", headers) == digest  # HEAD of a kept manifest
+        assert store.remember("http://r", "a/b", "v2", b"", headers, ACCEPT_ALL) == digest  # HEAD of a kept one
         assert store.lookup("http://r", "a/b", "v2").digest == digest
         unknown = {"Docker-Content-Digest": "sha256:" + "9" * 64}
-        assert store.remember("http://r", "a/b", "v3", b"", unknown) is None  # HEAD, nothing kept
+        assert store.remember("http://r", "a/b", "v3", b"", unknown, ACCEPT_ALL) is None  # HEAD, nothing kept
         assert store.lookup("http://r", "a/b", "v3") is None
+    finally:
+        store.close()
+
+
+def test_a_tag_keeps_its_index_when_a_client_that_takes_no_index_gets_one_platform(tmp_path):
+    store = ManifestStore(tmp_path / "m")
+    try:
+        index = b'{"schemaVersion": 2, "manifests": []}'
+        index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
+        index_headers = {"Content-Type": "application/vnd.oci.image.index.v1+json"}
+        assert store.remember("http://r", "a/b", "latest", index, index_headers, ACCEPT_ALL) == index_digest
+        # An old tool that only takes Docker v2 manifests: the registry picks amd64 for it.
+        amd64 = b'{"schemaVersion": 2, "amd64": true}'
+        amd64_digest = "sha256:" + hashlib.sha256(amd64).hexdigest()
+        amd64_headers = {"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"}
+        only_v2 = ["application/vnd.docker.distribution.manifest.v2+json"]
+        assert store.remember("http://r", "a/b", "latest", amd64, amd64_headers, only_v2) == amd64_digest
+        assert store.lookup("http://r", "a/b", "latest").digest == index_digest  # not the amd64 one
+        assert store.lookup("http://r", "a/b", amd64_digest).body == amd64  # kept by digest all the same
+        # A single-platform tag asked for by the same tool is remembered only if the client took
+        # index types too; with none at all (no Accept), it is not.
+        assert store.remember("http://r", "a/b", "v9", amd64, amd64_headers, []) == amd64_digest
+        assert store.lookup("http://r", "a/b", "v9") is None
     finally:
         store.close()
