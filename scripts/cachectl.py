@@ -622,6 +622,7 @@ def copy_hashing(source: Path, fd: int) -> tuple[str, int]:
 
 def cmd_import(args) -> int:
     sources = sources_from(args)
+    created_by_root = os.geteuid() == 0 and not Path(args.cache_dir).exists()
     store = open_store(args.cache_dir, create=True, new_size=args.cache_size)
     stats = ImportStats()
     started = time.monotonic()
@@ -657,6 +658,9 @@ def cmd_import(args) -> int:
         print(f"import: the store evicted {evicted} least recently used blobs to stay under its size limit")
     print(f"import: the store holds {count} blobs, {human(used)}. Imported blobs are served for a "
           f"repository only after the upstream confirms that client may pull it there.")
+    if created_by_root:
+        print(f"import: made the new store {args.cache_dir} as root. If the mirror runs as another user, "
+              f"hand it over first: chown -R USER {args.cache_dir}", file=sys.stderr)
     return 1 if stats.bad or stats.failed else 0
 
 

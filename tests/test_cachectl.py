@@ -434,9 +434,11 @@ def test_import_detects_layouts_skips_stored_blobs_and_makes_a_new_store(capsys,
     ctrd, ctrd_digests = fake_containerd(tmp_path / "containerd", [blob(50), blob(51)])
     dist, dist_digests = fake_distribution(tmp_path / "registry", [blob(51), blob(52)])
     new = tmp_path / "new-store"
-    code, out, _ = ctl(capsys, "--cache-dir", new, "import", ctrd, dist, "--cache-size", "500m")
+    code, out, err = ctl(capsys, "--cache-dir", new, "import", ctrd, dist, "--cache-size", "500m")
     assert code == 0
     assert "import: 3 blobs imported" in out and "1 already stored" in out  # blob 51 is in both
+    # root made it: the operator hears whose it is now (a mirror run as another user needs it)
+    assert ("made the new store" in err and "chown -R" in err) == (os.geteuid() == 0)
     assert stored_digests(new) == set(ctrd_digests) | set(dist_digests)
     assert DiskBlobStore.stored_size_limit(new) == 500 << 20
     # the content directory itself is accepted as a containerd root as well
