@@ -50,6 +50,10 @@ Safe to re-run (cached blobs cost a HEAD each) and to interrupt: Ctrl-C prints
 the partial summary and exits 130 (SIGTERM: 143); a fill the mirror started
 completes on its own even when its client goes away.
 
+A blob the mirror served but did not keep (larger than its cache_size, disk
+full, an unwritable store: its log says which) fails its image, so a nightly
+run that warms nothing does not pass unnoticed.
+
 Exit status: 0 every image warmed, 1 at least one failed, 2 bad usage,
 130/143 interrupted.
 """
@@ -599,13 +603,15 @@ class Prefetcher:
     """Pulls images through the mirror, keeping the score in ``summary``."""
 
     def __init__(self, client: MirrorClient, out: Output, platforms: list[Platform] | None,
-                 retries: int = 2):
+                 retries: int = 2, keep_wait: float = 30.0):
         self.client = client
         self.out = out
         self.platforms = platforms  # None: every platform of an index
         self.retries = retries
+        self.keep_wait = keep_wait
         self.summary = Summary()
         self._done: set[tuple[str, str]] = set()  # (registry, digest) warmed in this run
+        self._not_kept: list[str] = []  # digests of the current image the mirror did not keep
         self.current: str | None = None  # the image being warmed (named if interrupted)
 
     def image(self, text: str) -> None:
@@ -633,7 +639,12 @@ class Prefetcher:
         self.out.line(f"{ref}")
         manifest, media_type, digest = self.client.manifest(ref, ref.ref)
         before = self.summary.bytes_fetched
+        self._not_kept = []
         self._walk(ref, manifest, media_type, digest, depth=0)
+        if self._not_kept:
+            raise PrefetchError(f"the mirror served but did not keep {len(self._not_kept)} blob(s) "
+                                f"({', '.join(short(d) for d in self._not_kept)}): larger than its "
+                                f"cache_size, disk full or store unwritable; its log says which")
         return self.summary.bytes_fetched - before
 
     def _walk(self, ref: Reference, manifest: dict, media_type: str, digest: str, depth: int) -> None:
@@ -719,10 +730,26 @@ class Prefetcher:
                     raise PrefetchError(f"{kind} {digest}: {exc}") from None
                 self.out.line(f"{label}  {exc}; trying again")
                 time.sleep(min(2 ** attempt, 10))
-        self._done.add((ref.registry, digest))
         self.summary.count(kind, fetched=True, size=count)
-        self.out.line(f"{label}  fetched {human(count)} in {seconds:.2f} s "
-                      f"({human(count / max(seconds, 1e-6))}/s)")
+        line = f"{label}  fetched {human(count)} in {seconds:.2f} s ({human(count / max(seconds, 1e-6))}/s)"
+        if not self._kept(ref, digest):
+            self._not_kept.append(digest)
+            self.out.line(f"{line}, but the mirror did not keep it", err=True)
+            return
+        self._done.add((ref.registry, digest))
+        self.out.line(line)
+
+    def _kept(self, ref: Reference, digest: str) -> bool:
+        """Did the mirror store the blob we just downloaded? Asked until it
+        says so or keep_wait passes (its commit follows our last byte)."""
+        deadline = time.monotonic() + self.keep_wait
+        delay = 0.02
+        while not self._cached(ref, digest):
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        return True
 
     def _cached(self, ref: Reference, digest: str) -> bool:
         """Does the mirror hold this blob (and let us read it)? A HEAD costs no download.
@@ -803,6 +830,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds to wait for the mirror's next bytes (default 120)")
     ap.add_argument("--retries", type=int, default=2,
                     help="extra attempts for a blob whose transfer broke or got 429/5xx (default 2)")
+    ap.add_argument("--keep-wait", type=float, default=30.0,
+                    help="seconds the mirror may take to confirm it stored a blob just downloaded (it "
+                         "sends the last byte before it syncs the file to disk); longer: not kept (default 30)")
     args = ap.parse_args(argv)
     if "://" not in args.mirror:
         args.mirror = "http://" + args.mirror
@@ -838,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else os.environ.get("REGISTRY_PASSWORD")
     out = Output()
     prefetcher = Prefetcher(MirrorClient(args.mirror, args.username, password, args.timeout), out,
-                            args.platforms, retries=max(0, args.retries))
+                            args.platforms, retries=max(0, args.retries), keep_wait=max(0.0, args.keep_wait))
 
     def on_sigterm(signum, frame):
         raise Interrupted(128 + signum)

@@ -172,6 +172,21 @@ def test_failed_images_are_reported_and_the_others_still_warmed(upstream, mirror
         assert line in proc.stdout  # listed again in the summary
 
 
+def test_a_blob_the_mirror_did_not_keep_fails_its_image(upstream, tmp_path):
+    """A layer larger than the store is served but not stored: a nightly
+    warm-up that warms nothing must not report success."""
+    image = fresh_image(upstream, 3_000_000)
+    layer, _ = image.layers[0]
+    with Mirror(tmp_path / "mirror", [f"reverse:{upstream.url}"], options={"cache_size": "2m"}) as mirror:
+        # --keep-wait: how long the layer (never kept) holds the run up; the config is kept at once.
+        proc = prefetch(mirror.url, "--keep-wait", "5", image.ref, expect=1)
+        mirror.wait_for_log(rf"fill: served {layer} .* did not store it", WAIT)
+    assert summary_line(proc, "images") == "0 ok, 1 failed"
+    assert f"FAILED {image.ref}: the mirror served but did not keep 1 blob(s) ({layer[:19]})" in proc.stderr, \
+        proc.stderr
+    assert "but the mirror did not keep it" in proc.stderr
+
+
 def test_another_registry_goes_through_the_mirror_with_ns(upstream, second, tmp_path):
     image = fresh_image(second, 500_000, repo=f"org/app{unique_seed()}")
     options = {"registries": f"{second.host_port}={second.url}"}
@@ -306,6 +321,7 @@ class _Recorder:
         self.digest = "sha256:" + hashlib.sha256(self.layer).hexdigest()
         self.config_digest = "sha256:" + hashlib.sha256(self.config).hexdigest()
         self.seen: dict[str, list[dict]] = {"mirror": [], "blobport": [], "realm": []}
+        self.served: set[str] = set()  # digests the blob port sent
         self.servers = {name: LoopbackHTTPServer(self._handler(name), name=name) for name in self.seen}
 
     def _handler(self, role: str):
@@ -350,13 +366,15 @@ class _Recorder:
             }).encode()
             return h._send(200, manifest, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
         digest = h.path.rsplit("/", 1)[1]
-        if h.command == "HEAD":
-            return h._send(200, b"", {"Docker-Content-Digest": digest})  # not a hit: the prefetch GETs
+        if h.command == "HEAD":  # a hit once the blob port has served it, as the real mirror does
+            hit = {"X-Registry-Cache": "hit"} if digest in self.served else {}
+            return h._send(200, b"", {"Docker-Content-Digest": digest, **hit})
         h._send(307, b"", {"Location": f"{self.servers['blobport'].url}/blobs/{digest}?sig=x"})
 
     def blobport(self, h):
         digest = h.path.split("/blobs/")[1].split("?")[0]
         h._send(200, self.layer if digest == self.digest else self.config)
+        self.served.add(digest)
 
     def realm(self, h):
         h._send(200, json.dumps({"token": "good-token", "expires_in": 300}).encode(),
