@@ -352,8 +352,12 @@ def _hold(path: str, fd: int) -> PartFile | None:
     sweep (another process starting) took it first. A sweep unlinks only
     while it holds the lock, so then we either fail to lock the file or find
     its path gone."""
-    if _try_lock(fd) and _same_file(path, fd):
-        return PartFile(path, fd)
+    try:
+        if _try_lock(fd) and _same_file(path, fd):
+            return PartFile(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
     os.close(fd)
     return None
 
