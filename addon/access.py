@@ -20,8 +20,10 @@ That HEAD is only evidence from a registry the operator chose (the
 reverse-mode upstream, the `registries` list). In regular mode a client can
 name any host, one it runs itself included, which would answer 200 for any
 digest. Such a registry is believed only about blobs it has itself served to
-the mirror, verified; for any other stored blob its client is passed through
-to it, as if the mirror had no copy.
+the mirror, verified. For any other stored blob the gate answers "pass
+through": the mirror fetches a GET from that registry again, as for a miss
+(the verified bytes are its proof), and lets a HEAD or a joining client go to
+it as if the mirror had no copy.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Decision:
     status: int = 200  # when refused: the upstream's status for the client
     headers: tuple[tuple[str, str], ...] = ()
     reason: str = ""
-    pass_through: bool = False  # not refused: let the registry answer, not the store
+    pass_through: bool = False  # not refused: the registry must answer (or serve it to us), not the store
 
 
 ALLOWED = Decision(True)

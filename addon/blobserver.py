@@ -25,7 +25,8 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
+from urllib.parse import parse_qs, quote, urlsplit
 
 from .fill import Cursor, FillFailed, Fills
 from .metrics import Metrics
@@ -44,10 +45,13 @@ _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
 class BlobServer:
     def __init__(self, store: BlobStore, fills: Fills, host: str = "127.0.0.1", port: int = 0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, proven: Callable[[str, str], bool] | None = None):
         self.store = store
         self.fills = fills
         self.metrics = metrics
+        # (registry, digest): has that registry served the blob to the mirror
+        # itself? Asked for URLs made for a registry nobody chose (see access.py).
+        self.proven = proven
         self._secret = secrets.token_bytes(32)
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -63,17 +67,21 @@ class BlobServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def signed_path(self, digest: str, ttl: float = URL_TTL) -> str:
+    def signed_path(self, digest: str, ttl: float = URL_TTL, registry: str = "") -> str:
+        """A URL for this digest. With `registry` (a registry nobody chose), the
+        store answers it only once that registry has served the blob itself;
+        before that, only a fill from there can."""
         expires = int(time.time() + ttl)
-        return f"/blobs/{digest}?expires={expires}&sig={self._sign(digest, expires)}"
+        named = f"&registry={quote(registry, safe='')}" if registry else ""
+        return f"/blobs/{digest}?expires={expires}{named}&sig={self._sign(digest, expires, registry)}"
 
-    def _sign(self, digest: str, expires: int) -> str:
-        return hmac.new(self._secret, f"{digest}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    def _sign(self, digest: str, expires: int, registry: str) -> str:
+        return hmac.new(self._secret, f"{digest}\n{expires}\n{registry}".encode(), hashlib.sha256).hexdigest()
 
-    def check_signature(self, digest: str, expires: str, sig: str) -> bool:
+    def check_signature(self, digest: str, expires: str, sig: str, registry: str = "") -> bool:
         if not (EXPIRES_RE.fullmatch(expires) and SIG_RE.fullmatch(sig)) or int(expires) < time.time():
             return False
-        return hmac.compare_digest(self._sign(digest, int(expires)), sig)
+        return hmac.compare_digest(self._sign(digest, int(expires), registry), sig)
 
     def count_sent(self, n: int, source: str) -> None:
         with self._lock:
@@ -113,9 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         if not (url.path.startswith("/blobs/") and SHA256_RE.fullmatch(digest)):
             return self._error(404, "BLOB_UNKNOWN", "no such blob")
-        if not self.server_ctx.check_signature(digest, query.get("expires", ""), query.get("sig", "")):
+        registry = query.get("registry", "")
+        if not self.server_ctx.check_signature(digest, query.get("expires", ""), query.get("sig", ""), registry):
             return self._error(403, "DENIED", "missing, invalid or expired signature")
-        source = self._open_source(digest)
+        source = self._open_source(digest, registry)
         if source is None:
             failure = self.server_ctx.fills.recent_failure(digest)
             if failure is not None:  # the fill this URL was for failed before the client came
@@ -126,12 +135,15 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             source.close()
 
-    def _open_source(self, digest: str) -> "_StoredSource | _FillSource | None":
+    def _open_source(self, digest: str, registry: str) -> "_StoredSource | _FillSource | None":
         """A fill in progress (followed behind its writer), else the store."""
         fill = self.server_ctx.fills.get(digest)
         cursor = fill.follow() if fill else None
         if cursor is not None:
             return _FillSource(cursor)
+        proven = self.server_ctx.proven
+        if registry and not (proven is not None and proven(registry, digest)):
+            return None  # its fill failed (or is over unverified): our copy is not its to read
         blob = self.server_ctx.store.open(digest)
         return _StoredSource(blob) if blob is not None else None
 

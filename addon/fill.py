@@ -88,6 +88,7 @@ class Fill:
     # can have the last byte (the access gate records its proof here).
     on_verified: Callable[[], None] | None = None
     max_stored_size: int | None = None  # larger blobs are streamed, not stored
+    refetch: bool = False  # fetch even if the store has it (a registry proving it holds it)
 
     state: State = State.CONNECTING
     size: int | None = None  # from the upstream's Content-Length
@@ -118,7 +119,7 @@ class Fill:
         # the line shows, the fill is over, counted, and the fills dir is clean.
         last_words: tuple = ()
         try:
-            if self._found_in_store():
+            if not self.refetch and self._found_in_store():
                 return
             with self.opener() as response:
                 if response.status_code != 200:
@@ -484,16 +485,16 @@ class Fills:
         with self._lock:
             return self._by_digest.get(digest)
 
-    def start_or_join(self, digest: str, opener: Opener,
-                      on_verified: Callable[[], None] | None = None) -> tuple[Fill, bool]:
+    def start_or_join(self, digest: str, opener: Opener, on_verified: Callable[[], None] | None = None,
+                      refetch: bool = False) -> tuple[Fill, bool]:
         """The running fill for digest, or a new one started with opener
-        (on_verified applies only to a new one)."""
+        (on_verified and refetch apply only to a new one)."""
         with self._lock:
             fill = self._by_digest.get(digest)
             if fill is not None and fill.state is not State.FAILED:
                 return fill, False
             fill = Fill(digest, self.store, opener, on_finished=self._forget, on_verified=on_verified,
-                        max_stored_size=self.max_stored_size)
+                        max_stored_size=self.max_stored_size, refetch=refetch)
             self._by_digest[digest] = fill
         fill.start()
         return fill, True

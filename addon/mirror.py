@@ -21,6 +21,7 @@ fills and the blob server run in their own threads.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import os
@@ -87,6 +88,14 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return size
+
+
+class Verdict(enum.Enum):
+    """What the access gate lets a request do with a stored blob."""
+
+    READ = "read"
+    REFETCH = "refetch"  # fetch it again from the client's registry, verified: its proof
+    REFUSED = "refused"  # answered (denied, or passed through to the registry)
 
 
 def oci_error(status: int, code: str, message: str, detail: str = "") -> http.Response:
@@ -180,7 +189,8 @@ class RegistryCache:
         self.manifests = ManifestStore(cache_dir / "manifests")
         host = ctx.options.blob_host or self._proxy_listen_host()
         try:
-            self.blob_server = BlobServer(self.store, self.fills, host, port, metrics=self.metrics)
+            self.blob_server = BlobServer(self.store, self.fills, host, port, metrics=self.metrics,
+                                          proven=self.access.index.served_by)
         except OSError as exc:
             raise exceptions.OptionsError(f"registry-cache: blob server cannot listen on {host}:{port}: {exc}")
         self.blob_server.start()
@@ -430,19 +440,26 @@ class RegistryCache:
         registry = _registry_of(flow)
         authorization = flow.request.headers.get("Authorization")
         size = await self._io(self.store.size_of, digest)
+        refetch = False
         if size is not None:
-            if not await self._may_read(flow, registry, route.name, digest, authorization):
+            verdict = await self._may_read(flow, registry, route.name, digest, authorization,
+                                           may_refetch=flow.request.method == "GET")
+            if verdict is Verdict.REFUSED:
                 return
-            self._mark(flow, "hit", digest, size)
-            if flow.request.method == "HEAD":
-                flow.response = self._blob_head_response(digest, size)
-            else:
-                self._send_to_blob_server(flow, digest)
-            return
-        if flow.request.method == "HEAD":
+            if verdict is Verdict.READ:
+                self._mark(flow, "hit", digest, size)
+                if flow.request.method == "HEAD":
+                    flow.response = self._blob_head_response(digest, size)
+                else:
+                    self._send_to_blob_server(flow, digest)
+                return
+            # REFETCH: a registry nobody chose must show it holds these bytes
+            # by serving them (verified) before our copy is its clients' too.
+            refetch = True
+        elif flow.request.method == "HEAD":
             self._mark(flow, "pass", digest)  # a HEAD never costs a blob download
             return
-        fill, started = await self._start_or_join_fill(flow, digest, registry, route.name)
+        fill, started = await self._start_or_join_fill(flow, digest, registry, route.name, refetch)
         if fill.state is State.CONNECTING:  # START_TIMEOUT: it goes on, and will be stored
             log.warning("registry-cache: the upstream has not answered for %s in %.0fs", digest, START_TIMEOUT)
             flow.response = oci_error(503, "UNAVAILABLE", "upstream slow to answer, retry later",
@@ -461,7 +478,7 @@ class RegistryCache:
         # A fill this request started vouches for it once its bytes verify
         # (on_verified); joining someone else's needs the same proof as a hit.
         if (not started or fill.already_stored) and \
-                not await self._may_read(flow, registry, route.name, digest, authorization):
+                await self._may_read(flow, registry, route.name, digest, authorization) is not Verdict.READ:
             return
         self._mark(flow, "hit" if fill.already_stored else "miss", digest, fill.size)
         self._send_to_blob_server(flow, digest)
@@ -475,17 +492,22 @@ class RegistryCache:
             _registry_of(flow) in self._listed_origins
 
     async def _may_read(self, flow: http.HTTPFlow, registry: str, repo: str, digest: str,
-                        authorization: str | None) -> bool:
-        """Apply the access gate; on refusal, answer the client as the upstream did."""
+                        authorization: str | None, may_refetch: bool = False) -> "Verdict":
+        """Apply the access gate; on refusal, answer the client as the upstream
+        did (or pass it through to a registry that must first prove it holds
+        the blob, unless the caller may refetch it from there instead)."""
         decision = await self._io(self.access.check, registry, repo, digest, authorization, self._trusted(flow))
         if decision.allowed:
-            return True
+            return Verdict.READ
         if decision.pass_through:
+            if may_refetch:
+                log.info("registry-cache: fetching %s from %s although stored: %s", digest, registry, decision.reason)
+                return Verdict.REFETCH
             log.info("registry-cache: passing %s %s through, not serving it from the store: %s",
                      flow.request.method, digest, decision.reason)
             self._mark(flow, "pass", digest, detail=decision.reason)
             flow.metadata[METADATA_KEY + ".stream"] = True
-            return False
+            return Verdict.REFUSED
         self._mark(flow, "denied", digest, detail=decision.reason)
         code, message = REFUSAL_CODES.get(decision.status, ("DENIED", "access denied"))
         response = oci_error(decision.status, code, message, decision.reason)
@@ -495,7 +517,7 @@ class RegistryCache:
         if flow.request.method == "HEAD":
             response.content = b""
         flow.response = response
-        return False
+        return Verdict.REFUSED
 
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -510,7 +532,8 @@ class RegistryCache:
             ctx.master.addons.trigger(hooks.UpdateHook([flow]))
             log.info("registry-cache: marked flow %s fill-failed: %s", flow.id, fill.digest)
 
-    async def _start_or_join_fill(self, flow: http.HTTPFlow, digest: str, registry: str, repo: str):
+    async def _start_or_join_fill(self, flow: http.HTTPFlow, digest: str, registry: str, repo: str,
+                                  refetch: bool = False):
         url = flow.request.url.split("?", 1)[0]
         authorization = flow.request.headers.get("Authorization")
 
@@ -523,7 +546,7 @@ class RegistryCache:
             self.access.vouch(registry, repo, digest, authorization)
 
         for _attempt in range(2):
-            fill, started = self.fills.start_or_join(digest, opener, vouch)
+            fill, started = self.fills.start_or_join(digest, opener, vouch, refetch=refetch)
             log.info("registry-cache: miss %s: %s fill", digest, "started" if started else "joined")
             try:
                 await asyncio.wait_for(fill.wait_started(), START_TIMEOUT)
@@ -551,7 +574,7 @@ class RegistryCache:
         }
 
     def _send_to_blob_server(self, flow: http.HTTPFlow, digest: str) -> None:
-        path = self.blob_server.signed_path(digest)
+        path = self.blob_server.signed_path(digest, registry="" if self._trusted(flow) else _registry_of(flow))
         if ctx.options.blob_redirect and not flow.client_conn.tls_established:
             location = self._blob_base_url(flow) + path
             flow.response = http.Response.make(

@@ -101,3 +101,22 @@ def test_a_blob_whose_fill_just_failed_is_a_502_not_unknown(served):
     r = requests.get(url(server, server.signed_path(digest)), timeout=10)
     assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
     assert "digest mismatch" in r.json()["errors"][0]["message"]
+
+
+def test_a_url_made_for_an_unproven_registry_is_not_answered_from_the_store(served):
+    """URLs for a registry nobody chose name it; the store answers them only
+    once that registry has served the blob to the mirror itself."""
+    server, digest, data = served
+    proven = set()
+    server.proven = lambda registry, d: (registry, d) in proven
+    path = server.signed_path(digest, registry="http://evil:80")
+    assert "registry=http%3A%2F%2Fevil%3A80" in path
+    r = requests.get(url(server, path), timeout=10)
+    assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    # The registry name is signed: dropping or changing it breaks the signature.
+    for tampered in (path.replace("&registry=http%3A%2F%2Fevil%3A80", ""),
+                     path.replace("evil", "good")):
+        assert requests.get(url(server, tampered), timeout=10).status_code == 403
+    proven.add(("http://evil:80", digest))
+    r = requests.get(url(server, path), timeout=10)
+    assert r.status_code == 200 and r.content == data

@@ -125,23 +125,53 @@ class YesRegistry(QuietHandler):
 
 def test_a_host_named_in_regular_mode_cannot_vouch_for_a_stored_private_blob(tmp_path, upstream):
     """In regular mode the client names the host. A host of its own that says
-    yes to every HEAD must not unlock what the real registry keeps private."""
+    yes to every HEAD must not unlock what the real registry keeps private:
+    it has to serve the bytes itself, and it cannot."""
     image = private_image(upstream)
     layer, size = image.layers[0]
+    private_bytes = open(upstream.blob_path(layer), "rb").read()
     evil = LoopbackHTTPServer(YesRegistry, name="yes-registry").start()
     try:
         with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
             RegistryClient(mirror.url_of(0), *ALICE).pull(image.repo, image.tag)
             mirror.wait_for_log(rf"fill: stored {layer}", WAIT)
-            proxy = mirror.url_of(1)
-            response = requests.get(f"{evil.url}/v2/x/y/blobs/{layer}", proxies={"http": proxy},
-                                    allow_redirects=True, timeout=WAIT)
-            assert response.content == b"junk from the client's own registry"  # its own answer, not ours
-            mirror.wait_for_log(rf"passing GET {layer} through", WAIT)
+            proxy = {"http": mirror.url_of(1)}
+            try:
+                got = requests.get(f"{evil.url}/v2/x/y/blobs/{layer}", proxies=proxy, timeout=WAIT).content
+            except requests.RequestException:  # a cut body: also not the blob
+                got = b""
+            assert got != private_bytes and private_bytes[:1000] not in got
+            mirror.wait_for_log(rf"fetching {layer} from http://127.0.0.1:{evil.port} although stored", WAIT)
+            mirror.wait_for_log(rf"fill: {layer} failed: digest mismatch", WAIT)
+            head = requests.head(f"{evil.url}/v2/x/y/blobs/{layer}", proxies=proxy, timeout=WAIT)
+            assert "X-Registry-Cache" not in head.headers  # its own answer, not the store's
             # The real registry, through the same proxy port, is still served from the store.
             upstream.reset_counters()
-            client = RegistryClient(upstream.url, *ALICE, proxies={"http": proxy})
+            client = RegistryClient(upstream.url, *ALICE, proxies=proxy)
             assert client.get_blob(image.repo, layer, expected_size=size) == size
             assert upstream.counters.blob_bytes == 0
     finally:
         evil.stop()
+
+
+def test_an_unlisted_registry_that_serves_a_stored_layer_itself_is_then_served_from_the_store(
+        tmp_path, upstream, second):
+    """The same base layer in a listed registry and in one a proxy client names:
+    the second registry's first pull fetches it from there once (its proof),
+    later pulls come from the store."""
+    shared = fresh_layer(700_000)
+    listed = push_image(upstream.url, f"base/img{unique_seed()}", "v1", [shared], auth=ALICE)
+    unlisted = push_image(second.url, f"corp/app{unique_seed()}", "v1", [shared], auth=ALICE)
+    layer, size = listed.layers[0]
+    assert unlisted.layers[0][0] == layer
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+        RegistryClient(mirror.url_of(0)).pull(listed.repo, listed.tag)
+        mirror.wait_for_log(rf"fill: stored {layer}", WAIT)
+        proxy = {"http": mirror.url_of(1)}
+        second.reset_counters()
+        assert RegistryClient(second.url, proxies=proxy).pull(unlisted.repo, unlisted.tag).layers == unlisted.layers
+        assert second.counters.blob_bytes_for(layer) == size  # fetched from there once
+        mirror.wait_for_log(rf"fetching {layer} from {second.url}:?\d* although stored", WAIT)
+        second.reset_counters()
+        assert RegistryClient(second.url, proxies=proxy).pull(unlisted.repo, unlisted.tag).layers == unlisted.layers
+        assert second.counters.blob_bytes == 0  # now from the store
