@@ -126,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(403, "DENIED", "missing, invalid or expired signature")
         source = self._open_source(digest, registry)
         if source is None:
-            failure = self.server_ctx.fills.recent_failure(digest)
+            failure = self.server_ctx.fills.recent_failure(digest, registry)
             if failure is not None:  # the fill this URL was for failed before the client came
                 return self._error(502, "UNAVAILABLE", f"fetching the blob upstream failed: {failure}")
             return self._error(404, "BLOB_UNKNOWN", "blob not in the store")
@@ -137,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _open_source(self, digest: str, registry: str) -> "_StoredSource | _FillSource | None":
         """A fill in progress (followed behind its writer), else the store."""
-        fill = self.server_ctx.fills.get(digest)
+        fill = self.server_ctx.fills.get(digest, registry)
         cursor = fill.follow() if fill else None
         if cursor is not None:
             return _FillSource(cursor)

@@ -89,6 +89,10 @@ class Fill:
     on_verified: Callable[[], None] | None = None
     max_stored_size: int | None = None  # larger blobs are streamed, not stored
     refetch: bool = False  # fetch even if the store has it (a registry proving it holds it)
+    # The unlisted registry it fetches from ("": one the operator chose). Fills
+    # of different sources never mix, so a host a proxy client named cannot
+    # feed, stall or fail the fill other clients wait on.
+    source: str = ""
 
     state: State = State.CONNECTING
     size: int | None = None  # from the upstream's Content-Length
@@ -470,7 +474,7 @@ def _resolve(future: asyncio.Future) -> None:
 
 
 class Fills:
-    """The fills in flight, by digest: the coalescing point."""
+    """The fills in flight, by digest (and source, see Fill.source): the coalescing point."""
 
     def __init__(self, store: BlobStore, max_stored_size: int | None = None,
                  on_finished: Callable[[Fill], None] = lambda fill: None):
@@ -478,45 +482,46 @@ class Fills:
         self.max_stored_size = max_stored_size
         self.on_finished = on_finished  # e.g. metrics; runs in the fill's thread
         self._lock = threading.Lock()
-        self._by_digest: dict[str, Fill] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # digest -> (when, why), recent only
+        self._running: dict[tuple[str, str], Fill] = {}  # (digest, source) -> fill
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}  # -> (when, why), recent only
 
-    def get(self, digest: str) -> Fill | None:
+    def get(self, digest: str, source: str = "") -> Fill | None:
         with self._lock:
-            return self._by_digest.get(digest)
+            return self._running.get((digest, source))
 
     def start_or_join(self, digest: str, opener: Opener, on_verified: Callable[[], None] | None = None,
-                      refetch: bool = False) -> tuple[Fill, bool]:
-        """The running fill for digest, or a new one started with opener
-        (on_verified and refetch apply only to a new one)."""
+                      refetch: bool = False, source: str = "") -> tuple[Fill, bool]:
+        """The running fill for digest from source, or a new one started with
+        opener (on_verified and refetch apply only to a new one)."""
         with self._lock:
-            fill = self._by_digest.get(digest)
+            fill = self._running.get((digest, source))
             if fill is not None and fill.state is not State.FAILED:
                 return fill, False
             fill = Fill(digest, self.store, opener, on_finished=self._forget, on_verified=on_verified,
-                        max_stored_size=self.max_stored_size, refetch=refetch)
-            self._by_digest[digest] = fill
+                        max_stored_size=self.max_stored_size, refetch=refetch, source=source)
+            self._running[(digest, source)] = fill
         fill.start()
         return fill, True
 
     def _forget(self, fill: Fill) -> None:
         self.on_finished(fill)  # first: once it is gone from in_flight(), it is counted
         now = time.monotonic()
+        key = (fill.digest, fill.source)
         with self._lock:
-            if self._by_digest.get(fill.digest) is fill:
-                del self._by_digest[fill.digest]
+            if self._running.get(key) is fill:
+                del self._running[key]
             if fill.state is State.FAILED or fill.spill_at is not None:  # failed, or served unstored
-                self._failed[fill.digest] = (now, fill.error)
-            self._failed = {d: f for d, f in self._failed.items() if now - f[0] < RECENT_FAILURE}
+                self._failed[key] = (now, fill.error)
+            self._failed = {k: f for k, f in self._failed.items() if now - f[0] < RECENT_FAILURE}
 
-    def recent_failure(self, digest: str) -> str | None:
+    def recent_failure(self, digest: str, source: str = "") -> str | None:
         """Why the last fill of digest failed (or could not store it), if that
         was recent: a client that arrives after it should hear "try again",
         not "unknown blob"."""
         with self._lock:
-            failed = self._failed.get(digest)
+            failed = self._failed.get((digest, source))
         return failed[1] if failed and time.monotonic() - failed[0] < RECENT_FAILURE else None
 
     def in_flight(self) -> int:
         with self._lock:
-            return len(self._by_digest)
+            return len(self._running)

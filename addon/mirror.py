@@ -546,7 +546,8 @@ class RegistryCache:
             self.access.vouch(registry, repo, digest, authorization)
 
         for _attempt in range(2):
-            fill, started = self.fills.start_or_join(digest, opener, vouch, refetch=refetch)
+            fill, started = self.fills.start_or_join(digest, opener, vouch, refetch=refetch,
+                                                     source="" if self._trusted(flow) else registry)
             log.info("registry-cache: miss %s: %s fill", digest, "started" if started else "joined")
             try:
                 await asyncio.wait_for(fill.wait_started(), START_TIMEOUT)

@@ -3,6 +3,7 @@ that repository, and only for repositories seen to contain it."""
 
 from __future__ import annotations
 
+import threading
 
 import pytest
 import requests
@@ -175,3 +176,52 @@ def test_an_unlisted_registry_that_serves_a_stored_layer_itself_is_then_served_f
         second.reset_counters()
         assert RegistryClient(second.url, proxies=proxy).pull(unlisted.repo, unlisted.tag).layers == unlisted.layers
         assert second.counters.blob_bytes == 0  # now from the store
+
+
+class StallingRegistry(QuietHandler):
+    """A registry a client runs itself that starts every blob and then stalls."""
+
+    release = threading.Event()
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "500000")
+        self.end_headers()
+        self.wfile.write(b"junk" * 250)
+        self.wfile.flush()
+        self.release.wait(WAIT)
+        self.close_connection = True
+
+
+def test_a_fill_from_a_host_a_proxy_client_named_does_not_hold_up_anyone_else(tmp_path, upstream):
+    """Fills are not shared across registries nobody chose: clients of the
+    real registry get the real bytes while the named host's fill is stalled."""
+    image = fresh_image(upstream, 500_000)
+    layer, size = image.layers[0]
+    StallingRegistry.release.clear()
+    evil = LoopbackHTTPServer(StallingRegistry, name="stalling-registry").start()
+    stalled = threading.Thread(target=lambda: None)
+    stalled.start()
+    try:
+        with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+            proxy = mirror.url_of(1)
+            stalled = threading.Thread(target=_ignore_errors(lambda: requests.get(
+                f"{evil.url}/v2/x/y/blobs/{layer}", proxies={"http": proxy}, timeout=WAIT)), daemon=True)
+            stalled.start()
+            mirror.wait_for_log(rf"miss {layer}: started fill", WAIT)
+            client = RegistryClient(mirror.url_of(0), timeout=20)  # joining the stalled fill would hang
+            assert client.get_blob(image.repo, layer, expected_size=size) == size
+            assert upstream.counters.blob_bytes_for(layer) == size
+    finally:
+        StallingRegistry.release.set()
+        stalled.join(WAIT)
+        evil.stop()
+
+
+def _ignore_errors(fn):
+    def run():
+        try:
+            fn()
+        except requests.RequestException:
+            pass
+    return run

@@ -261,6 +261,10 @@ def test_registry_coalesces_and_restarts_after_failure(store, upstream):
     first.state = State.FAILED  # as if it had failed: the next caller starts afresh
     third, started_third = fills.start_or_join(digest, opener)
     assert started_third and third is not first
+    # A fill from a registry nobody chose is its own: never joined by, nor joining, the others.
+    named, started_named = fills.start_or_join(digest, opener, source="http://named:80")
+    assert started_named and named is not third
+    assert fills.get(digest) is third and fills.get(digest, "http://named:80") is named
     upstream.gate.set()
 
 
