@@ -491,6 +491,11 @@ class RegistryCache:
         return isinstance(flow.client_conn.proxy_mode, ReverseMode) or \
             _registry_of(flow) in self._listed_origins
 
+    def _unchosen_source(self, flow: http.HTTPFlow) -> str:
+        """The registry of a flow nobody chose, which gets fills and blob URLs
+        of its own; "" for the upstream and the registries list."""
+        return "" if self._trusted(flow) else _registry_of(flow)
+
     async def _may_read(self, flow: http.HTTPFlow, registry: str, repo: str, digest: str,
                         authorization: str | None, may_refetch: bool = False) -> "Verdict":
         """Apply the access gate; on refusal, answer the client as the upstream
@@ -547,7 +552,7 @@ class RegistryCache:
 
         for _attempt in range(2):
             fill, started = self.fills.start_or_join(digest, opener, vouch, refetch=refetch,
-                                                     source="" if self._trusted(flow) else registry)
+                                                     source=self._unchosen_source(flow))
             log.info("registry-cache: miss %s: %s fill", digest, "started" if started else "joined")
             try:
                 await asyncio.wait_for(fill.wait_started(), START_TIMEOUT)
@@ -575,7 +580,7 @@ class RegistryCache:
         }
 
     def _send_to_blob_server(self, flow: http.HTTPFlow, digest: str) -> None:
-        path = self.blob_server.signed_path(digest, registry="" if self._trusted(flow) else _registry_of(flow))
+        path = self.blob_server.signed_path(digest, registry=self._unchosen_source(flow))
         if ctx.options.blob_redirect and not flow.client_conn.tls_established:
             location = self._blob_base_url(flow) + path
             flow.response = http.Response.make(
