@@ -200,28 +200,25 @@ def test_a_fill_from_a_host_a_proxy_client_named_does_not_hold_up_anyone_else(tm
     layer, size = image.layers[0]
     StallingRegistry.release.clear()
     evil = LoopbackHTTPServer(StallingRegistry, name="stalling-registry").start()
-    stalled = threading.Thread(target=lambda: None)
-    stalled.start()
+    stalled_client = None
     try:
         with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
-            proxy = mirror.url_of(1)
-            stalled = threading.Thread(target=_ignore_errors(lambda: requests.get(
-                f"{evil.url}/v2/x/y/blobs/{layer}", proxies={"http": proxy}, timeout=WAIT)), daemon=True)
-            stalled.start()
+            proxy = {"http": mirror.url_of(1)}
+
+            def start_the_stalled_fill():
+                try:
+                    requests.get(f"{evil.url}/v2/x/y/blobs/{layer}", proxies=proxy, timeout=WAIT)
+                except requests.RequestException:
+                    pass  # cut when the named host gives up: not what this test is about
+
+            stalled_client = threading.Thread(target=start_the_stalled_fill, daemon=True)
+            stalled_client.start()
             mirror.wait_for_log(rf"miss {layer}: started fill", WAIT)
             client = RegistryClient(mirror.url_of(0), timeout=20)  # joining the stalled fill would hang
             assert client.get_blob(image.repo, layer, expected_size=size) == size
             assert upstream.counters.blob_bytes_for(layer) == size
     finally:
         StallingRegistry.release.set()
-        stalled.join(WAIT)
+        if stalled_client is not None:
+            stalled_client.join(WAIT)
         evil.stop()
-
-
-def _ignore_errors(fn):
-    def run():
-        try:
-            fn()
-        except requests.RequestException:
-            pass
-    return run

@@ -65,14 +65,21 @@ def token_holding_client(mirror, image) -> RegistryClient:
     return client
 
 
-def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_upstream, mirror):
-    image, (digest, size) = image_with_one_layer(any_upstream)
-    expected = open(any_upstream.blob_path(digest), "rb").read()
-    any_upstream.set_fault(digest, "stall")
+def stalled_downloaders(upstream, mirror, image, digest, size) -> list:
+    """CLIENTS downloaders of one missing blob, started; returns once the
+    single upstream transfer is parked half-way (the "stall" fault)."""
+    upstream.set_fault(digest, "stall")
     downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
     for d in downloaders:
         d.start()
-    any_upstream.wait_stalled(1, WAIT)
+    upstream.wait_stalled(1, WAIT)
+    return downloaders
+
+
+def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_upstream, mirror):
+    image, (digest, size) = image_with_one_layer(any_upstream)
+    expected = open(any_upstream.blob_path(digest), "rb").read()
+    downloaders = stalled_downloaders(any_upstream, mirror, image, digest, size)
     # Every client has bytes while the single upstream transfer is parked half-way.
     for d in downloaders:
         assert d.started.wait(WAIT)
@@ -109,11 +116,7 @@ def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
 
 def test_a_failed_fill_errors_its_waiters_and_the_next_request_fetches_again(upstream, mirror):
     image, (digest, size) = image_with_one_layer(upstream)
-    upstream.set_fault(digest, "stall")
-    downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
-    for d in downloaders:
-        d.start()
-    upstream.wait_stalled(1, WAIT)
+    downloaders = stalled_downloaders(upstream, mirror, image, digest, size)
     for d in downloaders:
         assert d.started.wait(WAIT)
     upstream.set_down(True)  # the upstream dies mid-body
