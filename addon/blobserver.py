@@ -40,7 +40,7 @@ EXPIRES_RE = re.compile(r"[0-9]{1,12}")  # what signed_path writes: a Unix time
 SIG_RE = re.compile(r"[0-9a-f]{64}")  # an HMAC-SHA256 in hex
 SEND_TIMEOUT = 60.0  # a client that accepts nothing for this long is dropped
 FOLLOW_TIMEOUT = 90.0  # > the fill's own upstream read timeout
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # longer numbers: ignored, as malformed
 
 
 class BlobServer:

@@ -103,6 +103,7 @@ class Fill:
     already_stored: bool = False  # committed by an earlier fill meanwhile: no fetch
     spill_at: int | None = None  # disk full: bytes from here on are only in memory
     started_at: float = field(default_factory=time.monotonic)
+    progressed_at: float = field(default_factory=time.monotonic)  # when bytes last arrived
     _read_fd: int | None = None
     _tried_making_room: bool = False
     _window: deque = field(default_factory=deque)  # (offset, bytes) past spill_at
@@ -217,6 +218,10 @@ class Fill:
                 return
             hasher.update(chunk)
             view = memoryview(chunk)
+            if self.spill_at is None and self.max_stored_size is not None and \
+                    self.written + len(view) > self.max_stored_size:
+                # Only a body without Content-Length gets here (see _begin_streaming).
+                self._spill(f"more than the {self.max_stored_size} bytes the store may hold")
             if self.spill_at is None and self.store.disk_space_left() < len(view):
                 if not (self._make_room() and self.store.disk_space_left() >= len(view)):
                     self._spill("disk full")
@@ -233,6 +238,7 @@ class Fill:
                 view = view[done:]
                 with self._cond:
                     self.written += done
+                    self.progressed_at = time.monotonic()
                     self._cond.notify_all()
             if view:
                 self._hold_in_window(bytes(view))
@@ -274,6 +280,7 @@ class Fill:
             self._window.append((self.written, data))
             self._window_bytes += len(data)
             self.written += len(data)
+            self.progressed_at = time.monotonic()
             self._cond.notify_all()
 
     def _trim_window(self) -> None:
@@ -370,9 +377,12 @@ class Fill:
         The last byte a client asked for (`end`, exclusive: a Range; else the
         whole blob) becomes readable only once the blob is verified, so no
         response is complete before its bytes are known good.
-        Raises FillFailed if the fill failed or nothing arrived within timeout.
+        Raises FillFailed if the fill failed, or if no bytes arrived from the
+        upstream for `timeout` (an idle bound: a Range far ahead of the
+        writer, or one whose last byte waits for the whole blob, may wait
+        as long as the upstream keeps sending).
         """
-        deadline = time.monotonic() + timeout
+        called_at = time.monotonic()
         with self._cond:
             while True:
                 if self.state is State.FAILED:
@@ -385,7 +395,7 @@ class Fill:
                     limit = min(limit, held - 1)
                 if limit > offset:
                     return limit
-                remaining = deadline - time.monotonic()
+                remaining = max(called_at, self.progressed_at) + timeout - time.monotonic()
                 if remaining <= 0:
                     raise FillFailed(f"no data from the upstream for {timeout:.0f}s")
                 self._cond.wait(remaining)
@@ -500,7 +510,14 @@ class Fills:
             fill = Fill(digest, self.store, opener, on_finished=self._forget, on_verified=on_verified,
                         max_stored_size=self.max_stored_size, refetch=refetch, source=source)
             self._running[(digest, source)] = fill
-        fill.start()
+        try:
+            fill.start()
+        except RuntimeError as exc:  # "can't start new thread": a pids/TasksMax limit
+            log.error("fill: could not start a fill for %s: %s", digest, exc)
+            fill.error = f"could not start: {exc}"
+            fill._set_state(State.FAILED)
+            fill.on_finished(fill)  # _forget: the next request starts afresh
+            fill._end()
         return fill, True
 
     def _forget(self, fill: Fill) -> None:

@@ -108,6 +108,7 @@ class _CommittedFile:
     def __init__(self, path: str, size: int):
         self.path = path
         self.size = size
+        self.stored_as: str | None = None  # its name in the store, once moved
 
 
 class RenamingDisk(diskcache.Disk):
@@ -118,6 +119,7 @@ class RenamingDisk(diskcache.Disk):
             filename, full_path = self.filename(key, value)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
             os.rename(value.path, full_path)
+            value.stored_as = filename
             return value.size, diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key=key)
 
@@ -150,6 +152,11 @@ class DiskBlobStore:
             # row was committed just now, before dropping it.
             file, committed_mtime = self._cache.get(digest, read=True, tag=True)
             if file is None:
+                if self._indexed_file_exists(digest):
+                    # diskcache says "missing" for any failed open, e.g. out
+                    # of file descriptors: a miss now, not a reason to delete.
+                    log.warning("store: could not open %s (out of file descriptors?); answering as a miss", digest)
+                    return None
                 log.warning("store: %s is indexed but its file is missing; dropping it", digest)
                 self._cache.delete(digest)
         if file is None:
@@ -177,6 +184,10 @@ class DiskBlobStore:
         os.utime(file.fileno(), ns=(stat.st_atime_ns, committed_mtime))
         log.warning("store: %s was touched on disk but is intact", digest)
         return True
+
+    def _indexed_file_exists(self, digest: str) -> bool:
+        row = self._cache._sql("SELECT filename FROM Cache WHERE key = ? AND raw = 1", (digest,)).fetchone()
+        return bool(row and row[0]) and os.path.exists(os.path.join(self._cache.directory, row[0]))
 
     def size_of(self, digest: str) -> int | None:
         blob = self.open(digest)
@@ -220,8 +231,26 @@ class DiskBlobStore:
     def commit(self, digest: str, part: PartFile, size: int) -> None:
         os.fsync(part.fd)  # a committed entry must survive a crash intact
         mtime = os.fstat(part.fd).st_mtime_ns  # rename keeps it; any later write moves it
-        self._cache.set(digest, _CommittedFile(part.path, size), read=True, tag=mtime)
+        committed = _CommittedFile(part.path, size)
+        try:
+            self._cache.set(digest, committed, read=True, tag=mtime)
+        except BaseException:
+            self._remove_if_unindexed(committed.stored_as)
+            raise
         self.evict_to(self.size_limit)
+
+    def _remove_if_unindexed(self, filename: str | None) -> None:
+        """After a failed commit (e.g. SQLite could not write: disk full),
+        diskcache leaves the file it had moved in but never indexed, which
+        nothing would ever count or remove."""
+        if filename is None:
+            return
+        try:
+            row = self._cache._sql("SELECT 1 FROM Cache WHERE filename = ?", (filename,)).fetchone()
+        except sqlite3.Error:
+            row = None  # the write failed, so it is not indexed
+        if row is None:
+            self._cache._disk.remove(filename)
 
     def discard_part(self, part: PartFile) -> None:
         try:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -50,6 +51,15 @@ class Upstream:
                 if mode == "corrupt":
                     middle = len(body) // 2
                     body = body[:middle] + bytes([body[middle] ^ 1]) + body[middle + 1:]
+                if mode == "chunked":  # no Content-Length: the size is known only at the end
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(body), 1 << 16):
+                        piece = body[i:i + (1 << 16)]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -58,6 +68,12 @@ class Upstream:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
+                    return
+                if mode == "slow":  # a slow line: never silent for long, slow overall
+                    for i in range(0, len(body), len(body) // 12):
+                        self.wfile.write(body[i:i + len(body) // 12])
+                        self.wfile.flush()
+                        time.sleep(0.25)
                     return
                 half = len(body) // 2
                 self.wfile.write(body[:half])
@@ -375,3 +391,67 @@ def test_a_part_file_that_cannot_be_opened_for_reading_is_not_left_behind(store,
     assert fill.state is State.FAILED and "Too many open files" in fill.error
     assert list(store.fills_dir.iterdir()) == []
     assert open_in_fills() == []
+
+
+def test_a_follower_waits_as_long_as_bytes_keep_arriving(store, upstream):
+    """The follow timeout bounds silence, not the whole wait: a Range ahead of
+    the writer, or one whose last byte is held until the blob verifies, waits
+    through a download that takes longer than the timeout (here 3 s of a paced
+    upstream against a 2 s timeout; on a real line, 90 s against hours)."""
+    upstream.mode = "slow"
+    body = os.urandom(1_200_000)
+    fill, finished = run_fill(store, upstream, body)
+    wait_streaming(fill)
+    pos = len(body) - 10
+    cursor = fill.follow(pos)
+    try:
+        while pos < len(body):  # the last byte comes once verified
+            pos = cursor.readable_until(pos, 2.0, len(body))
+    finally:
+        cursor.close()
+    assert finished.wait(WAIT) and fill.state is State.VERIFIED
+
+
+def test_a_blob_without_content_length_larger_than_the_store_is_not_stored(tmp_path, upstream):
+    """Its size shows only as it arrives: it is spilled once it outgrows the
+    store, instead of being committed and evicting everything else."""
+    small = DiskBlobStore(tmp_path / "small", size_limit=1 << 20)
+    try:
+        others = [put(small, os.urandom(200_000)) for _ in range(3)]
+        upstream.mode = "chunked"
+        body = os.urandom(3_000_000)
+        upstream.body = body
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        fills = Fills(small, max_stored_size=small.size_limit)
+        client = UpstreamClient()
+        fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+        wait_streaming(fill)
+        assert follow(fill) == body
+        wait_until(fill, lambda: fill.finished)
+        assert small.open(digest) is None
+        assert all(small.size_of(d) == 200_000 for d in others) and small.evictions == 0
+        assert list(small.fills_dir.iterdir()) == []
+    finally:
+        small.close()
+
+
+def test_a_fill_whose_thread_cannot_start_fails_and_does_not_block_the_digest(store, upstream, monkeypatch):
+    """Out of threads (a pids limit): the request fails now, and the next one
+    starts a new fill instead of joining one that will never run."""
+    body = os.urandom(100_000)
+    upstream.body = body
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    fills = Fills(store)
+    client = UpstreamClient()
+
+    def no_threads(self):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Fill, "start", no_threads)
+        fill, started = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+    assert started and fill.state is State.FAILED and fill.finished and fills.in_flight() == 0
+    fill, started = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+    assert started
+    wait_streaming(fill)
+    assert follow(fill) == body

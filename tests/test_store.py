@@ -209,3 +209,45 @@ def test_a_touched_but_intact_blob_is_still_served(store):
     os.utime(path, ns=(before, before + 5_000_000_000))
     assert read(store, digest) == data
     assert os.stat(path).st_mtime_ns == before  # verified, and marked clean again
+
+
+def test_a_blob_that_cannot_be_opened_for_now_is_a_miss_not_deleted(store, monkeypatch):
+    """Out of file descriptors, diskcache reports a stored file as missing:
+    the store must answer "miss" this time and keep the blob."""
+    import errno
+    data = os.urandom(10_000)
+    digest = put(store, data)
+    disk = store._cache._disk
+
+    def no_fds(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(disk, "fetch", no_fds)
+    assert store.open(digest) is None
+    monkeypatch.undo()
+    assert read(store, digest) == data and store.usage()[1] == 1
+
+
+def test_a_commit_the_index_could_not_record_leaves_no_file_behind(store, monkeypatch):
+    """SQLite fails to write (the disk filled up meanwhile): the file moved
+    into the store for the entry must not stay there, unindexed, forever."""
+    import sqlite3
+    kept = os.urandom(5_000)
+    kept_digest = put(store, kept)
+    data = os.urandom(20_000)
+    digest = digest_of(data)
+    part = store.new_part(digest)
+    os.write(part.fd, data)
+
+    def index_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store._cache, "_row_insert", index_full)
+    with pytest.raises(sqlite3.OperationalError):
+        store.commit(digest, part, len(data))
+    monkeypatch.undo()
+    store.discard_part(part)
+    os.close(part.fd)
+    files = [p for p in pathlib.Path(store.directory).rglob("*.val")]
+    assert [os.path.getsize(p) for p in files] == [len(kept)]  # only the indexed blob
+    assert store.open(digest) is None and read(store, kept_digest) == kept
