@@ -115,6 +115,12 @@ class SeenIndex:
             ).fetchone()
         return row is not None
 
+    def knows(self, registry: str) -> bool:
+        """Has this registry served (or confirmed) anything at all?"""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM seen WHERE registry=? LIMIT 1", (registry,)).fetchone()
+        return row is not None
+
     def record(self, registry: str, repo: str, digest: str) -> None:
         with self._lock:
             self._db.execute(

@@ -26,6 +26,8 @@ import json
 import logging
 import os
 import re
+import resource
+import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +53,8 @@ log = logging.getLogger("registry_cache")
 
 START_TIMEOUT = 120.0  # bound on waiting for an upstream to answer a blob GET
 MAX_HEADER_BYTES = 32 * 1024  # registry clients send a few hundred bytes
+STREAM_BODIES_OVER = "1m"  # stream_large_bodies unless the operator set it
+OPEN_FILES_WANTED = 65536  # sockets, blob files and fill cursors: 1024 runs out under load
 METADATA_KEY = "registry_cache"
 HIT_FILTER = '~meta "registry_cache: hit"'  # mitmweb/mitmdump filter listing hits (README)
 MARKS = {  # what mitmweb shows per outcome
@@ -68,6 +72,17 @@ REFUSAL_CODES = {  # OCI error for an access refusal, by the upstream's status
     404: ("BLOB_UNKNOWN", "blob unknown to registry"),
     503: ("UNAVAILABLE", "upstream unavailable and access could not be checked"),
 }
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files towards the hard one. Each blob a
+    client downloads holds its socket and a file; the usual soft limit of
+    1024 ends in "too many open files" at a few hundred concurrent pulls."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        log.info("registry-cache: open files limit raised from %d to %d", soft, wanted)
 
 
 def default_cache_dir() -> str:
@@ -206,6 +221,13 @@ class RegistryCache:
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
             log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
+        # mitmproxy holds a whole body in memory unless told to stream it: a
+        # pushed layer, or a large download in regular mode, would cost its size.
+        if not ctx.options.stream_large_bodies:
+            ctx.options.update(stream_large_bodies=STREAM_BODIES_OVER)
+            log.info("registry-cache: stream_large_bodies set to %s (pass large bodies through, not buffer them)",
+                     STREAM_BODIES_OVER)
+        raise_open_files_limit()
 
     def done(self) -> None:
         self._shutdown()
@@ -242,32 +264,41 @@ class RegistryCache:
     # -- request routing -------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse or route a registry request before its body (a pushed layer,
+        streamed through by stream_large_bodies) goes anywhere."""
         if not routes.is_registry_path(flow.request.path):
             return
+        flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
         size = sum(len(name) + len(value) for name, value in flow.request.headers.fields)
         if size > MAX_HEADER_BYTES:
             log.warning("registry-cache: refused %s %s: %d bytes of headers",
                         flow.request.method, flow.request.path[:200], size)
-            flow.response = oci_error(431, "UNSUPPORTED", "request headers too large", f"{size} bytes")
+            self._answer_now(flow, oci_error(431, "UNSUPPORTED", "request headers too large", f"{size} bytes"))
             self._mark(flow, "error", detail="headers too large")
-
-    async def request(self, flow: http.HTTPFlow) -> None:
-        path = flow.request.path.split("?", 1)[0]
-        if path in (METRICS_PATH, STATS_PATH):
-            flow.response = await self._io(self._metrics_response, path)
             return
-        if flow.response is not None or not routes.is_registry_path(flow.request.path):
-            return
-        flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
         try:
             route = routes.parse(flow.request.path)
         except RouteError as exc:
             log.warning("registry-cache: refused %s %s: %s", flow.request.method, flow.request.path[:200], exc.message)
-            flow.response = oci_error(400, exc.code, exc.message, exc.detail)
+            self._answer_now(flow, oci_error(400, exc.code, exc.message, exc.detail))
             self._mark(flow, "error", detail=exc.message)
             return
         flow.metadata[METADATA_KEY + ".route"] = route
         if route.namespace is not None and not self._route_to_namespace(flow, route.namespace):
+            flow.request.stream = False
+
+    @staticmethod
+    def _answer_now(flow: http.HTTPFlow, response: http.Response) -> None:
+        flow.response = response
+        flow.request.stream = False  # mitmproxy cannot both stream a body up and answer itself
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        path = flow.request.path.split("?", 1)[0]
+        if path in (METRICS_PATH, STATS_PATH) and await self._addressed_to_mirror(flow):
+            flow.response = await self._io(self._metrics_response, path)
+            return
+        route = flow.metadata.get(METADATA_KEY + ".route")
+        if flow.response is not None or route is None:
             return
         if route.kind is Kind.BLOB and flow.request.method in ("GET", "HEAD"):
             try:
@@ -301,6 +332,17 @@ class RegistryCache:
         return True
 
     # -- metrics, request log --------------------------------------------------
+
+    async def _addressed_to_mirror(self, flow: http.HTTPFlow) -> bool:
+        """Is this request for the mirror itself? In reverse mode, always. In
+        regular mode only if it names the proxy's own address and port: a
+        proxied request to another host passes through, whatever its path."""
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return True
+        local_host, local_port = flow.client_conn.sockname[:2]
+        if flow.request.port != local_port:
+            return False
+        return await self._io(_names_address, flow.request.host, local_host)
 
     def _gauges(self) -> dict[str, float]:
         used, count = self.store.usage()
@@ -369,11 +411,14 @@ class RegistryCache:
         request = flow.request
         registry = _registry_of(flow)
         authorization = request.headers.get("Authorization")
-        headers = {name: ", ".join(request.headers.get_all(name)) for name in request.headers
-                   if name.lower() not in manifests.HOP_BY_HOP}
         try:
-            answer = await self._io(self.upstream.fetch, request.method, request.url, headers)
+            answer = await self._io(self.upstream.fetch, request.method, request.url, _end_to_end_headers(request))
             why = f"upstream answered {answer.status}"
+        except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
+            log.warning("registry-cache: refused %s %s: %s", request.method, request.path[:200], exc)
+            flow.response = oci_error(400, "UNSUPPORTED", "malformed request header", str(exc)[:200])
+            self._mark(flow, "error", route.reference, detail="malformed header")
+            return
         except requests.RequestException as exc:
             answer, why = None, f"upstream unreachable: {exc}"
         if answer is None or answer.status in UNREACHABLE:
@@ -383,7 +428,7 @@ class RegistryCache:
             self._mark(flow, "pass", detail=route.kind.value)
             if answer.status == 200 and route.kind is Kind.MANIFEST:
                 await self._io(self._remember_manifest, registry, route, authorization, answer,
-                               request.headers.get_all("Accept"))
+                               request.headers.get_all("Accept"), self._trusted(flow))
             return
         stale = None
         if ctx.options.serve_stale:
@@ -402,7 +447,11 @@ class RegistryCache:
             self._mark(flow, "error", route.reference, detail=why)
 
     def _remember_manifest(self, registry: str, route: Route, authorization: str | None, answer,
-                           accepted: list[str]) -> None:
+                           accepted: list[str], trusted: bool) -> None:
+        if not trusted and not answer.body:
+            # A HEAD's Docker-Content-Digest is a claim; a registry nobody
+            # chose could name any manifest we hold (a private one) with it.
+            return
         digest = self.manifests.remember(registry, route.name, route.reference, answer.body, answer.headers,
                                          accepted)
         if digest is not None:  # the upstream served this manifest under this repository to this client
@@ -412,6 +461,8 @@ class RegistryCache:
                       request: http.Request) -> http.Response | None:
         """What the store can say while the upstream cannot (blocking)."""
         if route.kind is Kind.PING:
+            if not self.access.index.knows(registry):  # maybe no registry at all: its /v2/ is its own
+                return None
             return http.Response.make(200, b"{}", {"Content-Type": "application/json", **manifests.STALE_HEADERS})
         manifest = self.manifests.lookup(registry, route.name, route.reference)
         if manifest is None or not manifests.accepts(request.headers.get_all("Accept"), manifest.media_type):
@@ -625,13 +676,47 @@ class RegistryCache:
 
 
 def _relayed(answer, method: str) -> http.Response:
-    """mitmproxy response carrying an upstream answer unchanged."""
+    """mitmproxy response carrying an upstream answer unchanged (the body as
+    sent: Response.make would encode it again by its Content-Encoding)."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
                if k.lower() not in ("connection", "keep-alive", "transfer-encoding")]
-    response = http.Response.make(answer.status, answer.body, headers)
+    response = http.Response.make(answer.status, b"", headers)
+    response.raw_content = answer.body
     if method == "HEAD" and "Content-Length" in answer.headers:
         response.headers["Content-Length"] = answer.headers["Content-Length"]
+    else:
+        response.headers["Content-Length"] = str(len(answer.body))
     return response
+
+
+def _end_to_end_headers(request: http.Request) -> dict[str, bytes]:
+    """The client's headers for the upstream, values as the bytes it sent
+    (requests would fail to encode a value that is not Latin-1)."""
+    headers: dict[str, bytes] = {}
+    names: dict[str, str] = {}
+    for raw_name, value in request.headers.fields:
+        name = raw_name.decode("latin-1")
+        key = name.lower()
+        if key in manifests.HOP_BY_HOP:
+            continue
+        if key in names:
+            headers[names[key]] += b", " + value
+        else:
+            names[key] = name
+            headers[name] = value
+    return headers
+
+
+def _names_address(host: str, address: str) -> bool:
+    """Does host (a name or an address) resolve to this local address?"""
+    address = address.removeprefix("::ffff:")
+    if host.strip("[]") == address:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return any(info[4][0].removeprefix("::ffff:") == address for info in infos)
 
 
 def _registry_of(flow: http.HTTPFlow) -> str:

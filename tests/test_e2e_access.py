@@ -222,3 +222,40 @@ def test_a_fill_from_a_host_a_proxy_client_named_does_not_hold_up_anyone_else(tm
         if stalled_client is not None:
             stalled_client.join(WAIT)
         evil.stop()
+
+
+class LyingManifestRegistry(QuietHandler):
+    """A host a proxy client runs itself: any manifest HEAD "is" the digest it
+    was told to name; every GET is a 503 (as if down)."""
+
+    digest = ""
+
+    def do_HEAD(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.oci.image.index.v1+json")
+        self.send_header("Docker-Content-Digest", self.digest)
+        self.send_header("Content-Length", "10")
+        self.end_headers()
+
+    def do_GET(self):  # noqa: N802
+        self.send_body(503, b'{"errors":[{"code":"UNAVAILABLE","message":"down"}]}', "application/json")
+
+
+def test_a_host_named_in_regular_mode_cannot_claim_a_stored_private_manifest(tmp_path, upstream):
+    """A manifest HEAD's Docker-Content-Digest is only a claim. From a host
+    nobody chose it must not make the mirror serve that manifest (alice's
+    private one) as the host's stale answer to an anonymous client."""
+    image = private_image(upstream)
+    LyingManifestRegistry.digest = image.digest
+    evil = LoopbackHTTPServer(LyingManifestRegistry, name="lying-registry").start()
+    try:
+        with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+            RegistryClient(mirror.url_of(0), *ALICE).pull(image.repo, image.tag)
+            proxy = {"http": mirror.url_of(1)}
+            assert requests.head(f"{evil.url}/v2/x/y/manifests/latest", proxies=proxy, timeout=WAIT).status_code == 200
+            for ref in (image.digest, "latest"):
+                r = requests.get(f"{evil.url}/v2/x/y/manifests/{ref}", proxies=proxy, timeout=WAIT)
+                assert r.status_code == 503 and r.content != image.manifest, (ref, r.status_code)
+                assert "X-Registry-Cache" not in r.headers
+    finally:
+        evil.stop()

@@ -280,3 +280,46 @@ def test_store_holds_exactly_the_verified_bytes(upstream, mirror):
     assert data == open(upstream.blob_path(digest), "rb").read()
     assert json.loads(image.manifest)["layers"][0]["digest"] == digest
     assert os.listdir(mirror.cache_dir / "fills") == []
+
+
+class _BodyThatWaitsForTheUpstream:
+    """A pushed layer (random bytes, known length) that, after `pause_at`
+    bytes, waits until distribution has received `until` of them. Only a
+    proxy that streams the body lets that happen; one that buffers it whole
+    forwards nothing until the last byte is in."""
+
+    def __init__(self, size: int, pause_at: int, until: int, upstream):
+        self.size, self.pause_at, self.until, self.upstream = size, pause_at, until, upstream
+        self.sent = 0
+        self.hasher = hashlib.sha256()
+        self.upstream_had_bytes_mid_body: bool | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        if self.sent >= self.pause_at and self.upstream_had_bytes_mid_body is None:
+            self.upstream_had_bytes_mid_body = self.upstream.counters.wait_request_body_bytes(self.until, 20)
+        n = min(n if n and n > 0 else 1 << 20, 1 << 20, self.size - self.sent)
+        data = os.urandom(n)
+        self.hasher.update(data)
+        self.sent += n
+        return data
+
+
+def test_a_pushed_layer_streams_through_the_mirror(upstream, mirror):
+    """Pushes pass through, and are not held in mitmproxy's memory whole (a
+    multi-GB layer would cost its size in RAM)."""
+    client = RegistryClient(mirror.url, *ALICE)
+    repo = "push/streamed"
+    started = client.request("POST", f"/v2/{repo}/blobs/uploads/")
+    assert started.status_code == 202
+    upstream.reset_counters()
+    body = _BodyThatWaitsForTheUpstream(24 << 20, pause_at=12 << 20, until=4 << 20, upstream=upstream)
+    patched = client.request("PATCH", started.headers["Location"], data=body, repo=repo,
+                             headers={"Content-Type": "application/octet-stream", "Content-Length": str(body.size)})
+    assert patched.status_code == 202, patched.text[:300]
+    assert body.upstream_had_bytes_mid_body is True
+    digest = "sha256:" + body.hasher.hexdigest()
+    done = client.request("PUT", patched.headers["Location"], params={"digest": digest}, data=b"", repo=repo)
+    assert done.status_code == 201 and done.headers["Docker-Content-Digest"] == digest

@@ -64,3 +64,20 @@ def test_the_mirror_still_serves_after_all_that(mirror, upstream, pushed_images)
     mirror.wait_stored(pulled.blobs, WAIT)
     assert list((mirror.cache_dir / "fills").iterdir()) == []
     assert not any(p.is_symlink() for p in mirror.cache_dir.rglob("*"))
+
+
+def test_a_header_value_that_is_not_latin1_is_relayed_not_an_addon_crash(mirror):
+    """Bytes a client sends in a header go upstream as they are; before, the
+    addon raised on them and mitmproxy answered in its place."""
+    conn = http.client.HTTPConnection("127.0.0.1", mirror.ports[0], timeout=WAIT)
+    try:
+        conn.putrequest("GET", "/v2/", skip_accept_encoding=True)
+        conn.putheader("X-Odd", b"\xff\xfe caf\xc3\xa9")
+        conn.endheaders()
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 401  # the upstream's own challenge
+    assert "WWW-Authenticate" in response.headers
+    assert "Addon error" not in mirror.log_text()

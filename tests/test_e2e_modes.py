@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from addon.mirror import HIT_FILTER
+from tests.harness._http import LoopbackHTTPServer, QuietHandler
 from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
@@ -155,3 +156,29 @@ def test_flows_are_marked_hit_miss_failed_and_pass(tmp_path, upstream):
 def test_readme_documents_the_hit_filter():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert HIT_FILTER in readme
+
+
+class NotARegistry(QuietHandler):
+    """A web site that happens to have a /v2/ path, and is down for maintenance there."""
+
+    def do_GET(self):  # noqa: N802
+        if self.path.startswith("/v2"):
+            self.send_body(503, b"maintenance", "text/plain")
+        else:
+            self.send_body(200, b"the site's own page", "text/plain")
+
+
+def test_regular_mode_leaves_other_sites_alone_and_still_answers_its_own_metrics(tmp_path):
+    site = LoopbackHTTPServer(NotARegistry, name="not-a-registry").start()
+    try:
+        with Mirror(tmp_path / "m", ["regular"]) as mirror:
+            proxy = {"http": mirror.url}
+            page = requests.get(f"{site.url}/_registry_cache/metrics", proxies=proxy, timeout=WAIT)
+            assert page.text == "the site's own page"
+            ping = requests.get(f"{site.url}/v2/", proxies=proxy, timeout=WAIT)
+            assert ping.status_code == 503 and "X-Registry-Cache" not in ping.headers  # no made-up 200
+            for via in ({}, proxy):  # asked directly, or as a proxied request to the proxy itself
+                ours = requests.get(f"{mirror.url}/_registry_cache/metrics", proxies=via, timeout=WAIT)
+                assert ours.status_code == 200 and "registry_cache_requests_total" in ours.text
+    finally:
+        site.stop()

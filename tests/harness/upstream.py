@@ -106,7 +106,7 @@ class Counters:
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.reset()
 
     def reset(self) -> None:
@@ -116,6 +116,7 @@ class Counters:
             self.cdn_gets = 0
             self.cdn_heads = 0
             self.blob_bytes = 0
+            self.request_body_bytes = 0  # pushed bytes relayed to distribution so far
             self.manifest_gets = 0
             self.manifest_heads = 0
             self.blob_gets_by_digest: collections.Counter = collections.Counter()
@@ -135,6 +136,16 @@ class Counters:
         with self._lock:
             self.blob_bytes += n
             self.blob_bytes_by_digest[digest] += n
+
+    def add_request_body_bytes(self, n: int) -> None:
+        with self._lock:
+            self.request_body_bytes += n
+            self._lock.notify_all()
+
+    def wait_request_body_bytes(self, count: int, timeout: float) -> bool:
+        """Block until `count` pushed bytes have reached distribution (bounded)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.request_body_bytes >= count, timeout)
 
     def add_record(self, record: RequestRecord) -> None:
         with self._lock:
@@ -622,14 +633,14 @@ auth:
                     sock.sendall(b"0\r\n\r\n")
                     return
                 sock.sendall(b"%x\r\n" % size)
-                self._copy_exact(h.rfile, sock, size)
+                self._copy_exact(h.rfile, sock, size, self.counters)
                 h.rfile.readline(3)  # CRLF after the chunk data
                 sock.sendall(b"\r\n")
         else:
-            self._copy_exact(h.rfile, sock, length)
+            self._copy_exact(h.rfile, sock, length, self.counters)
 
     @staticmethod
-    def _copy_exact(src, sock, count: int) -> None:
+    def _copy_exact(src, sock, count: int, counters: Counters) -> None:
         buf = bytearray(min(CHUNK, count) or 1)
         view = memoryview(buf)
         while count > 0:
@@ -637,6 +648,7 @@ auth:
             if not n:
                 raise _Abort()  # client hung up mid-body
             sock.sendall(view[:n])
+            counters.add_request_body_bytes(n)
             count -= n
 
     def _relay(self, h: _Handler, target: str, rec: RequestRecord, *,
