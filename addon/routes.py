@@ -85,6 +85,10 @@ def parse(path: str) -> Route:
         raise RouteError("NAME_INVALID", "request path too long", f"{len(path)} bytes")
     bare, _, raw_query = path.partition("?")
     query = tuple(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else ()
+    if any(segment.lower().replace("%2e", ".") in (".", "..") for segment in bare.split("/")):
+        # No registry path has them; passed on, the registry would resolve
+        # them into some other path than the one the mirror looked at.
+        raise RouteError("NAME_INVALID", "dot segments in path", bare[:300])
     if bare in ("/v2", "/v2/"):
         return Route(Kind.PING, query=query)
     if _UPLOADS_RE.fullmatch(bare):

@@ -532,6 +532,7 @@ def test_e2e_ls_of_a_running_mirror_then_import_into_another_running_mirror(upst
     alpine, private = pushed_images.alpine, pushed_images.private
     with Mirror(tmp_path / "a", [f"reverse:{upstream.url}"]) as first:
         RegistryClient(first.url).pull(alpine.repo, alpine.tag)
+        first.wait_stored([d for d, _ in alpine.blobs], RUN_TIMEOUT)
         done = run_ctl("--cache-dir", first.cache_dir, "ls", "--json")
         assert done.returncode == 0, done.stderr
         rows = {row["digest"]: row for row in json.loads(done.stdout)}

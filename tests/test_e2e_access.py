@@ -104,6 +104,7 @@ def test_a_private_blob_needs_credentials_even_when_already_stored(upstream, mir
     image = private_image(upstream)
     layer, _ = image.layers[0]
     RegistryClient(mirror.url, *ALICE).pull(image.repo, image.tag)
+    mirror.wait_stored([layer], WAIT)  # refused although stored, not merely passed through
     anonymous = RegistryClient(mirror.url)
     response = anonymous.request("HEAD", f"/v2/{PRIVATE}/blobs/{layer}")
     assert response.status_code == 401

@@ -198,6 +198,8 @@ def test_second_pull_into_a_fresh_namespace_costs_no_upstream_blob_bytes(
     assert counters.cdn_gets == 0
     assert counters.blob_gets == 0
     assert counters.manifest_heads >= 1  # the tag was still resolved upstream
+    for digest, _ in image.blobs:  # log lines arrive asynchronously: wait for each blob's own
+        mirror.wait_for_log(rf"registry-cache: GET \S+ blob {digest} hit", WAIT, start=log_start)
     new_lines = "\n".join(mirror.lines[log_start:])
     assert not re.search(r"(started|joined) fill|fill: stored", new_lines), new_lines
     assert_no_ns_reached_upstream(upstream_redirect)

@@ -51,8 +51,12 @@ def proxied_client(mirror: Mirror, upstream, port_index: int = 0, **kw) -> Regis
 def test_explicit_https_proxy_caches_blobs(https_upstream, proxy, redirect):
     https_upstream.redirect_blobs = redirect
     image = fresh_image(https_upstream, 1_200_000, 400_000, verify=str(https_upstream.ca_cert_path))
-    result = proxied_client(proxy, https_upstream).pull(image.repo, image.tag)
+    client = proxied_client(proxy, https_upstream)
+    statuses = []
+    client.session.hooks["response"].append(lambda r, *args, **kwargs: statuses.append(r.status_code))
+    result = client.pull(image.repo, image.tag)
     assert result.manifest_digest == image.digest and result.layers == image.layers
+    assert not [s for s in statuses if 300 <= s < 400]  # TLS clients are never sent to plain HTTP
     assert https_upstream.counters.blob_bytes == image.blob_bytes  # one upstream copy
     if redirect:
         cdn = [r for r in https_upstream.counters.requests if r.server == "cdn"]
@@ -182,3 +186,27 @@ def test_regular_mode_leaves_other_sites_alone_and_still_answers_its_own_metrics
                 assert ours.status_code == 200 and "registry_cache_requests_total" in ours.text
     finally:
         site.stop()
+
+
+def test_with_blob_redirect_off_mitmproxy_relays_every_blob_itself(tmp_path, upstream):
+    """blob_redirect=false: no 307 ever reaches the client; misses, hits,
+    ranges and HEADs are all answered on the mirror's own port."""
+    image = fresh_image(upstream, 1_500_000, 300_000)
+    digest, size = image.layers[0]
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={"blob_redirect": "false"}) as mirror:
+        client = RegistryClient(mirror.url)
+        statuses = []
+        client.session.hooks["response"].append(lambda r, *args, **kwargs: statuses.append(r.status_code))
+        assert client.pull(image.repo, image.tag).layers == image.layers
+        assert upstream.counters.blob_bytes == image.blob_bytes
+        mirror.wait_stored([d for d, _ in image.blobs], WAIT)
+        upstream.reset_counters()
+        assert client.pull(image.repo, image.tag).layers == image.layers
+        expected = open(upstream.blob_path(digest), "rb").read()
+        r = client.request("GET", f"/v2/{image.repo}/blobs/{digest}", headers={"Range": "bytes=1000-1999"})
+        assert r.status_code == 206 and r.content == expected[1000:2000]
+        r = client.request("HEAD", f"/v2/{image.repo}/blobs/{digest}")
+        assert r.status_code == 200 and int(r.headers["Content-Length"]) == size
+        assert upstream.counters.blob_bytes == 0
+        assert not [s for s in statuses if 300 <= s < 400], statuses
+        mirror.wait_for_log(rf"registry-cache: GET {image.repo} blob {digest} hit", WAIT)

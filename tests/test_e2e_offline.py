@@ -43,7 +43,7 @@ def manifest_get(mirror, repo, ref, headers=None):
                         headers={"Accept": MANIFEST_TYPES, **(headers or {})}, timeout=WAIT)
 
 
-@pytest.mark.parametrize("outage", ["down", 429, 503])
+@pytest.mark.parametrize("outage", ["down", 429, 500, 502, 503, 504])
 def test_a_pull_works_while_the_upstream_is_gone_or_refusing(upstream, mirror, outage):
     image, _ = warm_image(upstream, mirror)
     if outage == "down":

@@ -4,6 +4,7 @@ and stats, and the one-line-per-request log."""
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 import requests
@@ -116,9 +117,36 @@ def test_one_log_line_per_registry_request(upstream, mirror):
     RegistryClient(mirror.url).pull(image.repo, image.tag)
     RegistryClient(mirror.url).pull(image.repo, image.tag)
     digest, size = image.layers[0]
-    line = mirror.wait_for_log(
-        rf"registry-cache: GET {re.escape(image.repo)} blob {digest} hit {size} bytes \d+ ms", WAIT)
-    assert line
+    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} hit {size} bytes \d+ ms", WAIT)
     mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} manifest {image.tag} pass \d+ bytes \d+ ms",
                         WAIT)
     mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} miss {size} bytes", WAIT)
+
+
+def test_a_running_mirror_evicts_least_recently_used_blobs_to_stay_under_cache_size(tmp_path, upstream):
+    """cache_size=3m and three 1.2 MB layers: storing the third evicts the
+    one read longest ago (not the one read since), and the metrics say so."""
+    images = [image_on(upstream, layers=[fresh_layer(1_200_000)]) for _ in range(3)]
+    first, second, third = (image.layers[0][0] for image in images)
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={"cache_size": "3m"}) as small:
+        client = RegistryClient(small.url)
+        for image in images[:2]:
+            client.pull(image.repo, image.tag)
+            small.wait_stored([d for d, _ in image.blobs], WAIT)
+        client.get_blob(images[0].repo, first)  # read again: now the second is the oldest
+        client.pull(images[2].repo, images[2].tag)
+        small.wait_stored([d for d, _ in images[2].blobs], WAIT)
+        small.wait_for_log(rf"store: evicted {second} to stay under", WAIT)
+        assert not re.search(rf"evicted ({first}|{third})", small.log_text())
+        now = stats(small)
+        assert now["evictions"] >= 1 and now["store"]["bytes"] <= 3 * 2**20
+        upstream.reset_counters()
+        client.get_blob(images[0].repo, first)
+        assert upstream.counters.blob_bytes == 0  # kept: it had been read more recently
+
+
+def test_an_unusable_option_stops_mitmdump_at_start_with_a_message(tmp_path, upstream):
+    command = Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={"cache_size": "lots"}).command()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode != 0
+    assert "registry-cache: not a size: 'lots'" in done.stdout + done.stderr

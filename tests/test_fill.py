@@ -249,9 +249,13 @@ def test_upstream_refusal_is_kept_for_the_client(store, upstream):
 
 
 def test_unreachable_upstream_fails_cleanly(store):
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound but not listening: refused, and no one else can take it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+        _fail_to_connect(store, port)
+
+
+def _fail_to_connect(store, port):
     client = UpstreamClient()
     finished = threading.Event()
     digest = "sha256:" + "0" * 64
@@ -282,6 +286,8 @@ def test_registry_coalesces_and_restarts_after_failure(store, upstream):
     assert started_named and named is not third
     assert fills.get(digest) is third and fills.get(digest, "http://named:80") is named
     upstream.gate.set()
+    for fill in (first, third, named):  # none outlives the test's store
+        wait_until(fill, lambda fill=fill: fill.finished)
 
 
 def test_a_fill_started_after_the_blob_was_committed_does_not_fetch(store):
@@ -455,3 +461,36 @@ def test_a_fill_whose_thread_cannot_start_fails_and_does_not_block_the_digest(st
     assert started
     wait_streaming(fill)
     assert follow(fill) == body
+
+
+class _ShortResponse:
+    """A 200 whose body ends, without any transport error, before its
+    Content-Length: what a lenient HTTP stack would hand over."""
+
+    status_code = 200
+
+    def __init__(self, body: bytes, claimed: int):
+        self.headers = {"Content-Length": str(claimed)}
+        self._chunks = [body]
+        self.raw = self
+
+    def read1(self, n, decode_content=False):
+        return self._chunks.pop(0) if self._chunks else b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_body_shorter_than_its_content_length_is_never_stored(store):
+    """Even when its bytes hash to the digest: the upstream said there was more."""
+    body = os.urandom(50_000)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    finished = threading.Event()
+    fill = Fill(digest, store, lambda: _ShortResponse(body, 100_000), on_finished=lambda f: finished.set())
+    fill.start()
+    assert finished.wait(WAIT)
+    assert fill.state is State.FAILED and fill.error.startswith("truncated body")
+    assert store.open(digest) is None

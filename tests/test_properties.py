@@ -55,13 +55,36 @@ def test_any_reference_is_either_valid_or_refused(name, reference):
     assert routes.TAG_RE.fullmatch(reference) or routes.SHA256_RE.fullmatch(reference)
 
 
-@settings(deadline=200)  # a backtracking regex would blow this on long input
+class _Recording:
+    """Stands in for a compiled regex, recording how long its inputs were."""
+
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+        self.lengths: list[int] = []
+
+    def fullmatch(self, text: str):
+        self.lengths.append(len(text))
+        return self.pattern.fullmatch(text)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(min_value=1, max_value=5000), st.sampled_from(["a-", "a.", "a_", "a/", "-", "a__"]))
-def test_parsing_long_hostile_names_is_fast(repeat, unit):
+def test_hostile_names_never_reach_a_regex_longer_than_the_caps(monkeypatch, repeat, unit):
+    """The name grammar could backtrack on long hostile input: it must only
+    ever see names within MAX_NAME_LENGTH, and paths over MAX_PATH_LENGTH
+    no regex at all (a bound on work, where a time limit would be flaky)."""
+    name_re, object_re = _Recording(routes.NAME_RE), _Recording(routes._OBJECT_RE)
+    monkeypatch.setattr(routes, "NAME_RE", name_re)
+    monkeypatch.setattr(routes, "_OBJECT_RE", object_re)
+    path = "/v2/" + unit * repeat + "!/blobs/sha256:" + "a" * 64
     try:
-        routes.parse("/v2/" + unit * repeat + "!/blobs/sha256:" + "a" * 64)
+        routes.parse(path)
     except RouteError:
         pass
+    assert all(n <= routes.MAX_NAME_LENGTH for n in name_re.lengths)
+    assert all(n <= routes.MAX_PATH_LENGTH for n in object_re.lengths)
+    if len(path) > routes.MAX_PATH_LENGTH:
+        assert object_re.lengths == [] and name_re.lengths == []
 
 
 @given(st.text(max_size=40), st.integers(min_value=1, max_value=10**12))

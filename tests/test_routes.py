@@ -56,6 +56,9 @@ def test_namespace_query_is_read():
         ("/v2/library/alpine/manifests/-bad", "MANIFEST_INVALID"),
         ("/v2/library/alpine/manifests/sha256:xyz", "DIGEST_INVALID"),
         ("/v2/" + "a/" * 2000 + f"blobs/{DIGEST}", "NAME_INVALID"),  # overlong
+        (f"/v2/library/alpine/blobs/{DIGEST}/../x", "NAME_INVALID"),  # the registry would resolve it
+        ("/v2/library/alpine/tags/%2E%2e/list", "NAME_INVALID"),
+        ("/v2/x/blobs/uploads/./u", "NAME_INVALID"),
     ],
 )
 def test_refuses_malformed_paths(path, code):
