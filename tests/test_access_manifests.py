@@ -176,3 +176,67 @@ def test_a_tag_keeps_its_index_when_a_client_that_takes_no_index_gets_one_platfo
         assert store.lookup("http://r", "a/b", "v9") is None
     finally:
         store.close()
+
+
+class Clock:
+    """time.time for the access module, moved by the test."""
+
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_grant_lasts_until_the_tokens_exp_then_the_upstream_is_asked_again(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(access.time, "time", clock)
+    index = SeenIndex(tmp_path / "a.sqlite3")
+    index.record_public("http://r:80", "acme/private", False, clock.now)  # known private: no probe
+    upstream = SaysYes()
+    gate = AccessGate(index, upstream)
+    digest = "sha256:" + "5" * 64
+    token = f"Bearer {jwt_with({'exp': clock.now + 300})}"
+    try:
+        gate.vouch("http://r:80", "acme/private", digest, token)
+        assert gate.check("http://r:80", "acme/private", digest, token).allowed and upstream.heads == []
+        clock.now += 299
+        assert gate.check("http://r:80", "acme/private", digest, token).allowed and upstream.heads == []
+        clock.now += 2  # past exp: one HEAD with the token settles it again
+        assert gate.check("http://r:80", "acme/private", digest, token).allowed and len(upstream.heads) == 1
+        gate.check("http://r:80", "acme/private", digest, "Bearer someone-else")
+        assert len(upstream.heads) == 2  # another credential is never covered by this grant
+    finally:
+        index.close()
+
+
+def test_public_is_believed_for_ten_minutes_then_checked_again(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(access.time, "time", clock)
+    index = SeenIndex(tmp_path / "a.sqlite3")
+    digest = "sha256:" + "6" * 64
+    index.record("http://r:80", "library/alpine", digest)
+    index.record_public("http://r:80", "library/alpine", True, clock.now)
+    upstream = SaysYes()
+    gate = AccessGate(index, upstream)
+    probed = []
+    monkeypatch.setattr(gate, "_probe_public", lambda *args: probed.append(args))
+    monkeypatch.setattr(access.threading, "Thread", _InlineThread)
+    try:
+        clock.now += access.PUBLIC_TTL - 1
+        assert gate.check("http://r:80", "library/alpine", digest, None).allowed and upstream.heads == []
+        clock.now += 2  # stale: an anonymous client's HEAD is asked, and a new probe started
+        assert gate.check("http://r:80", "library/alpine", digest, None).allowed
+        assert len(upstream.heads) == 1 and len(probed) == 1
+    finally:
+        index.close()
+
+
+class _InlineThread:
+    """threading.Thread that runs its target at start(), in the caller."""
+
+    def __init__(self, target, args=(), daemon=None, **kwargs):
+        self.target, self.args = target, args
+
+    def start(self):
+        self.target(*self.args)
