@@ -82,7 +82,7 @@ def test_joining_a_fill_needs_the_same_consent(upstream, mirror):
     alice.get_manifest(image.repo, image.tag)
     response = alice.request("GET", f"/v2/{image.repo}/blobs/{layer}", stream=True)
     assert response.status_code == 200 and len(response.raw.read(1000)) == 1000
-    upstream.wait_stalled(1, WAIT)
+    upstream.wait_stalled(1, WAIT, digest=layer)
     assert refused(RegistryClient(mirror.url, *BOB), PRIVATE, layer) == 401
     upstream.release_stalls()
     rest = response.raw.read(size)

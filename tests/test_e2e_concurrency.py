@@ -72,7 +72,7 @@ def stalled_downloaders(upstream, mirror, image, digest, size) -> list:
     downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
     for d in downloaders:
         d.start()
-    upstream.wait_stalled(1, WAIT)
+    upstream.wait_stalled(1, WAIT, digest=digest)
     return downloaders
 
 
@@ -99,7 +99,7 @@ def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
     upstream.set_fault(digest, "stall")
     first = Downloader(token_holding_client(mirror, image), image.repo, digest, size, stop_after=1000)
     first.start()
-    upstream.wait_stalled(1, WAIT)
+    upstream.wait_stalled(1, WAIT, digest=digest)
     first.join(WAIT)  # the initiator has hung up
     assert first.error is None and len(first.data) == 1000
     second = Downloader(token_holding_client(mirror, image), image.repo, digest, size)

@@ -216,15 +216,17 @@ def test_killed_mid_fill_leaves_nothing_that_could_be_served(upstream, tmp_path)
     cache = tmp_path / "cache"
     upstream.set_fault(digest, "stall")  # half the body, then the upstream waits
     mirror = Mirror(tmp_path / "one", [f"reverse:{upstream.url}"], cache_dir=cache).start()
-    client = RegistryClient(mirror.url)
-    client.get_manifest(image.repo, image.tag)
-    response = client.request("GET", f"/v2/{image.repo}/blobs/{digest}", stream=True)
-    assert response.status_code == 200
-    assert len(response.raw.read(1000)) == 1000  # the fill is streaming...
-    upstream.wait_stalled(1, WAIT)  # ...and parked half-way
-    parts = list((cache / "fills").iterdir())
-    assert len(parts) == 1 and 0 < parts[0].stat().st_size < size
-    mirror.kill()
+    try:
+        client = RegistryClient(mirror.url)
+        client.get_manifest(image.repo, image.tag)
+        response = client.request("GET", f"/v2/{image.repo}/blobs/{digest}", stream=True)
+        assert response.status_code == 200
+        assert len(response.raw.read(1000)) == 1000  # the fill is streaming...
+        upstream.wait_stalled(1, WAIT, digest=digest)  # ...and parked half-way
+        parts = list((cache / "fills").iterdir())
+        assert len(parts) == 1 and 0 < parts[0].stat().st_size < size
+    finally:
+        mirror.kill()
     try:
         rest = response.raw.read(size)
     except Exception:  # noqa: BLE001 - a reset is one way to see the cut

@@ -169,7 +169,7 @@ def test_client_disconnect_mid_fill_loses_nothing(upstream, mirror):
     client.get_manifest(image.repo, image.tag)
     response = client.request("GET", f"/v2/{image.repo}/blobs/{digest}", stream=True)
     assert len(response.raw.read(1000)) == 1000
-    upstream.wait_stalled(1, WAIT)
+    upstream.wait_stalled(1, WAIT, digest=digest)
     response.close()  # the client hangs up mid-fill
     upstream.release_stalls()
     mirror.wait_for_log(rf"fill: stored {digest}", WAIT)

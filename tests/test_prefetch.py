@@ -102,6 +102,7 @@ def test_prefetched_images_are_pulled_without_upstream_blob_bytes(upstream, mirr
     assert upstream.counters.blob_bytes == 0 and upstream.counters.blob_gets == 0
 
 
+@pytest.mark.allow_skip  # on a machine that is neither amd64 nor arm64
 def test_default_platform_is_this_machines(upstream, mirror, pushed_images):
     import platform
     if platform.machine() not in ("x86_64", "amd64"):
@@ -254,7 +255,7 @@ def test_interrupted_run_prints_a_partial_summary_and_the_mirror_finishes(upstre
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--mirror", mirror.url, image.ref],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     try:
-        upstream.wait_stalled(1, WAIT)  # the prefetch is in the middle of the layer
+        upstream.wait_stalled(1, WAIT, digest=digest)  # the prefetch is in the middle of the layer
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=WAIT)
     finally:

@@ -63,7 +63,12 @@ CTR = "ctr"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 PULL_TIMEOUT = 120.0
-MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
+# containerd refuses unix socket paths over 104 bytes ("unix socket path too
+# long (> 104)"; sun_path is 104 bytes on BSDs, 108 on Linux), and it listens on
+# `<grpc address>.ttrpc` too: the longest path it makes must stay within this.
+MAX_SOCKET_PATH = 100
+TTRPC_SUFFIX = ".ttrpc"
+SOCKET_NAME = "containerd.sock"
 
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 CRI_NAMESPACE = "k8s.io"  # where the CRI plugin keeps its images
@@ -83,6 +88,23 @@ RUNTIME_PLUGINS = (  # only CRI needs these
     "io.containerd.internal.v1.restart",
 )
 DISABLED_PLUGINS = (CRI_PLUGIN,) + UNUSABLE_PLUGINS + RUNTIME_PLUGINS
+
+
+def _socket_fits(path: str) -> bool:
+    """Can containerd listen on `path` and on `path` + ".ttrpc"?"""
+    return len(os.fsencode(path + TTRPC_SUFFIX)) <= MAX_SOCKET_PATH
+
+
+def _short_tmp_dir() -> str:
+    """A temp dir whose ctd-XXXXXXXX/containerd.sock(.ttrpc) fits: $TMPDIR
+    (tempfile's choice) when short enough, else /tmp, else /dev/shm."""
+    probe = os.path.join("ctd-" + "x" * 8, SOCKET_NAME)  # mkdtemp adds 8 characters
+    for candidate in (tempfile.gettempdir(), "/tmp", "/dev/shm"):
+        if (_socket_fits(os.path.join(candidate, probe)) and os.path.isdir(candidate)
+                and os.access(candidate, os.W_OK | os.X_OK)):
+            return candidate
+    raise ContainerdError("no temp dir short enough for containerd's unix socket "
+                          f"({MAX_SOCKET_PATH} bytes with {TTRPC_SUFFIX!r}); set TMPDIR=/tmp")
 
 
 class ContainerdError(RuntimeError):
@@ -193,7 +215,8 @@ class Containerd(Service):
 
     ``workdir``: where root/, state/, config.toml and the log go (default: a
     new temp dir, removed on stop). The gRPC socket goes into the work dir,
-    or into a short temp dir when that path would be too long for a socket.
+    or into a short temp dir when that path (or the ``.ttrpc`` one containerd
+    adds) would be too long for a unix socket.
 
     ``content_sharing_policy`` defaults to ``"isolated"``, not containerd's
     ``"shared"``: with "shared", a blob that any namespace already holds is
@@ -237,11 +260,11 @@ class Containerd(Service):
         root, state = self.workdir / "root", self.workdir / "state"
         for d in (root, state, self.workdir / "opt"):
             d.mkdir(parents=True, exist_ok=True)
-        self.socket = str(state / "containerd.sock")
-        if len(self.socket) > MAX_SOCKET_PATH:
-            short = Path(tempfile.mkdtemp(prefix="ctd-"))
+        self.socket = str(state / SOCKET_NAME)
+        if not _socket_fits(self.socket):
+            short = Path(tempfile.mkdtemp(prefix="ctd-", dir=_short_tmp_dir()))
             self._own_dirs.append(short)
-            self.socket = str(short / "containerd.sock")
+            self.socket = str(short / SOCKET_NAME)
         config = self.workdir / "config.toml"
         config.write_text(self._config(root, state))
         self.log_path = self.workdir / "containerd.log"
@@ -262,7 +285,7 @@ class Containerd(Service):
             "state": str(state),
             "disabled_plugins": disabled,
             "grpc": {"address": self.socket},
-            "ttrpc": {"address": self.socket + ".ttrpc"},
+            "ttrpc": {"address": self.socket + TTRPC_SUFFIX},
             "debug": {"address": ""},
             "metrics": {"address": ""},
             "plugins": {

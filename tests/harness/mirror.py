@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 SCRIPT = ROOT / "addon" / "registry_cache.py"
 START_TIMEOUT = 60.0
+START_ATTEMPTS = 3
+# mitmproxy, when a proxy port is taken: "... failed to listen on 127.0.0.1:PORT with
+# [Errno 98] error while attempting to bind on address (...): address already in use"
+_LISTEN_FAILED = re.compile(r"failed to listen on [^ ]*:(\d+)\b")
 
 
 class Mirror:
@@ -45,6 +49,7 @@ class Mirror:
         self._cond = threading.Condition()
         self.blob_port: int | None = None
         self._output_done = True
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -78,21 +83,70 @@ class Mirror:
         return cmd
 
     def start(self) -> "Mirror":
-        self.lines.clear()
-        self.blob_port = None
-        self._output_done = False
+        """Start mitmdump and wait (bounded) until every listener is up. A
+        proxy port taken by another process meanwhile is retried with fresh
+        ports; on any failure the process is killed and reaped, then the
+        error is raised (a context manager's __exit__ never runs then)."""
+        for attempt in range(START_ATTEMPTS):
+            if attempt:
+                self.ports = [free_port() for _ in self.modes]
+            try:
+                return self._start_once()
+            except BaseException:
+                self._kill_and_reap()
+                if attempt + 1 < START_ATTEMPTS and self._port_was_taken():
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "Mirror":
+        with self._cond:
+            self.lines.clear()
+            self.blob_port = None
+            self._output_done = False
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=env, cwd=self.workdir, start_new_session=True,
         )
-        threading.Thread(target=self._read_output, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read_output, args=(self.proc,), daemon=True)
+        self._reader.start()
         match = self.wait_for_log(r"blob server on [^ ]+:(\d+)", START_TIMEOUT)
         self.blob_port = int(match.group(1))
         for port in self.ports:
             self.wait_for_log(rf"listening at [^ ]*:{port}\b", START_TIMEOUT)
         return self
+
+    def _port_was_taken(self) -> bool:
+        """Did mitmproxy fail to bind one of our proxy ports (EADDRINUSE)?"""
+        ours = {str(port) for port in self.ports}
+        with self._cond:
+            lines = list(self.lines)
+        for line in lines:
+            m = _LISTEN_FAILED.search(line)
+            if m and m.group(1) in ours and "address already in use" in line.lower():
+                return True
+        return False
+
+    def _kill_and_reap(self) -> None:
+        """SIGKILL mitmdump's process group (if it still runs), reap it, and
+        let the output reader finish so a retry starts with a clean log."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(20)
+        if self._reader is not None:
+            self._reader.join(20)
 
     def _read_output(self, proc: subprocess.Popen) -> None:
         for line in proc.stdout:

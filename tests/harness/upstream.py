@@ -295,6 +295,7 @@ class Upstream(Service):
         self._stall_cond = threading.Condition()
         self._stall_generation = 0
         self._stalled_now = 0
+        self._stalled_by_digest: collections.Counter[str] = collections.Counter()
         self._cdn_secret = secrets.token_bytes(32)
         # Blob bytes (front door and CDN together) are paced through one shared
         # link of this many bytes/s: the slow line the mirror exists for.
@@ -451,22 +452,33 @@ auth:
             self._faults.clear()
         self.release_stalls()
 
-    def _stall(self) -> None:
-        """Park a transfer mid-body until release_stalls() (or STALL_LIMIT)."""
+    def _stall(self, digest: str | None) -> None:
+        """Park a transfer of `digest` mid-body until release_stalls() (or STALL_LIMIT)."""
         with self._stall_cond:
             generation = self._stall_generation
             self._stalled_now += 1
+            self._stalled_by_digest[digest] += 1
             self._stall_cond.notify_all()
             try:
                 self._stall_cond.wait_for(lambda: self._stall_generation != generation, STALL_LIMIT)
             finally:
                 self._stalled_now -= 1
+                self._stalled_by_digest[digest] -= 1
+                if self._stalled_by_digest[digest] <= 0:
+                    del self._stalled_by_digest[digest]
+                self._stall_cond.notify_all()
 
-    def wait_stalled(self, count: int = 1, timeout: float = 30.0) -> None:
-        """Wait until `count` transfers are parked by a "stall" fault."""
+    def wait_stalled(self, count: int = 1, timeout: float = 30.0, digest: str | None = None) -> None:
+        """Wait until `count` transfers are parked by a "stall" fault; with
+        `digest`, transfers of that blob only (a stall of another test's blob,
+        released but not yet resumed, does not count then)."""
+        def stalled() -> int:
+            return self._stalled_now if digest is None else self._stalled_by_digest[digest]
+
         with self._stall_cond:
-            if not self._stall_cond.wait_for(lambda: self._stalled_now >= count, timeout):
-                raise TimeoutError(f"{self._stalled_now} of {count} transfers stalled after {timeout}s")
+            if not self._stall_cond.wait_for(lambda: stalled() >= count, timeout):
+                which = "" if digest is None else f" of {digest}"
+                raise TimeoutError(f"{stalled()} of {count} transfers{which} stalled after {timeout}s")
 
     def release_stalls(self) -> None:
         with self._stall_cond:
@@ -688,6 +700,7 @@ auth:
             resp.close()
             return
 
+        stall_digest = digest  # the fault's blob, whatever the status
         if resp.status not in (200, 206):
             digest = None  # an error body is not blob content: do not count it
         kind = fault.kind if fault else None
@@ -701,7 +714,7 @@ auth:
             while True:
                 if stall_at is not None and sent >= stall_at:
                     h.wfile.flush()
-                    self._stall()
+                    self._stall(stall_digest)
                     stall_at = None
                 want = CHUNK if stop_at is None else min(CHUNK, stop_at - sent)
                 if stall_at is not None:
@@ -836,7 +849,7 @@ auth:
                 raise _Abort()
             if kind == "stall":
                 self._sendfile(h, f, start, count // 2, digest, rec)
-                self._stall()
+                self._stall(digest)
                 self._sendfile(h, f, start + count // 2, count - count // 2, digest, rec)
                 return
             if kind == "corrupt":
