@@ -11,8 +11,10 @@ import requests
 
 from addon.mirror import HIT_FILTER
 from tests.harness._http import LoopbackHTTPServer, QuietHandler
-from tests.harness.fresh import fresh_image
+from tests.harness.fresh import fresh_image, fresh_layer, unique_seed
+from tests.harness.images import push_image
 from tests.harness.mirror import Mirror
+from tests.harness.upstream import ALICE
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
@@ -123,7 +125,7 @@ def read_marks(path: Path) -> dict[str, dict]:
     return flows
 
 
-def test_flows_are_marked_hit_miss_failed_and_pass(tmp_path, upstream):
+def test_flows_are_marked_by_outcome(tmp_path, upstream):
     record_file = tmp_path / "flows.jsonl"
     good = fresh_image(upstream, 500_000)
     bad = fresh_image(upstream, 2_000_000)
@@ -138,7 +140,24 @@ def test_flows_are_marked_hit_miss_failed_and_pass(tmp_path, upstream):
             client.pull(bad.repo, bad.tag)
         # Logged after the update hook ran, so the recorder has written it.
         mirror.wait_for_log(rf"marked .* fill-failed: {bad_digest}", WAIT)
+        # A malformed request, a refused one, and a stale answer (each recorded
+        # before its response is sent, so before the client has it).
+        assert requests.get(f"{mirror.url}/v2/{good.repo}/blobs/notadigest", timeout=WAIT).status_code == 400
+        private = push_image(upstream.url, "acme/private", f"t{unique_seed()}", [fresh_layer(200_000)], auth=ALICE)
+        private_layer, _ = private.layers[0]
+        RegistryClient(mirror.url, *ALICE).pull(private.repo, private.tag)
+        mirror.wait_stored([private_layer], WAIT)
+        assert client.request("GET", f"/v2/{private.repo}/blobs/{private_layer}").status_code == 401
+        upstream.answer_everything_with = 503
+        try:
+            stale = client.request("GET", f"/v2/{good.repo}/manifests/{good.tag}")
+            assert stale.headers.get("X-Registry-Cache") == "stale"
+        finally:
+            upstream.answer_everything_with = None
     flows = read_marks(record_file).values()
+    marks = {f["outcome"]: f["marked"] for f in flows}
+    assert marks["error"] == ":red_circle:" and marks["denied"] == ":no_entry:"
+    assert marks["stale"] == ":yellow_circle:"
     blob_flows = [f for f in flows if "/blobs/" in f["url"]]
     by_outcome: dict[str, list] = {}
     for f in blob_flows:
@@ -153,7 +172,7 @@ def test_flows_are_marked_hit_miss_failed_and_pass(tmp_path, upstream):
     assert failed[0]["marked"] == ":red_circle:" and "digest mismatch" in failed[0]["comment"]
     assert all(f"{size} bytes" in f["comment"] for f in by_outcome["hit"] for d, size in good.blobs
                if d in f["comment"])
-    manifests = [f for f in flows if "/manifests/" in f["url"]]
+    manifests = [f for f in flows if "/manifests/" in f["url"] and f["outcome"] != "stale"]
     assert manifests and all(f["outcome"] == "pass" and f["marked"] == ":white_circle:" for f in manifests)
 
 
