@@ -130,8 +130,8 @@ class Fill:
                 if response.status_code != 200:
                     self.answer = UpstreamAnswer.from_response(response)
                     self._finish(State.FAILED, f"upstream answered {response.status_code}")
-                    last_words = (logging.INFO, "fill: %s failed: upstream answered %d",
-                                  self.digest, response.status_code)
+                    last_words = (logging.INFO, "fill: %s %s: upstream answered %d", self.digest,
+                                  "refused" if self.refused else "failed", response.status_code)
                     return
                 part = self._begin_streaming(response)
                 with PipelinedSha256() as hasher:
@@ -168,6 +168,12 @@ class Fill:
             self._end()
             if last_words:
                 log.log(*last_words)
+
+    @property
+    def refused(self) -> bool:
+        """The upstream said no to this client (no token yet, no access, no
+        such blob): its answer goes to the client; nothing failed."""
+        return self.answer is not None and self.answer.status in (401, 403, 404)
 
     def _found_in_store(self) -> bool:
         """Close the race with a fill that committed this digest just before
@@ -298,6 +304,7 @@ class Fill:
         slowest = min(self._cursors, key=lambda c: c.pos)
         slowest.dropped = True
         self._cursors.discard(slowest)
+        self._cond.notify_all()  # it may be waiting in readable_until
         log.warning("fill: dropped a client too far behind %s", self.digest)
 
     def _verify(self, hasher) -> None:
@@ -371,22 +378,26 @@ class Fill:
             self._cursors.add(cursor)
             return cursor
 
-    def readable_until(self, offset: int, timeout: float, end: int | None = None) -> int:
+    def readable_until(self, offset: int, timeout: float, end: int | None = None,
+                       cursor: "Cursor | None" = None) -> int:
         """Block until bytes past `offset` may be sent; return the limit.
 
         The last byte a client asked for (`end`, exclusive: a Range; else the
         whole blob) becomes readable only once the blob is verified, so no
         response is complete before its bytes are known good.
-        Raises FillFailed if the fill failed, or if no bytes arrived from the
-        upstream for `timeout` (an idle bound: a Range far ahead of the
-        writer, or one whose last byte waits for the whole blob, may wait
-        as long as the upstream keeps sending).
+        Raises FillFailed if the fill failed, if `cursor` was dropped (too
+        far behind a fill that cannot be stored), or if no bytes arrived
+        from the upstream for `timeout` (an idle bound: a Range far ahead of
+        the writer, or one whose last byte waits for the whole blob, may
+        wait as long as the upstream keeps sending).
         """
         called_at = time.monotonic()
         with self._cond:
             while True:
                 if self.state is State.FAILED:
                     raise FillFailed(self.error)
+                if cursor is not None and cursor.dropped:
+                    raise FillFailed("client fell too far behind a fill that could not be stored")
                 if self.state is State.VERIFIED:
                     return self.written
                 limit = self.written
@@ -412,9 +423,7 @@ class Cursor:
         self.dropped = False
 
     def readable_until(self, offset: int, timeout: float, end: int | None = None) -> int:
-        if self.dropped:
-            raise FillFailed("client fell too far behind a fill that could not be stored")
-        return self.fill.readable_until(offset, timeout, end)
+        return self.fill.readable_until(offset, timeout, end, self)
 
     def on_disk_until(self) -> int | None:
         """Bytes below this offset are in the part file (None: all are)."""

@@ -73,9 +73,11 @@ class ManifestStore:
 
     def remember(self, registry: str, repo: str, reference: str, body: bytes, headers,
                  accepted: list[str]) -> str | None:
-        """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD,
-        for a manifest already kept). Returns the digest, or None if nothing
-        was kept. `accepted`: the Accept values of the client's request."""
+        """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD:
+        containerd resolves a tag by HEAD, then GETs the manifest by digest,
+        so the tag must be remembered before its manifest is kept). Returns
+        the digest, or None if nothing was kept. `accepted`: the Accept
+        values of the client's request."""
         if body:
             manifest = verified_manifest(body, headers, reference)
             if manifest is None:
@@ -84,7 +86,7 @@ class ManifestStore:
             digest = manifest.digest
         else:
             digest = headers.get("Docker-Content-Digest", "")
-            if not SHA256_RE.fullmatch(digest) or self.get(digest) is None:
+            if not SHA256_RE.fullmatch(digest):
                 return None
         media_type = headers.get("Content-Type", "").split(";")[0].strip()
         if ":" not in reference and is_what_the_tag_names(accepted, media_type):

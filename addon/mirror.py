@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import resource
-import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +52,10 @@ log = logging.getLogger("registry_cache")
 
 START_TIMEOUT = 120.0  # bound on waiting for an upstream to answer a blob GET
 MAX_HEADER_BYTES = 32 * 1024  # registry clients send a few hundred bytes
-STREAM_BODIES_OVER = "1m"  # stream_large_bodies unless the operator set it
+# mitmproxy holds a whole body in memory unless told to stream it: a pushed
+# layer, or a large download in regular mode, would cost its size. Bodies the
+# mirror passes through are streamed from this size on (or of unknown size).
+STREAM_BODIES_OVER = 1 << 20
 OPEN_FILES_WANTED = 65536  # sockets, blob files and fill cursors: 1024 runs out under load
 METADATA_KEY = "registry_cache"
 HIT_FILTER = '~meta "registry_cache: hit"'  # mitmweb/mitmdump filter listing hits (README)
@@ -74,6 +76,25 @@ REFUSAL_CODES = {  # OCI error for an access refusal, by the upstream's status
 }
 
 
+def _check_set_values() -> None:
+    """Stop mitmdump over a --set value of ours it cannot parse (serve_stale=yes).
+
+    mitmproxy parses a script's --set values only once the script has
+    registered its options, and a failure there ends the script's loading
+    task without a word: mitmdump would run on as a plain proxy, caching
+    nothing. Parsed here first, a bad value is logged as an error, on which
+    mitmdump exits at start. (Uses mitmproxy 12's option internals.)"""
+    options = ctx.options
+    for name, value in list(options.deferred.items()):
+        raw = getattr(value, "val", None)
+        if raw is None or name not in options._options:  # not (yet) an option: someone else's
+            continue
+        try:
+            options._parse_setval(options._options[name], raw)
+        except exceptions.OptionsError as exc:
+            log.error("registry-cache: --set %s=%s: %s", name, " ".join(raw), exc)
+
+
 def raise_open_files_limit() -> None:
     """Lift the soft limit on open files towards the hard one. Each blob a
     client downloads holds its socket and a file; the usual soft limit of
@@ -91,6 +112,15 @@ def default_cache_dir() -> str:
 
 
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def format_size(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as parse_size reads them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def parse_size(text: str) -> int:
@@ -176,6 +206,7 @@ class RegistryCache:
             "Base URL clients use to reach the blob server, e.g. http://mirror.lan:5001 "
             "(default: the address the client connected to, with blob_port).",
         )
+        _check_set_values()
 
     def configure(self, updated: set[str]) -> None:
         if "registries" in updated:
@@ -211,8 +242,8 @@ class RegistryCache:
         self.blob_server.start()
         used, count = self.store.usage()
         log.info(
-            "registry-cache: store %s (%d blobs, %.1f of %.1f GiB); blob server on %s:%d",
-            cache_dir, count, used / 2**30, size_limit / 2**30, self.blob_server.host, self.blob_server.port,
+            "registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d",
+            cache_dir, count, format_size(used), format_size(size_limit), self.blob_server.host, self.blob_server.port,
         )
 
     def running(self) -> None:
@@ -221,13 +252,12 @@ class RegistryCache:
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
             log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
-        # mitmproxy holds a whole body in memory unless told to stream it: a
-        # pushed layer, or a large download in regular mode, would cost its size.
-        if not ctx.options.stream_large_bodies:
-            ctx.options.update(stream_large_bodies=STREAM_BODIES_OVER)
-            log.info("registry-cache: stream_large_bodies set to %s (pass large bodies through, not buffer them)",
-                     STREAM_BODIES_OVER)
         raise_open_files_limit()
+        if ctx.options.stream_large_bodies:
+            # mitmproxy turns streaming on mid-body for a request the mirror
+            # has already answered (refused), and its HTTP layer then fails.
+            log.warning("registry-cache: stream_large_bodies is set; leave it unset: the mirror streams the "
+                        "large bodies it passes through itself, and refusing a large request breaks with it")
 
     def done(self) -> None:
         self._shutdown()
@@ -264,37 +294,45 @@ class RegistryCache:
     # -- request routing -------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Refuse or route a registry request before its body (a pushed layer,
-        streamed through by stream_large_bodies) goes anywhere."""
-        if not routes.is_registry_path(flow.request.path):
+        """Refuse or route a registry request before its body (a pushed
+        layer) goes anywhere, and stream large bodies passed through."""
+        request = flow.request
+        if not routes.is_registry_path(request.path):
+            _stream_if_large(request)
             return
         flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
-        size = sum(len(name) + len(value) for name, value in flow.request.headers.fields)
+        size = sum(len(name) + len(value) for name, value in request.headers.fields)
         if size > MAX_HEADER_BYTES:
-            log.warning("registry-cache: refused %s %s: %d bytes of headers",
-                        flow.request.method, flow.request.path[:200], size)
-            self._answer_now(flow, oci_error(431, "UNSUPPORTED", "request headers too large", f"{size} bytes"))
-            self._mark(flow, "error", detail="headers too large")
+            self._refuse(flow, oci_error(431, "UNSUPPORTED", "request headers too large", f"{size} bytes"),
+                         f"{size} bytes of headers")
+            return
+        if not request.headers.get("Authorization", "").isascii():
+            self._refuse(flow, oci_error(400, "UNAUTHORIZED", "malformed Authorization header"),
+                         "Authorization header is not ASCII")
             return
         try:
-            route = routes.parse(flow.request.path)
+            route = routes.parse(request.path)
         except RouteError as exc:
-            log.warning("registry-cache: refused %s %s: %s", flow.request.method, flow.request.path[:200], exc.message)
-            self._answer_now(flow, oci_error(400, exc.code, exc.message, exc.detail))
-            self._mark(flow, "error", detail=exc.message)
+            self._refuse(flow, oci_error(400, exc.code, exc.message, exc.detail), exc.message)
             return
         flow.metadata[METADATA_KEY + ".route"] = route
+        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            flow.metadata[METADATA_KEY + ".registry_host"] = _host_port(request)  # for the log line
         if route.namespace is not None and not self._route_to_namespace(flow, route.namespace):
-            flow.request.stream = False
+            return
+        if not (request.method in ("GET", "HEAD") and route.kind in (Kind.BLOB, Kind.MANIFEST, Kind.PING)):
+            _stream_if_large(request)  # passed through: uploads, tags, catalog, deletes
 
-    @staticmethod
-    def _answer_now(flow: http.HTTPFlow, response: http.Response) -> None:
+    def _refuse(self, flow: http.HTTPFlow, response: http.Response, why: str, outcome: str = "error") -> None:
+        """Answer a bad request with an OCI error (mitmproxy reads the request's
+        body before it sends the answer: README, Limits)."""
+        log.warning("registry-cache: refused %s %s: %s", flow.request.method, flow.request.path[:200], why)
+        self._mark(flow, outcome, detail=why)
         flow.response = response
-        flow.request.stream = False  # mitmproxy cannot both stream a body up and answer itself
 
     async def request(self, flow: http.HTTPFlow) -> None:
         path = flow.request.path.split("?", 1)[0]
-        if path in (METRICS_PATH, STATS_PATH) and await self._addressed_to_mirror(flow):
+        if path in (METRICS_PATH, STATS_PATH):  # whatever host it names: the path is ours
             flow.response = await self._io(self._metrics_response, path)
             return
         route = flow.metadata.get(METADATA_KEY + ".route")
@@ -317,32 +355,22 @@ class RegistryCache:
         """Send a request to the registry containerd named with ?ns=, if served."""
         del flow.request.query["ns"]  # meant for the mirror, not the registry
         target = base_url_for(ns, self.registries)
+        if target is None and _names_destination(ns, flow.request):
+            return True  # the registry it goes to anyway: a reverse-mode mirror of that registry
         if target is None:
-            log.warning("registry-cache: refused %s %s: registry %r is not in the registries option",
-                        flow.request.method, flow.request.path[:200], ns)
-            flow.response = oci_error(403, "DENIED", "registry not mirrored here", ns[:200])
-            self._mark(flow, "denied", detail=f"ns={ns[:200]}")
+            self._refuse(flow, oci_error(403, "DENIED", "registry not mirrored here", ns[:200]),
+                         f"registry {ns[:200]!r} is not in the registries option", outcome="denied")
             return False
         parts = urlsplit(target)
         request = flow.request
         if (request.scheme, request.host, request.port) != (parts.scheme, parts.hostname, parts.port or
                                                             (443 if parts.scheme == "https" else 80)):
             flow.metadata[METADATA_KEY + ".original_url"] = request.url
+            flow.metadata[METADATA_KEY + ".registry_host"] = ns.strip().lower()
             request.url = target + request.path
         return True
 
     # -- metrics, request log --------------------------------------------------
-
-    async def _addressed_to_mirror(self, flow: http.HTTPFlow) -> bool:
-        """Is this request for the mirror itself? In reverse mode, always. In
-        regular mode only if it names the proxy's own address and port: a
-        proxied request to another host passes through, whatever its path."""
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            return True
-        local_host, local_port = flow.client_conn.sockname[:2]
-        if flow.request.port != local_port:
-            return False
-        return await self._io(_names_address, flow.request.host, local_host)
 
     def _gauges(self) -> dict[str, float]:
         used, count = self.store.usage()
@@ -366,7 +394,7 @@ class RegistryCache:
         """Called by each fill as it ends (in its thread)."""
         if not fill.already_stored:
             self.metrics.count("upstream_blob_bytes_total", fill.written)
-        if fill.state is not State.FAILED:
+        if fill.state is not State.FAILED or fill.refused:  # a refusal is the upstream's answer, not a failure
             return
         if fill.answer is not None:
             reason = f"upstream {fill.answer.status}"
@@ -374,6 +402,8 @@ class RegistryCache:
                 self.metrics.count("upstream_errors_total", 1, str(fill.answer.status))
         elif fill.error.startswith(("digest mismatch", "truncated", "upstream sent more")):
             reason = "verification"
+        elif fill.error.startswith("could not start"):
+            reason = "local"  # out of threads: not the upstream's fault
         else:
             reason = "connection"
             self.metrics.count("upstream_errors_total", 1, "connection")
@@ -386,8 +416,10 @@ class RegistryCache:
         self._log_request(flow)
 
     def _log_request(self, flow: http.HTTPFlow) -> None:
-        """One line per registry request: method, repository, reference,
-        outcome, bytes, milliseconds; and its count in the metrics."""
+        """One line per registry request: method, repository (with its
+        registry's host unless it is the reverse-mode upstream), kind,
+        reference, outcome, HTTP status, bytes, milliseconds; and its count
+        in the metrics."""
         started = flow.metadata.get(METADATA_KEY + ".started")
         if started is None:
             return
@@ -400,10 +432,13 @@ class RegistryCache:
             size = len(flow.response.raw_content or b"")
         kind = route.kind.value if route else "invalid"
         self.metrics.count("requests_total", 1, kind, outcome)
-        log.info("registry-cache: %s %s %s %s %s %d bytes %.0f ms",
-                 flow.request.method, route.name if route and route.name else "-", kind,
-                 route.reference if route and route.reference else "-", outcome, size or 0,
-                 (time.monotonic() - started) * 1000)
+        name = route.name if route and route.name else "-"
+        if registry_host := flow.metadata.get(METADATA_KEY + ".registry_host"):
+            name = f"{registry_host}/{name}"
+        status = flow.response.status_code if flow.response is not None else "-"
+        log.info("registry-cache: %s %s %s %s %s %s %d bytes %.0f ms",
+                 flow.request.method, name, kind, route.reference if route and route.reference else "-",
+                 outcome, status, size or 0, (time.monotonic() - started) * 1000)
 
     # -- manifests and pings: relayed, with a stale answer when the upstream is down
 
@@ -482,6 +517,8 @@ class RegistryCache:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(METADATA_KEY + ".stream"):
             flow.response.stream = True
+        elif flow.request.method != "HEAD":
+            _stream_if_large(flow.response)
 
     async def _io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -519,7 +556,7 @@ class RegistryCache:
             self._mark(flow, "error", digest, detail="upstream did not answer in time")
             return
         if fill.state is State.FAILED:
-            self._mark(flow, "fill-failed", digest, detail=fill.error)
+            self._mark(flow, "denied" if fill.refused else "fill-failed", digest, detail=fill.error)
             if fill.answer is not None:
                 answer = fill.answer
                 flow.response = http.Response.make(answer.status, answer.body, answer.headers)
@@ -680,13 +717,42 @@ def _relayed(answer, method: str) -> http.Response:
     sent: Response.make would encode it again by its Content-Encoding)."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
                if k.lower() not in ("connection", "keep-alive", "transfer-encoding")]
-    response = http.Response.make(answer.status, b"", headers)
+    response = http.Response.make(answer.status)
+    response.headers = http.Headers(headers)  # after make(), which would re-encode by them
     response.raw_content = answer.body
     if method == "HEAD" and "Content-Length" in answer.headers:
         response.headers["Content-Length"] = answer.headers["Content-Length"]
     else:
         response.headers["Content-Length"] = str(len(answer.body))
     return response
+
+
+def _host_port(request: http.Request) -> str:
+    """host, or host:port when the port is not the scheme's own: how
+    containerd's ns and image names spell a registry."""
+    host = request.host.lower()
+    return host if request.port == (443 if request.scheme == "https" else 80) else f"{host}:{request.port}"
+
+
+def _names_destination(ns: str, request: http.Request) -> bool:
+    """Does containerd's ns name the registry this request already goes to?"""
+    return ns.strip().lower() == _host_port(request)
+
+
+def _declares_large_body(message: http.Message) -> bool:
+    """A body over STREAM_BODIES_OVER, or one whose size is not declared
+    (chunked; for a response also one that runs until the connection closes)."""
+    length = message.headers.get("Content-Length", "")
+    if length.isdigit():
+        return int(length) > STREAM_BODIES_OVER
+    if "chunked" in message.headers.get("Transfer-Encoding", "").lower():
+        return True
+    return isinstance(message, http.Response)
+
+
+def _stream_if_large(message: http.Message) -> None:
+    if _declares_large_body(message):
+        message.stream = True
 
 
 def _end_to_end_headers(request: http.Request) -> dict[str, bytes]:
@@ -705,18 +771,6 @@ def _end_to_end_headers(request: http.Request) -> dict[str, bytes]:
             names[key] = name
             headers[name] = value
     return headers
-
-
-def _names_address(host: str, address: str) -> bool:
-    """Does host (a name or an address) resolve to this local address?"""
-    address = address.removeprefix("::ffff:")
-    if host.strip("[]") == address:
-        return True
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return False
-    return any(info[4][0].removeprefix("::ffff:") == address for info in infos)
 
 
 def _registry_of(flow: http.HTTPFlow) -> str:

@@ -289,7 +289,12 @@ class DiskBlobStore:
 
     def make_room(self, needed: int) -> int:
         try:
-            return self.evict_to(max(0, self._cache.volume() - needed))
+            volume = self._cache.volume()
+            if needed > volume + max(0, self.disk_space_left()):
+                # Emptying the store would not make room: keep what it holds.
+                log.warning("store: %d more bytes needed, more than all %d stored; evicting nothing", needed, volume)
+                return 0
+            return self.evict_to(max(0, volume - needed), f"to make room for {needed} bytes")
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             log.error("store: could not evict to make room: %s", exc)
             return 0
@@ -301,8 +306,9 @@ class DiskBlobStore:
         reserve = min(RESERVE_BYTES, stat.f_blocks * stat.f_frsize // 20)
         return stat.f_bavail * stat.f_frsize - reserve
 
-    def evict_to(self, limit: int) -> int:
+    def evict_to(self, limit: int, why: str = "") -> int:
         """Evict least-recently-used blobs until the store fits in `limit`."""
+        why = why or f"to stay under {limit} bytes"
         evicted = 0
         while self._cache.volume() > limit:
             # diskcache has no public "least recently used key" query; the
@@ -312,7 +318,7 @@ class DiskBlobStore:
                 break
             if self._cache.delete(row[0]):
                 evicted += 1
-                log.info("store: evicted %s to stay under %d bytes", row[0], limit)
+                log.info("store: evicted %s %s", row[0], why)
         self.evictions += evicted
         return evicted
 

@@ -75,7 +75,7 @@ if str(ROOT) not in sys.path:
 import diskcache  # noqa: E402
 
 from addon.access import SeenIndex  # noqa: E402
-from addon.mirror import default_cache_dir, parse_size  # noqa: E402
+from addon.mirror import default_cache_dir, format_size, parse_size  # noqa: E402
 from addon.registries import DOCKER_HUB_NAME, DOCKER_HUB_URL  # noqa: E402
 from addon.store import PART_SUFFIX, BlobEntry, DiskBlobStore  # noqa: E402
 
@@ -104,14 +104,6 @@ class AdminStore(DiskBlobStore):
 
 
 # -- helpers --------------------------------------------------------------------
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
 
 def iso(ts: float | None) -> str:
     if ts is None:
@@ -325,12 +317,12 @@ def cmd_du(args) -> int:
         print(json.dumps(report, indent=1))
         return 0
     print(f"store       {args.cache_dir}")
-    print(f"blobs       {count} ({human(blob_bytes)}, {blob_bytes} bytes)")
-    print(f"total       {human(used)} ({used} bytes, blobs and index; what the limit counts)")
-    print(f"size limit  {human(limit)} ({limit} bytes, {100 * used / limit:.0f}% used)" if limit else
+    print(f"blobs       {count} ({format_size(blob_bytes)}, {blob_bytes} bytes)")
+    print(f"total       {format_size(used)} ({used} bytes, blobs and index; what the limit counts)")
+    print(f"size limit  {format_size(limit)} ({limit} bytes, {100 * used / limit:.0f}% used)" if limit else
           "size limit  unknown")
     print(f"manifests   {manifests} (and {tags} tags)")
-    print(f"part files  {len(parts)} ({human(sum(parts))}): fills in progress, or left by a killed mirror")
+    print(f"part files  {len(parts)} ({format_size(sum(parts))}): fills in progress, or left by a killed mirror")
     return 0
 
 
@@ -390,7 +382,7 @@ def cmd_verify(args) -> int:
         store.close()
     total_dropped = sum(dropped.values())
     detail = ", ".join(f"{n} {kind}" for kind, n in sorted(dropped.items()))
-    print(f"verify: {checked} blobs ({human(checked_bytes)}) checked in {time.monotonic() - started:.1f} s: "
+    print(f"verify: {checked} blobs ({format_size(checked_bytes)}) checked in {time.monotonic() - started:.1f} s: "
           f"{intact} intact, {total_dropped} dropped{f' ({detail})' if detail else ''}"
           + (f", {changed} changed while checked" if changed else "")
           + (f", {len(unreadable)} could not be read" if unreadable else ""))
@@ -451,7 +443,7 @@ def cmd_purge(args) -> int:
             used = store.usage()[0] - (sum(e.size for e in removed) if args.dry_run else 0)
             if args.dry_run:
                 for entry in pick_lru([e for e in entries if e.digest not in gone], used, args.to_size):
-                    report(entry, f"least recently used, to get under {human(args.to_size)}")
+                    report(entry, f"least recently used, to get under {format_size(args.to_size)}")
             else:
                 for _round in range(5):  # blobs read meanwhile are kept; pick again
                     victims = pick_lru(store.entries(), store.usage()[0], args.to_size)
@@ -460,18 +452,18 @@ def cmd_purge(args) -> int:
                     for entry in victims:
                         if store.drop(entry, unless_read_since=True):
                             seen_in.setdefault(entry.digest, repos.of(entry.digest))
-                            report(entry, f"least recently used, to get under {human(args.to_size)}")
+                            report(entry, f"least recently used, to get under {format_size(args.to_size)}")
         used, count = store.usage()
     finally:
         repos.close()
         store.close()
     freed = sum(entry.size for entry in removed)
     if args.dry_run:
-        print(f"purge (dry run): would remove {len(removed)} blobs ({human(freed)}); "
-              f"the store holds {count} blobs, {human(used)}")
+        print(f"purge (dry run): would remove {len(removed)} blobs ({format_size(freed)}); "
+              f"the store holds {count} blobs, {format_size(used)}")
     else:
-        print(f"purge: removed {len(removed)} blobs ({human(freed)}); "
-              f"the store now holds {count} blobs, {human(used)}")
+        print(f"purge: removed {len(removed)} blobs ({format_size(freed)}); "
+              f"the store now holds {count} blobs, {format_size(used)}")
     return 0
 
 
@@ -651,12 +643,12 @@ def cmd_import(args) -> int:
         store.close()
     imported = stats.linked + stats.copied
     print(f"import: {imported} blobs imported ({stats.linked} linked, {stats.copied} copied, "
-          f"{human(stats.bytes)}) in {time.monotonic() - started:.1f} s; {stats.already} already stored; "
+          f"{format_size(stats.bytes)}) in {time.monotonic() - started:.1f} s; {stats.already} already stored; "
           f"{len(stats.bad)} bad (skipped); {len(stats.failed)} failed"
           + (f"; {stats.ignored} files ignored (not named by a sha256 digest)" if stats.ignored else ""))
     if evicted:
         print(f"import: the store evicted {evicted} least recently used blobs to stay under its size limit")
-    print(f"import: the store holds {count} blobs, {human(used)}. Imported blobs are served for a "
+    print(f"import: the store holds {count} blobs, {format_size(used)}. Imported blobs are served for a "
           f"repository only after the upstream confirms that client may pull it there.")
     if created_by_root:
         print(f"import: made the new store {args.cache_dir} as root. If the mirror runs as another user, "

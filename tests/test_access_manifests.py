@@ -148,9 +148,16 @@ def test_manifest_store_remembers_answers_and_looks_up_tags(tmp_path):
         assert store.lookup("http://r", "a/b", digest).body == body
         assert store.remember("http://r", "a/b", "v2", b"", headers, ACCEPT_ALL) == digest  # HEAD of a kept one
         assert store.lookup("http://r", "a/b", "v2").digest == digest
-        unknown = {"Docker-Content-Digest": "sha256:" + "9" * 64}
-        assert store.remember("http://r", "a/b", "v3", b"", unknown, ACCEPT_ALL) is None  # HEAD, nothing kept
-        assert store.lookup("http://r", "a/b", "v3") is None
+        # containerd's order: HEAD by tag first, then GET by digest
+        later = b'{"schemaVersion": 2, "x": 2}'
+        later_digest = "sha256:" + hashlib.sha256(later).hexdigest()
+        head = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Docker-Content-Digest": later_digest}
+        assert store.remember("http://r", "a/b", "v3", b"", head, ACCEPT_ALL) == later_digest
+        assert store.lookup("http://r", "a/b", "v3") is None  # nothing to answer with yet
+        assert store.remember("http://r", "a/b", later_digest, later, head, ACCEPT_ALL) == later_digest
+        assert store.lookup("http://r", "a/b", "v3").body == later
+        garbage = {"Docker-Content-Digest": "sha256:nope"}
+        assert store.remember("http://r", "a/b", "v4", b"", garbage, ACCEPT_ALL) is None
     finally:
         store.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -86,3 +87,27 @@ def test_a_header_value_that_is_not_latin1_is_relayed_not_an_addon_crash(mirror)
     assert response.status == 401  # the upstream's own challenge
     assert "WWW-Authenticate" in response.headers
     assert "Addon error" not in mirror.log_text()
+
+
+def _send_with_body(mirror: Mirror, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", mirror.ports[0], timeout=WAIT)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/octet-stream"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_refused_requests_with_large_bodies_get_their_error_and_the_proxy_goes_on(mirror):
+    """A large body on a request the mirror refuses (or answers itself): the
+    OCI error as for any other, and no failure in mitmproxy's HTTP layer
+    (which streaming turned on for such a body would cause)."""
+    start = len(mirror.lines)
+    big = b"\0" * (3 << 20)
+    status, body = _send_with_body(mirror, "PATCH", "/v2/../x/blobs/uploads/u", big)
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+    status, body = _send_with_body(mirror, "GET", "/v2/library/alpine/blobs/sha256:" + "A" * 64, big)
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "DIGEST_INVALID"
+    assert not re.search(r"mitmproxy has crashed|Traceback", "\n".join(mirror.lines[start:]))
+    assert RegistryClient(mirror.url).ping() in (200, 401)

@@ -4,6 +4,8 @@ serving while the upstream is down, and the marks mitmweb shows."""
 from __future__ import annotations
 
 import json
+import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,9 @@ def test_explicit_https_proxy_caches_blobs(https_upstream, proxy, redirect):
     result = client.pull(image.repo, image.tag)
     assert result.manifest_digest == image.digest and result.layers == image.layers
     assert not [s for s in statuses if 300 <= s < 400]  # TLS clients are never sent to plain HTTP
+    digest, size = image.layers[0]  # the log line names the registry the client named
+    proxy.wait_for_log(rf"registry-cache: GET {re.escape(https_upstream.host_port)}/{image.repo} blob {digest} miss 200 ",
+                       WAIT)
     assert https_upstream.counters.blob_bytes == image.blob_bytes  # one upstream copy
     if redirect:
         cdn = [r for r in https_upstream.counters.requests if r.server == "cdn"]
@@ -191,16 +196,15 @@ class NotARegistry(QuietHandler):
             self.send_body(200, b"the site's own page", "text/plain")
 
 
-def test_regular_mode_leaves_other_sites_alone_and_still_answers_its_own_metrics(tmp_path):
+def test_regular_mode_makes_up_no_answer_for_a_site_that_is_no_registry(tmp_path):
     site = LoopbackHTTPServer(NotARegistry, name="not-a-registry").start()
     try:
         with Mirror(tmp_path / "m", ["regular"]) as mirror:
             proxy = {"http": mirror.url}
-            page = requests.get(f"{site.url}/_registry_cache/metrics", proxies=proxy, timeout=WAIT)
-            assert page.text == "the site's own page"
+            assert requests.get(f"{site.url}/", proxies=proxy, timeout=WAIT).text == "the site's own page"
             ping = requests.get(f"{site.url}/v2/", proxies=proxy, timeout=WAIT)
             assert ping.status_code == 503 and "X-Registry-Cache" not in ping.headers  # no made-up 200
-            for via in ({}, proxy):  # asked directly, or as a proxied request to the proxy itself
+            for via in ({}, proxy):  # asked directly, or as a proxied request
                 ours = requests.get(f"{mirror.url}/_registry_cache/metrics", proxies=via, timeout=WAIT)
                 assert ours.status_code == 200 and "registry_cache_requests_total" in ours.text
     finally:
@@ -229,3 +233,40 @@ def test_with_blob_redirect_off_mitmproxy_relays_every_blob_itself(tmp_path, ups
         assert upstream.counters.blob_bytes == 0
         assert not [s for s in statuses if 300 <= s < 400], statuses
         mirror.wait_for_log(rf"registry-cache: GET {image.repo} blob {digest} hit", WAIT)
+
+
+class HalfThenWait(QuietHandler):
+    """A large download whose second half waits until the test lets it go."""
+
+    release = threading.Event()
+
+    def do_GET(self):  # noqa: N802
+        half = b"x" * (2 << 20)
+        self.send_response(200)
+        self.send_header("Content-Length", str(2 * len(half)))
+        self.end_headers()
+        self.wfile.write(half)
+        self.wfile.flush()
+        self.release.wait(WAIT)
+        self.wfile.write(half)
+
+
+def test_a_large_download_passing_through_is_streamed_not_held_whole(tmp_path):
+    """Regular mode, a site that is no registry: the client gets the first
+    half while the second has not even been sent (mitmproxy would otherwise
+    hold the whole body in memory before passing any of it on)."""
+    HalfThenWait.release.clear()
+    site = LoopbackHTTPServer(HalfThenWait, name="half-then-wait").start()
+    try:
+        with Mirror(tmp_path / "m", ["regular"]) as mirror:
+            # The site holds the second half back for up to WAIT; a read that
+            # waits for it (a buffered body) times out well before.
+            with requests.get(f"{site.url}/big.iso", proxies={"http": mirror.url}, stream=True,
+                              timeout=(WAIT, WAIT / 4)) as r:
+                first = r.raw.read(2 << 20)
+                HalfThenWait.release.set()
+                rest = r.raw.read()
+            assert len(first) == 2 << 20 and len(rest) == 2 << 20
+    finally:
+        HalfThenWait.release.set()
+        site.stop()

@@ -108,3 +108,20 @@ def test_serve_stale_can_be_turned_off(upstream, tmp_path):
         # Blobs already stored are still served to the client the upstream allowed.
         digest, size = image.layers[0]
         assert client.get_blob(image.repo, digest, expected_size=size) == size
+
+
+def test_a_tag_resolved_the_containerd_way_is_served_while_the_upstream_is_down(upstream, mirror):
+    """containerd resolves a tag with a HEAD, then GETs the manifest by
+    digest: one such pull must be enough for the tag to work offline."""
+    seed = unique_seed()
+    image = push_image(upstream.url, f"offline/ctr{seed}", f"t{seed}", [fresh_layer(200_000)], auth=ALICE)
+    client = RegistryClient(mirror.url)
+    r = client.request("HEAD", f"/v2/{image.repo}/manifests/{image.tag}", headers={"Accept": MANIFEST_TYPES})
+    assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == image.digest
+    r = client.request("GET", f"/v2/{image.repo}/manifests/{image.digest}", headers={"Accept": MANIFEST_TYPES})
+    assert r.status_code == 200 and r.content == image.manifest
+    mirror.wait_for_log(rf"access: .*/{image.repo} is (public|not public)", WAIT)
+    upstream.set_down(True)
+    r = manifest_get(mirror, image.repo, image.tag)
+    assert r.status_code == 200 and r.content == image.manifest
+    assert r.headers["X-Registry-Cache"] == "stale" and r.headers["Docker-Content-Digest"] == image.digest

@@ -117,10 +117,10 @@ def test_one_log_line_per_registry_request(upstream, mirror):
     RegistryClient(mirror.url).pull(image.repo, image.tag)
     RegistryClient(mirror.url).pull(image.repo, image.tag)
     digest, size = image.layers[0]
-    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} hit {size} bytes \d+ ms", WAIT)
-    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} manifest {image.tag} pass \d+ bytes \d+ ms",
+    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} hit 307 {size} bytes \d+ ms", WAIT)
+    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} manifest {image.tag} pass 200 \d+ bytes \d+ ms",
                         WAIT)
-    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} miss {size} bytes", WAIT)
+    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} miss 307 {size} bytes", WAIT)
 
 
 def test_a_running_mirror_evicts_least_recently_used_blobs_to_stay_under_cache_size(tmp_path, upstream):
@@ -145,8 +145,48 @@ def test_a_running_mirror_evicts_least_recently_used_blobs_to_stay_under_cache_s
         assert upstream.counters.blob_bytes == 0  # kept: it had been read more recently
 
 
-def test_an_unusable_option_stops_mitmdump_at_start_with_a_message(tmp_path, upstream):
-    command = Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={"cache_size": "lots"}).command()
+@pytest.mark.parametrize("name, value, message", [
+    ("cache_size", "lots", "registry-cache: not a size: 'lots'"),
+    ("blob_port", "70000", "registry-cache: blob_port out of range"),
+    # mitmproxy itself would drop the whole addon without a word over these,
+    # and run on as a plain proxy that caches nothing
+    ("serve_stale", "maybe", "registry-cache: --set serve_stale=maybe: "),
+    ("blob_redirect", "yes", "registry-cache: --set blob_redirect=yes: "),
+])
+def test_an_unusable_option_stops_mitmdump_at_start_with_a_message(tmp_path, upstream, name, value, message):
+    command = Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={name: value}).command()
     done = subprocess.run(command, capture_output=True, text=True, timeout=WAIT)
     assert done.returncode != 0
-    assert "registry-cache: not a size: 'lots'" in done.stdout + done.stderr
+    assert message in done.stdout + done.stderr
+
+
+def test_a_mirror_of_another_registry_takes_containerds_ns_naming_that_registry(tmp_path, upstream):
+    """A reverse-mode mirror of registry H, which H's hosts.toml points at:
+    containerd adds ?ns=H, and H need not be on the registries list."""
+    image = image_on(upstream)
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"]) as mirror:  # default registries list
+        client = RegistryClient(mirror.url, query={"ns": upstream.host_port})
+        assert client.pull(image.repo, image.tag).layers == image.layers
+        mirror.wait_stored([d for d, _ in image.blobs], WAIT)
+        upstream.reset_counters()
+        assert client.pull(image.repo, image.tag).layers == image.layers
+        assert upstream.counters.blob_bytes == 0
+        assert not any("ns=" in r.path for r in upstream.counters.requests)
+        host = upstream.host_port.split(":")[0]
+        for ns in (host, f"{host}:1", "evil.example"):  # H's host on another port is another registry
+            r = requests.get(f"{mirror.url}/v2/{image.repo}/manifests/{image.tag}", params={"ns": ns}, timeout=WAIT)
+            assert r.status_code == 403, ns
+
+
+def test_the_upstreams_token_challenge_on_a_blob_is_no_fill_failure(upstream, mirror):
+    """A blob GET before the client has its token gets the upstream's 401,
+    as it would without the mirror: counted as denied, not as a failure."""
+    image = image_on(upstream)
+    digest, _ = image.layers[0]
+    r = requests.get(f"{mirror.url}/v2/{image.repo}/blobs/{digest}", timeout=WAIT)
+    assert r.status_code == 401 and upstream.token_realm in r.headers["WWW-Authenticate"]
+    mirror.wait_for_log(rf"fill: {digest} refused: upstream answered 401", WAIT)
+    now = stats(mirror)
+    assert now["fill_failures"] == {} and now["upstream_errors"] == {}
+    assert now["requests"]["blob"] == {"denied": 1}
+    mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} denied 401 ", WAIT)

@@ -17,6 +17,7 @@ from addon.fill import Fill, FillFailed, Fills, State
 from addon.store import DiskBlobStore
 from addon.upstream import UpstreamClient
 from tests.test_store import put
+from tests.test_store import read as read_stored
 
 WAIT = 30  # bound on every wait in this file
 
@@ -302,10 +303,13 @@ def test_a_fill_started_after_the_blob_was_committed_does_not_fetch(store):
 
 
 def test_disk_full_mid_fill_still_serves_followers_and_stores_nothing(store, upstream, monkeypatch):
-    """ENOSPC after 1 MB: eviction cannot help, so the fill spills to memory."""
+    """ENOSPC after 1 MB, and the blobs stored are too few to make room for
+    the rest: none is evicted for nothing, and the fill spills to memory."""
     import errno
 
     from addon import fill as fill_module
+
+    others = [put(store, os.urandom(200_000)) for _ in range(3)]
 
     real_pwrite = os.pwrite
 
@@ -315,15 +319,36 @@ def test_disk_full_mid_fill_still_serves_followers_and_stores_nothing(store, ups
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(fill_module.os, "pwrite", pwrite_until_full)
+    monkeypatch.setattr(store, "disk_space_left", lambda: 1_000_000 - (fill.written if fill_box else 0))
     monkeypatch.setattr(fill_module, "WINDOW_LIMIT", 2 << 20)  # much smaller than the blob
     body = os.urandom(9_000_000)
+    fill_box = []
+    upstream.gate.clear()
     fill, finished = run_fill(store, upstream, body)
+    fill_box.append(fill)
+    upstream.gate.set()
     wait_streaming(fill)
     assert follow(fill) == body  # every byte, through a window smaller than the blob
     assert finished.wait(WAIT)
     assert fill.state is State.VERIFIED and fill.spill_at is not None and fill.spill_at <= 1_000_000
     assert store.open(fill.digest) is None
     assert list(store.fills_dir.iterdir()) == []
+    assert store.evictions == 0 and all(store.size_of(d) == 200_000 for d in others)
+
+
+def test_disk_full_mid_fill_evicts_the_least_recently_used_blobs_when_that_makes_room(store, upstream, monkeypatch):
+    oldest, older, newest = (put(store, os.urandom(1_500_000)) for _ in range(3))
+    # The disk is full until blobs are evicted.
+    monkeypatch.setattr(store, "disk_space_left", lambda: 0 if store.evictions == 0 else 1 << 40)
+    body = os.urandom(3_000_000)
+    fill, finished = run_fill(store, upstream, body)
+    wait_streaming(fill)
+    assert follow(fill) == body
+    assert finished.wait(WAIT)
+    assert fill.state is State.VERIFIED and fill.spill_at is None
+    assert read_stored(store, fill.digest) == body
+    assert store.size_of(oldest) is None and store.size_of(older) is None  # 3 MB needed: two go
+    assert store.size_of(newest) == 1_500_000
 
 
 @pytest.mark.parametrize("mode", ["good", "chunked"], ids=["content-length", "chunked"])
@@ -479,3 +504,43 @@ def test_a_body_shorter_than_its_content_length_is_never_stored(store):
     assert finished.wait(WAIT)
     assert fill.state is State.FAILED and fill.error.startswith("truncated body")
     assert store.open(digest) is None
+
+
+def test_a_follower_dropped_while_it_waits_is_told_at_once(tmp_path, upstream, monkeypatch):
+    """A Range of a blob that cannot be stored waits for its held last byte;
+    when the writer drops it for falling behind, it must hear so then, not
+    wait out the whole download first."""
+    import addon.fill as fill_module
+    monkeypatch.setattr(fill_module, "WINDOW_LIMIT", 256 << 10)
+    monkeypatch.setattr(fill_module, "SLOW_FOLLOWER_TIMEOUT", 0.2)
+    small = DiskBlobStore(tmp_path / "small", size_limit=1 << 20)
+    try:
+        body = os.urandom(3_000_000)
+        upstream.body = body
+        upstream.gate.clear()  # the second half waits: the fill is not over before the drop
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        fills = Fills(small, max_stored_size=small.size_limit)
+        client = UpstreamClient()
+        fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+        wait_streaming(fill)
+        cursor = fill.follow(0)
+        assert cursor.readable_until(0, WAIT, 10) == 9  # bytes 0-8; byte 9 is held until verified
+        outcome = []
+
+        def wait_for_the_last_byte():
+            try:
+                outcome.append(cursor.readable_until(9, WAIT, 10))
+            except FillFailed as exc:
+                outcome.append(str(exc))
+
+        waiter = threading.Thread(target=wait_for_the_last_byte)
+        waiter.start()
+        waiter.join(WAIT)
+        assert outcome == ["client fell too far behind a fill that could not be stored"]
+        assert not fill.finished  # told while the download was still going on
+        upstream.gate.set()
+        cursor.close()
+        wait_until(fill, lambda: fill.finished)
+    finally:
+        upstream.gate.set()
+        small.close()
