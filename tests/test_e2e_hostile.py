@@ -111,3 +111,17 @@ def test_refused_requests_with_large_bodies_get_their_error_and_the_proxy_goes_o
     assert status == 400 and json.loads(body)["errors"][0]["code"] == "DIGEST_INVALID"
     assert not re.search(r"mitmproxy has crashed|Traceback", "\n".join(mirror.lines[start:]))
     assert RegistryClient(mirror.url).ping() in (200, 401)
+
+
+def test_an_authorization_header_that_is_not_ascii_is_a_clean_400(mirror):
+    conn = http.client.HTTPConnection("127.0.0.1", mirror.ports[0], timeout=WAIT)
+    try:
+        conn.putrequest("GET", "/v2/library/alpine/manifests/latest", skip_accept_encoding=True)
+        conn.putheader("Authorization", b"Bearer \xff\xfe")
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 400 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+    assert "Addon error" not in mirror.log_text()
