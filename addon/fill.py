@@ -63,6 +63,7 @@ class UpstreamAnswer:
     status: int
     headers: list[tuple[bytes, bytes]]  # as mitmproxy's Response.make takes them
     body: bytes
+    from_redirect: bool = False  # a CDN's answer, after the registry redirected the client there
 
     @classmethod
     def from_response(cls, response: requests.Response) -> "UpstreamAnswer":
@@ -72,7 +73,7 @@ class UpstreamAnswer:
             for k, v in response.headers.items()
             if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")
         ]
-        return cls(response.status_code, keep, body)
+        return cls(response.status_code, keep, body, getattr(response, "redirected", False))
 
 
 Opener = Callable[[], requests.Response]
@@ -171,9 +172,10 @@ class Fill:
 
     @property
     def refused(self) -> bool:
-        """The upstream said no to this client (no token yet, no access, no
-        such blob): its answer goes to the client; nothing failed."""
-        return self.answer is not None and self.answer.status in (401, 403, 404)
+        """The registry said no to this client (no token yet, no access, no
+        such blob): its answer goes to the client; nothing failed. (A CDN's
+        403 or 404 after the registry said yes is a failure.)"""
+        return self.answer is not None and self.answer.status in (401, 403, 404) and not self.answer.from_redirect
 
     def _found_in_store(self) -> bool:
         """Close the race with a fill that committed this digest just before
@@ -257,7 +259,7 @@ class Fill:
             return False
         self._tried_making_room = True
         needed = (self.size - self.written) if self.size is not None else 64 * CHUNK
-        freed = self.store.make_room(needed)
+        freed = self.store.make_room(needed, certain=self.size is not None)
         log.warning("fill: disk full while filling %s; evicted %d blob(s) to make room", self.digest, freed)
         return freed > 0
 

@@ -73,25 +73,51 @@ class ManifestStore:
 
     def remember(self, registry: str, repo: str, reference: str, body: bytes, headers,
                  accepted: list[str]) -> str | None:
-        """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD:
-        containerd resolves a tag by HEAD, then GETs the manifest by digest,
-        so the tag must be remembered before its manifest is kept). Returns
-        the digest, or None if nothing was kept. `accepted`: the Accept
-        values of the client's request."""
+        """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD).
+        Returns the digest, or None if nothing was kept. `accepted`: the
+        Accept values of the client's request.
+
+        A tag points only at a kept manifest. containerd resolves a tag by
+        HEAD and then GETs the manifest by digest (or not at all, if it has
+        it): a HEAD naming a manifest not kept yet is held as pending, and
+        the tag moves once that manifest is kept. Until then the tag's
+        older manifest still answers while the upstream is down."""
         if body:
             manifest = verified_manifest(body, headers, reference)
             if manifest is None:
                 return None
             self.put(manifest)
             digest = manifest.digest
+            self._promote_pending(registry, repo, digest)
         else:
             digest = headers.get("Docker-Content-Digest", "")
             if not SHA256_RE.fullmatch(digest):
                 return None
         media_type = headers.get("Content-Type", "").split(";")[0].strip()
         if ":" not in reference and is_what_the_tag_names(accepted, media_type):
-            self.remember_tag(registry, repo, reference, digest)
+            if body or self.get(digest) is not None:
+                self.remember_tag(registry, repo, reference, digest)
+            else:
+                self._set_pending(registry, repo, reference, digest)
         return digest
+
+    def _set_pending(self, registry: str, repo: str, tag: str, digest: str) -> None:
+        key = f"pending:{registry}/{repo}"
+        with self._cache.transact():
+            pending = self._cache.get(key) or {}
+            pending[tag] = digest
+            self._cache.set(key, pending)
+
+    def _promote_pending(self, registry: str, repo: str, digest: str) -> None:
+        key = f"pending:{registry}/{repo}"
+        with self._cache.transact():
+            pending = self._cache.get(key)
+            if not pending or digest not in pending.values():
+                return
+            for tag in [t for t, d in pending.items() if d == digest]:
+                self.remember_tag(registry, repo, tag, digest)
+                del pending[tag]
+            self._cache.set(key, pending)
 
     def lookup(self, registry: str, repo: str, reference: str) -> StoredManifest | None:
         """The kept manifest for a digest, or for a tag's last known digest."""

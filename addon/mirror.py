@@ -298,7 +298,8 @@ class RegistryCache:
         layer) goes anywhere, and stream large bodies passed through."""
         request = flow.request
         if not routes.is_registry_path(request.path):
-            _stream_if_large(request)
+            if request.path.split("?", 1)[0] not in (METRICS_PATH, STATS_PATH):  # those the mirror answers
+                _stream_if_large(request)
             return
         flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
         size = sum(len(name) + len(value) for name, value in request.headers.fields)
@@ -329,6 +330,7 @@ class RegistryCache:
         log.warning("registry-cache: refused %s %s: %s", flow.request.method, flow.request.path[:200], why)
         self._mark(flow, outcome, detail=why)
         flow.response = response
+        flow.request.stream = False
 
     async def request(self, flow: http.HTTPFlow) -> None:
         path = flow.request.path.split("?", 1)[0]
@@ -741,7 +743,10 @@ def _names_destination(ns: str, request: http.Request) -> bool:
 
 def _declares_large_body(message: http.Message) -> bool:
     """A body over STREAM_BODIES_OVER, or one whose size is not declared
-    (chunked; for a response also one that runs until the connection closes)."""
+    (chunked; for a response also one that runs until the connection
+    closes). An HTTP/2 request body without Content-Length is left to
+    mitmproxy's buffering: its streamed HTTP/2 uploads hang or end in a
+    stream reset (mitmproxy 12.3.1, seen here)."""
     length = message.headers.get("Content-Length", "")
     if length.isdigit():
         return int(length) > STREAM_BODIES_OVER

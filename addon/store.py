@@ -92,7 +92,7 @@ class BlobStore(Protocol):
 
     def delete(self, digest: str) -> bool: ...
 
-    def make_room(self, needed: int) -> int:
+    def make_room(self, needed: int, certain: bool = True) -> int:
         """Evict least recently used blobs to free about `needed` bytes; returns how many."""
 
     def disk_space_left(self) -> int:
@@ -287,10 +287,13 @@ class DiskBlobStore:
     def usage(self) -> tuple[int, int]:
         return self._cache.volume(), len(self._cache)
 
-    def make_room(self, needed: int) -> int:
+    def make_room(self, needed: int, certain: bool = True) -> int:
+        """Evict least recently used blobs to free about `needed` bytes; returns
+        how many. When `needed` is `certain` (not a guess) and emptying the
+        store would not free that much, nothing is evicted."""
         try:
             volume = self._cache.volume()
-            if needed > volume + max(0, self.disk_space_left()):
+            if certain and needed > volume + self.disk_space_left():  # other files may eat into the reserve
                 # Emptying the store would not make room: keep what it holds.
                 log.warning("store: %d more bytes needed, more than all %d stored; evicting nothing", needed, volume)
                 return 0

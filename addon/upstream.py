@@ -61,7 +61,7 @@ class UpstreamClient:
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
         if authorization:
             headers["Authorization"] = authorization
-        for _ in range(MAX_REDIRECTS + 1):
+        for hops in range(MAX_REDIRECTS + 1):
             response = self.session.get(
                 url,
                 headers=headers,
@@ -70,6 +70,7 @@ class UpstreamClient:
                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
             )
             if not response.is_redirect:
+                response.redirected = hops > 0  # answered by a CDN, not by the registry itself
                 return response
             location = response.headers["Location"]
             response.close()

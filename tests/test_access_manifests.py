@@ -154,8 +154,12 @@ def test_manifest_store_remembers_answers_and_looks_up_tags(tmp_path):
         head = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Docker-Content-Digest": later_digest}
         assert store.remember("http://r", "a/b", "v3", b"", head, ACCEPT_ALL) == later_digest
         assert store.lookup("http://r", "a/b", "v3") is None  # nothing to answer with yet
+        assert store.remember("http://r", "a/b", "v1", b"", head, ACCEPT_ALL) == later_digest
+        assert store.lookup("http://r", "a/b", "v1").body == body  # v1 keeps answering until...
         assert store.remember("http://r", "a/b", later_digest, later, head, ACCEPT_ALL) == later_digest
-        assert store.lookup("http://r", "a/b", "v3").body == later
+        assert store.lookup("http://r", "a/b", "v3").body == later  # ...the manifest it moved to is kept
+        assert store.lookup("http://r", "a/b", "v1").body == later
+        assert store.lookup("http://r", "other/repo", "v3") is None
         garbage = {"Docker-Content-Digest": "sha256:nope"}
         assert store.remember("http://r", "a/b", "v4", b"", garbage, ACCEPT_ALL) is None
     finally:

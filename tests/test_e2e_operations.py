@@ -190,3 +190,21 @@ def test_the_upstreams_token_challenge_on_a_blob_is_no_fill_failure(upstream, mi
     assert now["fill_failures"] == {} and now["upstream_errors"] == {}
     assert now["requests"]["blob"] == {"denied": 1}
     mirror.wait_for_log(rf"registry-cache: GET {re.escape(image.repo)} blob {digest} denied 401 ", WAIT)
+
+
+def test_a_cdns_404_after_the_registry_said_yes_is_a_fill_failure(upstream_redirect, tmp_path):
+    """Only the registry's own 401/403/404 is a refusal; the same from the
+    CDN it sent the mirror to (an object gone, a signature expired) is a
+    failure operators must see."""
+    image = image_on(upstream_redirect)
+    digest, _ = image.layers[0]
+    upstream_redirect.set_fault(digest, 404, where="cdn")
+    with Mirror(tmp_path / "m", [f"reverse:{upstream_redirect.url}"]) as mirror:
+        client = RegistryClient(mirror.url)
+        client.get_manifest(image.repo, image.tag)  # the token
+        assert client.request("GET", f"/v2/{image.repo}/blobs/{digest}").status_code == 404
+        mirror.wait_for_log(rf"fill: {digest} failed: upstream answered 404", WAIT)
+        assert stats(mirror)["fill_failures"] == {"upstream 404": 1}
+        # The metrics paths are the mirror's, whatever the request carries.
+        r = requests.post(f"{mirror.url}/_registry_cache/stats", data=iter([b"x" * 10]), timeout=WAIT)
+        assert r.status_code == 200 and r.json()["fill_failures"] == {"upstream 404": 1}

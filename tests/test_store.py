@@ -251,3 +251,16 @@ def test_a_commit_the_index_could_not_record_leaves_no_file_behind(store, monkey
     files = [p for p in pathlib.Path(store.directory).rglob("*.val")]
     assert [os.path.getsize(p) for p in files] == [len(kept)]  # only the indexed blob
     assert store.open(digest) is None and read(store, kept_digest) == kept
+
+
+def test_make_room_evicts_nothing_when_emptying_the_store_would_not_be_enough(store, monkeypatch):
+    for _ in range(3):
+        put(store, os.urandom(1 << 20))
+    # Other files have pushed the disk 5 MiB below the reserve: freeing 3 MiB cannot make 1 MiB of room.
+    monkeypatch.setattr(store, "disk_space_left", lambda: -(5 << 20))
+    assert store.make_room(1 << 20) == 0 and store.usage()[1] == 3
+    # A size that is only a guess (a body without Content-Length) still evicts, as much as it says.
+    assert store.make_room(64 << 20, certain=False) == 3 and store.usage()[1] == 0
+    monkeypatch.undo()
+    again = [put(store, os.urandom(1 << 20)) for _ in range(3)]
+    assert store.make_room(1 << 20) == 1 and store.size_of(again[0]) is None  # the least recently used
