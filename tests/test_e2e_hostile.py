@@ -72,20 +72,24 @@ def test_the_mirror_still_serves_after_all_that(mirror, upstream, pushed_images)
     assert list((mirror.cache_dir / "fills").iterdir()) == []
 
 
+def _get_with_raw_header(mirror: Mirror, path: str, name: str, value: bytes):
+    """(status, headers, body) of a GET carrying one header as raw bytes."""
+    conn = http.client.HTTPConnection("127.0.0.1", mirror.ports[0], timeout=WAIT)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
 def test_a_header_value_that_is_not_latin1_is_relayed_not_an_addon_crash(mirror):
     """Bytes a client sends in a header go upstream as they are; before, the
     addon raised on them and mitmproxy answered in its place."""
-    conn = http.client.HTTPConnection("127.0.0.1", mirror.ports[0], timeout=WAIT)
-    try:
-        conn.putrequest("GET", "/v2/", skip_accept_encoding=True)
-        conn.putheader("X-Odd", b"\xff\xfe caf\xc3\xa9")
-        conn.endheaders()
-        response = conn.getresponse()
-        response.read()
-    finally:
-        conn.close()
-    assert response.status == 401  # the upstream's own challenge
-    assert "WWW-Authenticate" in response.headers
+    status, headers, _ = _get_with_raw_header(mirror, "/v2/", "X-Odd", b"\xff\xfe caf\xc3\xa9")
+    assert status == 401 and "WWW-Authenticate" in headers  # the upstream's own challenge
     assert "Addon error" not in mirror.log_text()
 
 
@@ -114,14 +118,7 @@ def test_refused_requests_with_large_bodies_get_their_error_and_the_proxy_goes_o
 
 
 def test_an_authorization_header_that_is_not_ascii_is_a_clean_400(mirror):
-    conn = http.client.HTTPConnection("127.0.0.1", mirror.ports[0], timeout=WAIT)
-    try:
-        conn.putrequest("GET", "/v2/library/alpine/manifests/latest", skip_accept_encoding=True)
-        conn.putheader("Authorization", b"Bearer \xff\xfe")
-        conn.endheaders()
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    assert response.status == 400 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+    status, _, body = _get_with_raw_header(mirror, "/v2/library/alpine/manifests/latest", "Authorization",
+                                           b"Bearer \xff\xfe")
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
     assert "Addon error" not in mirror.log_text()
