@@ -525,8 +525,7 @@ class Fills:
             fill.start()
         except RuntimeError as exc:  # "can't start new thread": a pids/TasksMax limit
             log.error("fill: could not start a fill for %s: %s", digest, exc)
-            fill.error = f"could not start: {exc}"
-            fill._set_state(State.FAILED)
+            fill._finish(State.FAILED, f"could not start: {exc}")
             fill.on_finished(fill)  # _forget: the next request starts afresh
             fill._end()
         return fill, True

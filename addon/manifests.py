@@ -110,6 +110,8 @@ class ManifestStore:
 
     def _promote_pending(self, registry: str, repo: str, digest: str) -> None:
         key = f"pending:{registry}/{repo}"
+        if digest not in (self._cache.get(key) or {}).values():
+            return  # the usual case: read only, no write lock for every manifest kept
         with self._cache.transact():
             pending = self._cache.get(key)
             if not pending or digest not in pending.values():

@@ -31,7 +31,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import requests
 from mitmproxy import ctx, exceptions, hooks, http
@@ -363,10 +362,8 @@ class RegistryCache:
             self._refuse(flow, oci_error(403, "DENIED", "registry not mirrored here", ns[:200]),
                          f"registry {ns[:200]!r} is not in the registries option", outcome="denied")
             return False
-        parts = urlsplit(target)
         request = flow.request
-        if (request.scheme, request.host, request.port) != (parts.scheme, parts.hostname, parts.port or
-                                                            (443 if parts.scheme == "https" else 80)):
+        if origin_of(target) != _registry_of(flow):
             flow.metadata[METADATA_KEY + ".original_url"] = request.url
             flow.metadata[METADATA_KEY + ".registry_host"] = ns.strip().lower()
             request.url = target + request.path
