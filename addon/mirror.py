@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from mitmproxy import ctx, exceptions, hooks, http
+from mitmproxy import connection, ctx, exceptions, hooks, http, tls
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
 from . import manifests, routes
@@ -42,6 +42,7 @@ from .blobserver import BlobServer
 from .fill import Fills, State
 from .manifests import ManifestStore
 from .metrics import METRICS_PATH, STATS_PATH, Metrics
+from .passthrough import BodyStreaming
 from .registries import DEFAULT_REGISTRIES, base_url_for, origin_of, parse_registries
 from .routes import Kind, Route, RouteError
 from .store import DiskBlobStore
@@ -51,10 +52,6 @@ log = logging.getLogger("registry_cache")
 
 START_TIMEOUT = 120.0  # bound on waiting for an upstream to answer a blob GET
 MAX_HEADER_BYTES = 32 * 1024  # registry clients send a few hundred bytes
-# mitmproxy holds a whole body in memory unless told to stream it: a pushed
-# layer, or a large download in regular mode, would cost its size. Bodies the
-# mirror passes through are streamed from this size on (or of unknown size).
-STREAM_BODIES_OVER = 1 << 20
 OPEN_FILES_WANTED = 65536  # sockets, blob files and fill cursors: 1024 runs out under load
 METADATA_KEY = "registry_cache"
 HIT_FILTER = '~meta "registry_cache: hit"'  # mitmweb/mitmdump filter listing hits (README)
@@ -160,6 +157,7 @@ class RegistryCache:
         self.access: AccessGate | None = None
         self.manifests: ManifestStore | None = None
         self.metrics = Metrics()
+        self.streaming = BodyStreaming()
         self.registries: dict[str, str] = {}
         self._listed_origins: set[str] = set()
         self._size_limit = 0
@@ -298,7 +296,7 @@ class RegistryCache:
         request = flow.request
         if not routes.is_registry_path(request.path):
             if request.path.split("?", 1)[0] not in (METRICS_PATH, STATS_PATH):  # those the mirror answers
-                _stream_if_large(request)
+                self.streaming.request_headers(flow)
             return
         flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
         size = sum(len(name) + len(value) for name, value in request.headers.fields)
@@ -321,7 +319,7 @@ class RegistryCache:
         if route.namespace is not None and not self._route_to_namespace(flow, route.namespace):
             return
         if not (request.method in ("GET", "HEAD") and route.kind in (Kind.BLOB, Kind.MANIFEST, Kind.PING)):
-            _stream_if_large(request)  # passed through: uploads, tags, catalog, deletes
+            self.streaming.request_headers(flow)  # passed through: uploads, tags, catalog, deletes
 
     def _refuse(self, flow: http.HTTPFlow, response: http.Response, why: str, outcome: str = "error") -> None:
         """Answer a bad request with an OCI error (mitmproxy reads the request's
@@ -332,6 +330,7 @@ class RegistryCache:
         flow.request.stream = False
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        self.streaming.request_complete(flow.request)
         path = flow.request.path.split("?", 1)[0]
         if path in (METRICS_PATH, STATS_PATH):  # whatever host it names: the path is ours
             flow.response = await self._io(self._metrics_response, path)
@@ -513,11 +512,17 @@ class RegistryCache:
             response.headers["Content-Length"] = str(len(manifest.body))
         return response
 
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        self.streaming.server_tls_established(data.context.client, data.conn)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.streaming.client_disconnected(client)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(METADATA_KEY + ".stream"):
             flow.response.stream = True
         elif flow.request.method != "HEAD":
-            _stream_if_large(flow.response)
+            self.streaming.response_headers(flow.response)
 
     async def _io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -736,25 +741,6 @@ def _host_port(request: http.Request) -> str:
 def _names_destination(ns: str, request: http.Request) -> bool:
     """Does containerd's ns name the registry this request already goes to?"""
     return ns.strip().lower() == _host_port(request)
-
-
-def _declares_large_body(message: http.Message) -> bool:
-    """A body over STREAM_BODIES_OVER, or one whose size is not declared
-    (chunked; for a response also one that runs until the connection
-    closes). An HTTP/2 request body without Content-Length is left to
-    mitmproxy's buffering: its streamed HTTP/2 uploads hang or end in a
-    stream reset (mitmproxy 12.3.1, seen here)."""
-    length = message.headers.get("Content-Length", "")
-    if length.isdigit():
-        return int(length) > STREAM_BODIES_OVER
-    if "chunked" in message.headers.get("Transfer-Encoding", "").lower():
-        return True
-    return isinstance(message, http.Response)
-
-
-def _stream_if_large(message: http.Message) -> None:
-    if _declares_large_body(message):
-        message.stream = True
 
 
 def _end_to_end_headers(request: http.Request) -> dict[str, bytes]:

@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -74,7 +75,8 @@ def free_port() -> int:
 
 def start_registry(binary: str, config_path: str, config_for_port: Callable[[int], str], *,
                    log_file, log_text: Callable[[], str], env: dict, cwd: str,
-                   ready_status: int, timeout: float) -> tuple[subprocess.Popen, int]:
+                   ready_status: int, timeout: float,
+                   ssl_context: ssl.SSLContext | None = None) -> tuple[subprocess.Popen, int]:
     """Start `binary serve config_path` on a free port; (process, port) once
     GET /v2/ answers ready_status. A port taken meanwhile is retried."""
     for _attempt in range(3):
@@ -83,7 +85,7 @@ def start_registry(binary: str, config_path: str, config_for_port: Callable[[int
             f.write(config_for_port(port))
         proc = subprocess.Popen([binary, "serve", config_path], stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        if wait_ready(proc, port, ready_status, timeout):
+        if wait_ready(proc, port, ready_status, timeout, ssl_context):
             return proc, port
         stop_process(proc)
         if "address already in use" not in log_text():
@@ -91,14 +93,16 @@ def start_registry(binary: str, config_path: str, config_for_port: Callable[[int
     raise RuntimeError(f"{binary} did not start; log:\n{log_text()}")
 
 
-def wait_ready(proc: subprocess.Popen, port: int, status: int, timeout: float) -> bool:
+def wait_ready(proc: subprocess.Popen, port: int, status: int, timeout: float,
+               ssl_context: ssl.SSLContext | None = None) -> bool:
     """Poll GET /v2/ until it answers `status`, bounded by timeout."""
     deadline = time.monotonic() + timeout
     pause = threading.Event()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=ssl_context) if ssl_context
+                else http.client.HTTPConnection("127.0.0.1", port, timeout=2))
         try:
             conn.request("GET", "/v2/")
             if conn.getresponse().status == status:

@@ -176,6 +176,13 @@ class RegistryClient:
             return token.value
         return None
 
+    def authorization_for(self, repo: str) -> str:
+        """The Authorization header value of the token last used for `repo`
+        (for a request made with another client, such as curl)."""
+        token = self._cached_token(repo)
+        assert token, f"no token for {repo} yet"
+        return "Bearer " + token
+
     def fetch_token(self, realm: str, service: str | None, scopes: list[str]) -> tuple[str, int]:
         """GET a token from ``realm`` (with Basic credentials if configured)."""
         params = [("service", service)] if service else []

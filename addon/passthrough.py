@@ -1,0 +1,82 @@
+"""Streaming the bodies the mirror passes through.
+
+mitmproxy holds a whole body in memory unless told to stream it: a pushed
+layer, or a large download in regular mode, would cost its size. Bodies the
+mirror passes through are streamed, flow by flow, when over STREAM_BODIES_OVER
+or of unknown size. (mitmproxy's global `stream_large_bodies` is left unset:
+with it, refusing a large request breaks mitmproxy's HTTP layer.)
+
+One case needs care: an HTTP/2 upload of unknown size (curl -T -, a streamed
+layer of go-containerregistry) has no framing an HTTP/1.1 server understands,
+and mitmproxy 12.3.1, passing it on as HTTP/1.1, adds none: the server reads
+an empty body and then the layer's bytes as its next request (seen here: a
+502). So such an upload is streamed only to a server whose protocol this
+client's tunnel already knows, with chunked framing added for HTTP/1.1; before
+that it is buffered, and given a Content-Length once it is complete.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import connection, http
+
+STREAM_BODIES_OVER = 1 << 20
+
+
+class BodyStreaming:
+    """Which bodies to stream, and what that needs to know: the protocol each
+    client connection's servers negotiated (mitmproxy connects lazily, so a
+    request's own server connection is not open yet when its headers arrive)."""
+
+    def __init__(self) -> None:
+        self._alpn: dict[str, dict[tuple[str, int], bytes | None]] = {}  # client id -> server -> ALPN
+
+    # -- hooks ---------------------------------------------------------------
+
+    def server_tls_established(self, client: connection.Client, server: connection.Server) -> None:
+        if server.address is not None:
+            self._alpn.setdefault(client.id, {})[server.address] = server.alpn
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._alpn.pop(client.id, None)
+
+    def request_headers(self, flow: http.HTTPFlow) -> None:
+        """Stream a request body that is large or of unknown size."""
+        request = flow.request
+        if _declares_large_body(request):
+            request.stream = True
+        elif _unframed_upload(request):
+            server = (request.host, request.port)
+            if request.scheme != "https" or server not in self._alpn.get(flow.client_conn.id, {}):
+                return  # buffered; request_complete frames it
+            if self._alpn[flow.client_conn.id][server] != b"h2":
+                request.headers["Transfer-Encoding"] = "chunked"
+            request.stream = True  # mitmproxy streams only when a body follows the headers
+
+    @staticmethod
+    def request_complete(request: http.Request) -> None:
+        """Give a buffered HTTP/2 upload of unknown size its Content-Length."""
+        if not request.stream and _unframed_upload(request) and request.raw_content:
+            request.headers["Content-Length"] = str(len(request.raw_content))
+
+    @staticmethod
+    def response_headers(response: http.Response) -> None:
+        if _declares_large_body(response):
+            response.stream = True
+
+
+def _declares_large_body(message: http.Message) -> bool:
+    """A body over STREAM_BODIES_OVER, or one whose size is not declared
+    (chunked; for a response also one that runs until the connection closes).
+    HTTP/2 request bodies of unknown size are _unframed_upload's."""
+    length = message.headers.get("Content-Length", "")
+    if length.isdigit():
+        return int(length) > STREAM_BODIES_OVER
+    if "chunked" in message.headers.get("Transfer-Encoding", "").lower():
+        return True
+    return isinstance(message, http.Response)
+
+
+def _unframed_upload(request: http.Request) -> bool:
+    """An HTTP/2 or 3 request that may carry a body and does not say its size."""
+    return ((request.is_http2 or request.is_http3) and request.method in ("POST", "PUT", "PATCH")
+            and "Content-Length" not in request.headers and "Transfer-Encoding" not in request.headers)
