@@ -48,6 +48,7 @@ import os
 import platform
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def task_ready(delay: float) -> int:
 
 def task_pull(url: str, repo: str, tag: str, start_at: float) -> dict:
     """A full verified pull (manifest, config, layers) with RegistryClient; writes nowhere."""
-    client = RegistryClient(url, timeout=300)
+    client = RegistryClient(url, timeout=300, verify=_verify())
     _sleep_until(start_at)
     cpu0 = time.process_time()
     t0 = time.monotonic()
@@ -101,11 +102,19 @@ def task_pull(url: str, repo: str, tag: str, start_at: float) -> dict:
             "manifest_digest": result.manifest_digest, "cpu": time.process_time() - cpu0}
 
 
+def _verify() -> bool | str:
+    """What clients trust: the upstream's CA with --https (set in the
+    environment, so worker processes, the peer and skopeo trust it too)."""
+    return os.environ.get("SSL_CERT_FILE") or True
+
+
 def _conn(url: str, timeout: float = 300) -> http.client.HTTPConnection:
     parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise ValueError(f"lean client speaks plain HTTP only: {url}")
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    if parts.scheme == "https":  # ssl's default context honours SSL_CERT_FILE
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return conn
@@ -125,7 +134,7 @@ def _token_headers(url: str, repo: str, tag: str) -> dict:
     scheme, params = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
     if scheme != "bearer":
         raise RuntimeError(f"unexpected challenge from {url}: {resp.headers.get('WWW-Authenticate')}")
-    token, _ = RegistryClient(url).fetch_token(params["realm"], params.get("service"),
+    token, _ = RegistryClient(url, verify=_verify()).fetch_token(params["realm"], params.get("service"),
                                                params.get("scope", "").split())
     return {"Authorization": "Bearer " + token}
 
@@ -474,14 +483,16 @@ class Bench:
     # ------------------------------------------------------------------ processes
     def new_mirror(self, label: str) -> Mirror:
         self._mirrors += 1
-        m = PinnedMirror(self.tmp / f"mirror-{self._mirrors}-{label}", [f"reverse:{self.upstream.url}"])
+        options = {"ssl_verify_upstream_trusted_ca": self.upstream.ca_cert_path} if self.args.https else {}
+        m = PinnedMirror(self.tmp / f"mirror-{self._mirrors}-{label}", [f"reverse:{self.upstream.url}"],
+                         options=options)
         m.script = self.script
         t0 = time.monotonic()
         m.start()
         self.results.setdefault("mirror_start_s", []).append(time.monotonic() - t0)
         # "Cold" means the blobs are not stored, not that the process just
         # started: one ping (and token) through it first, as a running mirror has seen.
-        RegistryClient(m.url).ping()
+        RegistryClient(m.url, verify=_verify()).ping()
         return m
 
     def stop_mirror(self, m: Mirror) -> dict:
@@ -494,7 +505,7 @@ class Bench:
     def new_peer(self) -> DistributionProxy:
         p = DistributionProxy(self.upstream.url, username=ALICE[0], password=ALICE[1],
                               workdir=str(tempfile.mkdtemp(prefix="peer-", dir=self.tmp))).start()
-        RegistryClient(p.url).ping()
+        RegistryClient(p.url, verify=_verify()).ping()
         return p
 
     def stop_peer(self, p: DistributionProxy) -> None:
@@ -510,7 +521,7 @@ class Bench:
         layer_path = self.tmp / f"layer-{seed}.tar.gz"
         try:
             layer = make_layer_file(str(layer_path), self.size, seed)
-            image = push_image(self.upstream.url, repo, "v1", [layer], auth=ALICE)
+            image = push_image(self.upstream.url, repo, "v1", [layer], auth=ALICE, verify=_verify())
         finally:
             layer_path.unlink(missing_ok=True)
         return image
@@ -526,7 +537,9 @@ class Bench:
         self.results["probe"] = probe_components(self.tmp, self.size)
         link_rate = a.link_mbit * 1e6 / 8 if a.link_mbit else None
         self.upstream = Upstream(redirect_blobs=a.redirect, workdir=str(self.tmp / "upstream"),
-                                 link_rate=link_rate).start()
+                                 link_rate=link_rate, https=a.https).start()
+        if a.https:
+            os.environ["SSL_CERT_FILE"] = self.upstream.ca_cert_path  # before any client process starts
         self.say(f"upstream at {self.upstream.url} ({'CDN redirect' if a.redirect else 'relay'} mode); "
                  f"pushing images with one {self.size / MB:.0f} MB layer")
         t0 = time.monotonic()
@@ -772,7 +785,7 @@ class Bench:
         image = self.image
         n = self.args.manifest_gets
         self.say(f"manifest latency: {n} GETs by tag, direct / mirror / peer interleaved")
-        token = RegistryClient(self.upstream.url).fetch_token(
+        token = RegistryClient(self.upstream.url, verify=_verify()).fetch_token(
             self.upstream.token_realm, self.upstream.service, [f"repository:{image.repo}:pull"])[0]
         targets = {"direct": self.upstream.url, "mirror": self.mirror.url, "peer": self.peer.url}
         conns = {name: _conn(url, timeout=60) for name, url in targets.items()}
@@ -814,7 +827,7 @@ class Bench:
         a = self.args
         self.results["config"] = {
             "layer_mb": a.layer_mb, "layer_bytes": self.size, "reps": self.reps, "quick": a.quick,
-            "rate_reps": a.rate_reps, "redirect": a.redirect, "clients": a.clients, "cold_clients": a.cold_clients,
+            "rate_reps": a.rate_reps, "redirect": a.redirect, "https": a.https, "clients": a.clients, "cold_clients": a.cold_clients,
             "manifest_gets": a.manifest_gets, "pretouch": not a.no_pretouch, "link_mbit": a.link_mbit,
         }
         self.results["machine"] = {
@@ -1104,6 +1117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="~100 MB layer, single repetitions")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of timed figures (default 3; 1 with --quick)")
     ap.add_argument("--redirect", action="store_true", help="upstream answers blob GETs with a CDN redirect")
+    ap.add_argument("--https", action="store_true",
+                    help="the upstream (front door, token server, CDN) serves HTTPS, as Docker Hub does")
     ap.add_argument("--rate-reps", type=int, default=None,
                     help="repetitions of the warm blob rates, which are short transfers (default 2 x reps; 1 with --quick)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients for the warm blob rate")
@@ -1138,7 +1153,7 @@ def main(argv=None) -> int:
     cfg = results["config"]
     print()
     print(f"registry-cache benchmark: one {cfg['layer_bytes'] / MB:.0f} MB layer + config, "
-          f"{'CDN-redirect' if cfg['redirect'] else 'relay'} upstream"
+          f"{'CDN-redirect' if cfg['redirect'] else 'relay'} {'HTTPS' if cfg.get('https') else 'HTTP'} upstream"
           f"{', link ' + str(args.link_mbit) + ' Mbit/s' if args.link_mbit else ', loopback link'}, "
           f"{cfg['reps']} rep(s) (medians; "
           f"[min..max] of paired ratios), {results['machine']['cpus']} CPUs, load "

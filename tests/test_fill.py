@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from addon.fill import Fill, FillFailed, Fills, State
+from addon.fill import ArrivedBytes, Fill, FillFailed, Fills, State
 from addon.store import DiskBlobStore
 from addon.upstream import UpstreamClient
 from tests.test_store import put
@@ -544,3 +544,45 @@ def test_a_follower_dropped_while_it_waits_is_told_at_once(tmp_path, upstream, m
     finally:
         upstream.gate.set()
         small.close()
+
+
+class _RecordsOverASocket:
+    """A response body as read1 sees it over TLS: at most one 16 KB record a
+    call. `waiting` says whether the socket (a real one, for poll) holds more."""
+
+    RECORD = 16 << 10
+
+    def __init__(self, body: bytes, waiting: bool):
+        self.body, self.calls = body, 0
+        self.sock, self.peer = socket.socketpair()
+        if waiting:
+            self.peer.sendall(b"x")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read1(self, limit: int, decode_content: bool = True) -> bytes:
+        self.calls += 1
+        piece, self.body = self.body[:min(limit, self.RECORD)], self.body[min(limit, self.RECORD):]
+        return piece
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+
+
+def test_a_fast_link_is_read_in_large_pieces_not_one_tls_record_at_a_time():
+    raw = _RecordsOverASocket(os.urandom(3 << 20), waiting=True)
+    try:
+        arrived = ArrivedBytes(raw)
+        assert len(arrived.read(1 << 20)) == 1 << 20 and raw.calls == 64
+    finally:
+        raw.close()
+
+
+def test_a_slow_link_gets_what_has_arrived_without_waiting_for_more():
+    raw = _RecordsOverASocket(os.urandom(1 << 20), waiting=False)
+    try:
+        assert len(ArrivedBytes(raw).read(1 << 20)) == _RecordsOverASocket.RECORD and raw.calls == 1
+    finally:
+        raw.close()
