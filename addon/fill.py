@@ -464,7 +464,12 @@ class ArrivedBytes:
     record made a cold pull from an HTTPS upstream on loopback 6.6x slower
     than pulling directly (scripts/bench.py --https). So read1 is repeated
     while the socket already holds more (poll, not select: descriptors pass
-    1024 under load)."""
+    1024 under load), for at most GATHER_FOR: poll also sees the start of a
+    record whose rest is still on its way, and read1 then waits for it, so
+    on a slow link an unbounded loop gathered a whole megabyte (5 s at
+    200 KB/s) before followers saw any of it."""
+
+    GATHER_FOR = 0.01  # seconds
 
     def __init__(self, raw):
         self._raw = raw
@@ -481,7 +486,8 @@ class ArrivedBytes:
         if not piece or len(piece) >= limit or self._poll is None:
             return piece
         pieces, size = [piece], len(piece)
-        while size < limit and self._poll.poll(0):
+        until = time.monotonic() + self.GATHER_FOR
+        while size < limit and time.monotonic() < until and self._poll.poll(0):
             piece = self._raw.read1(limit - size, decode_content=False)
             if not piece:
                 break

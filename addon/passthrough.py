@@ -10,9 +10,10 @@ One case needs care: an HTTP/2 upload of unknown size (curl -T -, a streamed
 layer of go-containerregistry) has no framing an HTTP/1.1 server understands,
 and mitmproxy 12.3.1, passing it on as HTTP/1.1, adds none: the server reads
 an empty body and then the layer's bytes as its next request (seen here: a
-502). So such an upload is streamed only to a server whose protocol this
-client's tunnel already knows, with chunked framing added for HTTP/1.1; before
-that it is buffered, and given a Content-Length once it is complete.
+502). So such an upload is streamed only to a server whose protocol is
+known: plain HTTP (mitmproxy speaks HTTP/1.1 to it), or a TLS server this
+client's connection has already met; chunked framing is added for HTTP/1.1.
+Otherwise it is buffered, and given a Content-Length once it is complete.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from mitmproxy import connection, http
 
 STREAM_BODIES_OVER = 1 << 20
+HTTP1_ALPNS = (None, b"", b"http/1.1", b"http/1.0")  # a server that negotiated no protocol speaks HTTP/1.1
 
 
 class BodyStreaming:
@@ -33,7 +35,7 @@ class BodyStreaming:
     # -- hooks ---------------------------------------------------------------
 
     def server_tls_established(self, client: connection.Client, server: connection.Server) -> None:
-        if server.address is not None:
+        if server.address is not None and client.timestamp_end is None:  # not after client_disconnected
             self._alpn.setdefault(client.id, {})[server.address] = server.alpn
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -45,12 +47,18 @@ class BodyStreaming:
         if _declares_large_body(request):
             request.stream = True
         elif _unframed_upload(request):
-            server = (request.host, request.port)
-            if request.scheme != "https" or server not in self._alpn.get(flow.client_conn.id, {}):
-                return  # buffered; request_complete frames it
-            if self._alpn[flow.client_conn.id][server] != b"h2":
+            if request.scheme == "http":
+                alpn = None
+            else:
+                alpn = self._alpn.get(flow.client_conn.id, {}).get((request.host, request.port), b"unknown")
+            if alpn == b"h2":
+                request.stream = True  # mitmproxy streams only when a body follows the headers
+            elif alpn in HTTP1_ALPNS:
                 request.headers["Transfer-Encoding"] = "chunked"
-            request.stream = True  # mitmproxy streams only when a body follows the headers
+                # mitmproxy turns an empty HTTP/2 DATA frame into an empty
+                # chunk, which would end the body there: drop those.
+                request.stream = _without_empty_pieces
+            # else: not met yet (or HTTP/3): buffered, and request_complete frames it
 
     @staticmethod
     def request_complete(request: http.Request) -> None:
@@ -74,6 +82,10 @@ def _declares_large_body(message: http.Message) -> bool:
     if "chunked" in message.headers.get("Transfer-Encoding", "").lower():
         return True
     return isinstance(message, http.Response)
+
+
+def _without_empty_pieces(data: bytes) -> list[bytes]:
+    return [data] if data else []
 
 
 def _unframed_upload(request: http.Request) -> bool:

@@ -552,8 +552,8 @@ class _RecordsOverASocket:
 
     RECORD = 16 << 10
 
-    def __init__(self, body: bytes, waiting: bool):
-        self.body, self.calls = body, 0
+    def __init__(self, body: bytes, waiting: bool, on_read=lambda: None):
+        self.body, self.calls, self.on_read = body, 0, on_read
         self.sock, self.peer = socket.socketpair()
         if waiting:
             self.peer.sendall(b"x")
@@ -563,6 +563,7 @@ class _RecordsOverASocket:
 
     def read1(self, limit: int, decode_content: bool = True) -> bytes:
         self.calls += 1
+        self.on_read()
         piece, self.body = self.body[:min(limit, self.RECORD)], self.body[min(limit, self.RECORD):]
         return piece
 
@@ -584,5 +585,23 @@ def test_a_slow_link_gets_what_has_arrived_without_waiting_for_more():
     raw = _RecordsOverASocket(os.urandom(1 << 20), waiting=False)
     try:
         assert len(ArrivedBytes(raw).read(1 << 20)) == _RecordsOverASocket.RECORD and raw.calls == 1
+    finally:
+        raw.close()
+
+
+def test_a_slow_link_gathers_a_piece_for_a_bounded_time(monkeypatch):
+    """poll also says "readable" for the start of a TLS record whose rest is
+    still on its way, and read1 then waits for it: on a slow link each read1
+    takes a while. Gathering stops after GATHER_FOR, not at 1 MiB."""
+    clock = [0.0]
+    monkeypatch.setattr("addon.fill.time.monotonic", lambda: clock[0])
+
+    def a_record_takes_4_ms():
+        clock[0] += 0.004
+
+    raw = _RecordsOverASocket(os.urandom(1 << 20), waiting=True, on_read=a_record_takes_4_ms)
+    try:
+        piece = ArrivedBytes(raw).read(1 << 20)
+        assert raw.calls == 1 + 3 and len(piece) == 4 * _RecordsOverASocket.RECORD  # 4 ms, 8 ms, 12 ms > 10 ms
     finally:
         raw.close()

@@ -13,6 +13,7 @@ def _flow(method=b"PATCH", version=b"HTTP/2.0", headers=(), content=b""):
     flow = tflow.tflow(req=tutils.treq(method=method, http_version=version, scheme=b"https",
                                        headers=headers, content=content))
     flow.request.headers.pop("content-length", None)
+    flow.client_conn.timestamp_end = None  # connected
     for name, value in headers:
         flow.request.headers[name.decode()] = value.decode()
     return flow
@@ -79,3 +80,37 @@ def test_an_http2_download_request_is_left_alone():
     _met_server(streaming, flow, b"http/1.1")
     streaming.request_headers(flow)
     assert not flow.request.stream and "Transfer-Encoding" not in flow.request.headers
+
+
+def test_chunked_framing_drops_empty_pieces_that_would_end_the_body():
+    """mitmproxy passes an empty HTTP/2 DATA frame on as an empty piece, and
+    an empty chunk ends a chunked body."""
+    streaming = BodyStreaming()
+    flow = _flow()
+    _met_server(streaming, flow, b"http/1.1")
+    streaming.request_headers(flow)
+    assert flow.request.stream(b"") == [] and flow.request.stream(b"abc") == [b"abc"]
+
+
+def test_an_http2_upload_to_a_plain_http_server_streams_chunked():
+    """mitmproxy speaks only HTTP/1.1 to a plain-HTTP server."""
+    flow = _flow()
+    flow.request.scheme = "http"
+    BodyStreaming().request_headers(flow)
+    assert flow.request.stream and flow.request.headers["Transfer-Encoding"] == "chunked"
+
+
+def test_an_http2_upload_to_a_server_of_another_protocol_is_buffered():
+    streaming = BodyStreaming()
+    flow = _flow()
+    _met_server(streaming, flow, b"h3")
+    streaming.request_headers(flow)
+    assert not flow.request.stream and "Transfer-Encoding" not in flow.request.headers
+
+
+def test_a_server_met_after_its_client_left_is_not_remembered():
+    streaming = BodyStreaming()
+    flow = _flow()
+    flow.client_conn.timestamp_end = 1.0
+    _met_server(streaming, flow, b"h2")
+    assert streaming._alpn == {}
