@@ -12,8 +12,10 @@ and mitmproxy 12.3.1, passing it on as HTTP/1.1, adds none: the server reads
 an empty body and then the layer's bytes as its next request (seen here: a
 502). So such an upload is streamed only to a server whose protocol is
 known: plain HTTP (mitmproxy speaks HTTP/1.1 to it), or a TLS server this
-client's connection has already met; chunked framing is added for HTTP/1.1.
-Otherwise it is buffered, and given a Content-Length once it is complete.
+client's connection has already met, or else any connection of this process
+(a script's `curl -X POST` then `curl -T -` are two connections); chunked
+framing is added for HTTP/1.1. Otherwise it is buffered, and given a
+Content-Length once it is complete.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mitmproxy import connection, http
 
 STREAM_BODIES_OVER = 1 << 20
 HTTP1_ALPNS = (None, b"", b"http/1.1", b"http/1.0")  # a server that negotiated no protocol speaks HTTP/1.1
+MAX_SERVERS_REMEMBERED = 10_000
 
 
 class BodyStreaming:
@@ -31,11 +34,18 @@ class BodyStreaming:
 
     def __init__(self) -> None:
         self._alpn: dict[str, dict[tuple[str, int], bytes | None]] = {}  # client id -> server -> ALPN
+        self._last_alpn: dict[tuple[str, int], bytes | None] = {}  # server -> ALPN of its latest connection offered h2
 
     # -- hooks ---------------------------------------------------------------
 
     def server_tls_established(self, client: connection.Client, server: connection.Server) -> None:
-        if server.address is not None and client.timestamp_end is None:  # not after client_disconnected
+        if server.address is None:
+            return
+        if b"h2" in (server.alpn_offers or ()):  # what it says to HTTP/2 clients, whose uploads need this
+            if len(self._last_alpn) >= MAX_SERVERS_REMEMBERED:
+                self._last_alpn.clear()
+            self._last_alpn[server.address] = server.alpn
+        if client.timestamp_end is None:  # not after client_disconnected
             self._alpn.setdefault(client.id, {})[server.address] = server.alpn
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -50,7 +60,8 @@ class BodyStreaming:
             if request.scheme == "http":
                 alpn = None
             else:
-                alpn = self._alpn.get(flow.client_conn.id, {}).get((request.host, request.port), b"unknown")
+                server = (request.host, request.port)
+                alpn = self._alpn.get(flow.client_conn.id, {}).get(server, self._last_alpn.get(server, b"unknown"))
             if alpn == b"h2":
                 request.stream = True  # mitmproxy streams only when a body follows the headers
             elif alpn in HTTP1_ALPNS:

@@ -404,6 +404,24 @@ def test_an_http2_upload_of_unknown_size_streams_to_an_http1_registry(https_upst
     assert done.status_code == 201 and done.headers["Docker-Content-Digest"] == body.digest
 
 
+def test_an_http2_upload_of_unknown_size_streams_after_another_connection_met_the_registry(
+        https_upstream, proxy, tmp_path):
+    """A script's `curl -X POST`, then `curl -T -`: two connections. The
+    second streams on what the first learned about the registry."""
+    repo = f"push/h2-script-{unique_seed()}"
+    client = RegistryClient(https_upstream.url, *ALICE, verify=str(https_upstream.ca_cert_path))
+    location = _start_upload(client, repo)
+    auth = ["-H", f"Authorization: {client.authorization_for(repo)}"]
+    [tags] = _curl_http2(proxy, tmp_path, [[*auth, f"{https_upstream.url}/v2/{repo}/tags/list"]])
+    assert tags[1:3] == ("2", 1)
+    https_upstream.reset_counters()
+    body = _HeldBackBody(24 << 20, https_upstream.counters.wait_request_body_bytes)
+    [patch] = _curl_http2(proxy, tmp_path, [[*auth, "-X", "PATCH", "-T", "-", location]], body)
+    assert patch[0] == 202, patch
+    assert _header(patch[3], "range") == f"0-{body.size - 1}"
+    assert body.arrived_mid_body is True
+
+
 def test_an_http2_upload_of_unknown_size_first_on_its_connection_arrives_whole(https_upstream, proxy, tmp_path):
     """Before the tunnel has met its server, the upload is buffered, and
     passed on with a Content-Length (mitmproxy 12.3.1 sent none: a 502)."""

@@ -19,9 +19,9 @@ def _flow(method=b"PATCH", version=b"HTTP/2.0", headers=(), content=b""):
     return flow
 
 
-def _met_server(streaming: BodyStreaming, flow, alpn: bytes | None) -> None:
+def _met_server(streaming: BodyStreaming, flow, alpn: bytes | None, offered=(b"h2", b"http/1.1")) -> None:
     server = connection.Server(address=(flow.request.host, flow.request.port))
-    server.alpn = alpn
+    server.alpn, server.alpn_offers = alpn, offered
     streaming.server_tls_established(flow.client_conn, server)
 
 
@@ -70,8 +70,7 @@ def test_what_a_client_met_is_forgotten_when_it_disconnects():
     flow = _flow()
     _met_server(streaming, flow, b"h2")
     streaming.client_disconnected(flow.client_conn)
-    streaming.request_headers(flow)
-    assert not flow.request.stream
+    assert streaming._alpn == {}  # per client; what the server speaks is still known process-wide
 
 
 def test_an_http2_download_request_is_left_alone():
@@ -114,3 +113,23 @@ def test_a_server_met_after_its_client_left_is_not_remembered():
     flow.client_conn.timestamp_end = 1.0
     _met_server(streaming, flow, b"h2")
     assert streaming._alpn == {}
+
+
+def test_a_server_another_connection_met_with_http2_on_offer_counts_for_all():
+    """A script's `curl -X POST` and `curl -T -` are two connections."""
+    streaming = BodyStreaming()
+    first, second = _flow(), _flow()
+    second.client_conn = connection.Client(peername=("127.0.0.1", 2), sockname=("127.0.0.1", 1))
+    _met_server(streaming, first, b"http/1.1", offered=(b"h2", b"http/1.1"))
+    streaming.request_headers(second)
+    assert second.request.stream and second.request.headers["Transfer-Encoding"] == "chunked"
+
+
+def test_what_a_server_said_to_an_http1_client_says_nothing_about_http2():
+    """Offered only HTTP/1.1, an HTTP/2 server answers HTTP/1.1."""
+    streaming = BodyStreaming()
+    first, second = _flow(), _flow()
+    second.client_conn = connection.Client(peername=("127.0.0.1", 2), sockname=("127.0.0.1", 1))
+    _met_server(streaming, first, b"http/1.1", offered=(b"http/1.1",))
+    streaming.request_headers(second)
+    assert not second.request.stream and "Transfer-Encoding" not in second.request.headers
