@@ -103,6 +103,10 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes: with Nagle's algorithm a
+    # small blob (an image config) on a reused connection waited for the
+    # client's delayed ACK, 43 ms each time (measured here).
+    disable_nagle_algorithm = True
     timeout = SEND_TIMEOUT  # also closes idle keep-alive connections
     server_ctx: BlobServer
 

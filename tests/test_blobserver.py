@@ -5,7 +5,7 @@ import os
 import pytest
 import requests
 
-from addon.blobserver import BlobServer, _parse_range
+from addon.blobserver import BlobServer, _Handler, _parse_range
 from addon.fill import Fills
 from addon.store import DiskBlobStore
 from tests.test_store import put
@@ -122,3 +122,10 @@ def test_a_url_made_for_an_unproven_registry_is_not_answered_from_the_store(serv
     proven.add(("http://evil:80", digest))
     r = requests.get(url(server, path), timeout=10)
     assert r.status_code == 200 and r.content == data
+
+
+def test_small_blobs_are_not_held_back_by_nagles_algorithm():
+    """Headers and body are separate writes: with Nagle, a small blob on a
+    reused connection waited 43 ms for the client's delayed ACK (measured
+    with a 2 KB config blob; 1 ms with TCP_NODELAY)."""
+    assert _Handler.disable_nagle_algorithm is True
