@@ -295,7 +295,7 @@ class RegistryCache:
         layer) goes anywhere, and stream large bodies passed through."""
         request = flow.request
         if not routes.is_registry_path(request.path):
-            if request.path.split("?", 1)[0] not in (METRICS_PATH, STATS_PATH):  # those the mirror answers
+            if _metrics_path(request) is None:  # the mirror answers those itself
                 self.streaming.request_headers(flow)
             return
         flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
@@ -331,8 +331,7 @@ class RegistryCache:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         self.streaming.request_complete(flow.request)
-        path = flow.request.path.split("?", 1)[0]
-        if path in (METRICS_PATH, STATS_PATH):  # whatever host it names: the path is ours
+        if path := _metrics_path(flow.request):
             flow.response = await self._io(self._metrics_response, path)
             return
         route = flow.metadata.get(METADATA_KEY + ".route")
@@ -729,6 +728,13 @@ def _relayed(answer, method: str) -> http.Response:
     else:
         response.headers["Content-Length"] = str(len(answer.body))
     return response
+
+
+def _metrics_path(request: http.Request) -> str | None:
+    """METRICS_PATH or STATS_PATH if the request asks for one, whatever host
+    it names: those paths are the mirror's own."""
+    path = request.path.split("?", 1)[0]
+    return path if path in (METRICS_PATH, STATS_PATH) else None
 
 
 def _host_port(request: http.Request) -> str:
