@@ -22,8 +22,9 @@ name any host, one it runs itself included, which would answer 200 for any
 digest. Such a registry is believed only about blobs it has itself served to
 the mirror, verified. For any other stored blob the gate answers "pass
 through": the mirror fetches a GET from that registry again, as for a miss
-(the verified bytes are its proof), and lets a HEAD or a joining client go to
-it as if the mirror had no copy.
+(the verified bytes are its proof), and lets a HEAD go to it as if the mirror
+had no copy. A client joining a fill from that registry follows its bytes,
+not the store's, once a HEAD with its credentials there says yes.
 """
 
 from __future__ import annotations
@@ -160,11 +161,15 @@ class AccessGate:
         self._public.update(self.index.public_states())
 
     def check(self, registry: str, repo: str, digest: str, authorization: str | None,
-              trusted: bool = True) -> Decision:
+              trusted: bool = True, its_own_fill: bool = False) -> Decision:
         """May this client read this stored blob as part of repo? (blocking)
 
-        `trusted`: the operator chose this registry (see the module docstring)."""
+        `trusted`: the operator chose this registry (see the module docstring).
+        `its_own_fill`: the client is to follow a fill from this very registry
+        (its bytes, not the store's), which matters for one nobody chose."""
         if not trusted and not self.index.served_by(registry, digest):
+            if its_own_fill:
+                return self._may_follow(registry, repo, digest, authorization)
             return Decision(False, pass_through=True,
                             reason=f"{registry} has not served this blob to the mirror itself")
         now = time.time()
@@ -184,6 +189,22 @@ class AccessGate:
             return Decision(False, status, tuple(headers.items()), f"upstream answered {status}")
         self.vouch(registry, repo, digest, authorization)
         return ALLOWED
+
+    def _may_follow(self, registry: str, repo: str, digest: str, authorization: str | None) -> Decision:
+        """A registry nobody chose, whose bytes the mirror is fetching for
+        another client, decides whether this client may have them too: a
+        HEAD with this client's credentials. Its yes is not recorded, since it
+        proves nothing about the store's copy; the bytes themselves will."""
+        try:
+            status, headers = self.upstream.head(f"{registry}/v2/{repo}/blobs/{digest}", authorization)
+        except requests.RequestException as exc:
+            return Decision(False, pass_through=True, reason=f"could not ask {registry}: {exc}")
+        if status == 200:
+            return ALLOWED
+        if status in UNREACHABLE:
+            return Decision(False, pass_through=True, reason=f"{registry} answered {status}")
+        log.info("access: %s refused %s in %s (%d)", registry, digest, repo, status)
+        return Decision(False, status, tuple(headers.items()), f"{registry} answered {status}")
 
     def vouch(self, registry: str, repo: str, digest: str, authorization: str | None,
               kind: str = "blobs") -> None:

@@ -518,10 +518,16 @@ class RegistryCache:
         self.streaming.client_disconnected(client)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(METADATA_KEY + ".stream"):
+        if flow.metadata.get(METADATA_KEY + ".stream") or self._to_blob_server(flow.request):
             flow.response.stream = True
         elif flow.request.method != "HEAD":
             self.streaming.response_headers(flow.response)
+
+    def _to_blob_server(self, request: http.Request) -> bool:
+        """A proxy client following a redirect to the blob server: a fill in
+        progress must reach it as it arrives, however small the blob."""
+        return self.blob_server is not None and request.port == self.blob_server.port \
+            and request.path.startswith("/blobs/")
 
     async def _io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -567,9 +573,11 @@ class RegistryCache:
                 flow.response = oci_error(502, "UNAVAILABLE", "upstream fetch failed", fill.error)
             return
         # A fill this request started vouches for it once its bytes verify
-        # (on_verified); joining someone else's needs the same proof as a hit.
-        if (not started or fill.already_stored) and \
-                await self._may_read(flow, registry, route.name, digest, authorization) is not Verdict.READ:
+        # (on_verified); joining someone else's needs the same proof as a hit,
+        # or, from a registry nobody chose, that registry's consent.
+        if (not started or fill.already_stored) and await self._may_read(
+                flow, registry, route.name, digest, authorization,
+                its_own_fill=not fill.already_stored) is not Verdict.READ:
             return
         self._mark(flow, "hit" if fill.already_stored else "miss", digest, fill.size)
         self._send_to_blob_server(flow, digest)
@@ -588,11 +596,15 @@ class RegistryCache:
         return "" if self._trusted(flow) else _registry_of(flow)
 
     async def _may_read(self, flow: http.HTTPFlow, registry: str, repo: str, digest: str,
-                        authorization: str | None, may_refetch: bool = False) -> "Verdict":
+                        authorization: str | None, may_refetch: bool = False,
+                        its_own_fill: bool = False) -> "Verdict":
         """Apply the access gate; on refusal, answer the client as the upstream
         did (or pass it through to a registry that must first prove it holds
-        the blob, unless the caller may refetch it from there instead)."""
-        decision = await self._io(self.access.check, registry, repo, digest, authorization, self._trusted(flow))
+        the blob, unless the caller may refetch it from there instead).
+        `its_own_fill`: the client is to follow a fill in progress from this
+        flow's registry, not read the store."""
+        decision = await self._io(self.access.check, registry, repo, digest, authorization,
+                                  self._trusted(flow), its_own_fill)
         if decision.allowed:
             return Verdict.READ
         if decision.pass_through:

@@ -5,6 +5,8 @@ import hashlib
 import json
 import time
 
+import requests
+
 from addon import access
 from addon.access import (MAX_GRANT_TTL, OPAQUE_GRANT_TTL, AccessGate, SeenIndex, credential_expiry,
                           fingerprint)
@@ -72,6 +74,40 @@ def test_a_registry_nobody_chose_vouches_only_for_blobs_it_served_itself(tmp_pat
         # its HEAD counts for its other repositories too.
         index.record("http://evil:80", "x/y", digest)
         assert gate.check("http://evil:80", "x/z", digest, "Bearer t", trusted=False).allowed
+    finally:
+        index.close()
+
+
+class Answers:
+    """An upstream whose blob HEADs answer one status (or raise)."""
+
+    def __init__(self, status):
+        self.status = status
+
+    def head(self, url, authorization):
+        if isinstance(self.status, Exception):
+            raise self.status
+        return self.status, {"WWW-Authenticate": "Bearer realm=x"} if self.status == 401 else {}
+
+
+def test_a_client_may_follow_a_fill_from_a_registry_nobody_chose_if_that_registry_says_so(tmp_path):
+    """Its yes lets the client have that registry's own bytes (the fill), and
+    is not recorded: the store's copy still needs the verified fill."""
+    index = SeenIndex(tmp_path / "a.sqlite3")
+    digest = "sha256:" + "3" * 64
+    try:
+        gate = AccessGate(index, Answers(200))
+        assert gate.check("http://evil:80", "x/y", digest, "Bearer t", trusted=False, its_own_fill=True).allowed
+        assert not index.served_by("http://evil:80", digest) and not index.knows("http://evil:80")
+        assert gate.check("http://evil:80", "x/y", digest, "Bearer t", trusted=False).pass_through
+        refused = AccessGate(index, Answers(401)).check("http://evil:80", "x/y", digest, None, trusted=False,
+                                                          its_own_fill=True)
+        assert not refused.allowed and not refused.pass_through and refused.status == 401
+        assert ("WWW-Authenticate", "Bearer realm=x") in refused.headers
+        for unsure in (Answers(503), Answers(requests.ConnectionError("down"))):
+            decision = AccessGate(index, unsure).check("http://evil:80", "x/y", digest, None, trusted=False,
+                                                       its_own_fill=True)
+            assert not decision.allowed and decision.pass_through  # that registry answers the client itself
     finally:
         index.close()
 

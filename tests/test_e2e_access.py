@@ -179,6 +179,100 @@ def test_an_unlisted_registry_that_serves_a_stored_layer_itself_is_then_served_f
         assert second.counters.blob_bytes == 0  # now from the store
 
 
+def test_joining_a_fill_from_an_unlisted_registry_needs_its_consent(tmp_path, upstream, second):
+    """A fill from a registry nobody chose is shared only with clients that
+    registry lets read the blob."""
+    image = push_image(second.url, PRIVATE, f"t{unique_seed()}", [fresh_layer(800_000)], auth=ALICE)
+    layer, size = image.layers[0]
+    second.reset_counters()
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+        proxy = {"http": mirror.url_of(1)}
+        second.set_fault(layer, "stall")
+        alice = RegistryClient(second.url, *ALICE, proxies=proxy)
+        alice.get_manifest(image.repo, image.tag)
+        # Through the proxy to the blob server: under 1 MB, yet streamed while the fill runs.
+        response = alice.request("GET", f"/v2/{image.repo}/blobs/{layer}", stream=True)
+        assert response.status_code == 200 and len(response.raw.read(1000)) == 1000
+        second.wait_stalled(1, WAIT, digest=layer)
+        for intruder in (RegistryClient(second.url, *BOB, proxies=proxy), RegistryClient(second.url, proxies=proxy)):
+            assert refused(intruder, PRIVATE, layer) == 401
+        second.release_stalls()
+        assert 1000 + len(response.raw.read(size)) == size
+        # The intruders were answered by the mirror (after a HEAD there), not passed through.
+        gets = [r for r in second.counters.requests if r.method == "GET" and layer[7:] in r.path]
+        assert len(gets) == 1 and second.counters.blob_bytes_for(layer) == size
+
+
+class JunkThenStallRegistry(QuietHandler):
+    """A registry a client runs itself: says yes to every HEAD, and starts
+    every blob with junk, then stalls until released."""
+
+    release = threading.Event()
+    gets = 0
+
+    def do_HEAD(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "800000")
+        self.end_headers()
+
+    def do_GET(self):  # noqa: N802
+        type(self).gets += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "800000")
+        self.end_headers()
+        self.wfile.write(b"junk" * 250)
+        self.wfile.flush()
+        self.release.wait(WAIT)
+        self.close_connection = True
+
+
+def test_clients_joining_a_named_hosts_fill_get_its_bytes_never_the_stored_ones(tmp_path, upstream):
+    """The named host's clients share its fill (one GET there), and what they
+    follow is that host's junk: the stored private blob of the same digest is
+    not theirs, even once the fill has failed."""
+    image = private_image(upstream)
+    layer, size = image.layers[0]
+    private_bytes = open(upstream.blob_path(layer), "rb").read()
+    JunkThenStallRegistry.release.clear()
+    JunkThenStallRegistry.gets = 0
+    evil = LoopbackHTTPServer(JunkThenStallRegistry, name="junk-registry").start()
+    got: list[bytes] = []
+    clients: list[threading.Thread] = []
+    try:
+        with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+            RegistryClient(mirror.url_of(0), *ALICE).pull(image.repo, image.tag)
+            mirror.wait_for_log(rf"fill: stored {layer}", WAIT)
+            proxy = {"http": mirror.url_of(1)}
+
+            def download():
+                data = b""
+                try:
+                    with requests.get(f"{evil.url}/v2/x/y/blobs/{layer}", proxies=proxy, timeout=WAIT,
+                                      stream=True) as response:
+                        for chunk in response.iter_content(1 << 16):
+                            data += chunk
+                except requests.RequestException:
+                    pass  # cut when the fill fails: judged by what arrived
+                got.append(data)
+
+            for joined in ("started", "joined"):
+                start = len(mirror.lines)
+                clients.append(threading.Thread(target=download, daemon=True))
+                clients[-1].start()
+                mirror.wait_for_log(rf"miss {layer}: {joined} fill", WAIT, start=start)
+            JunkThenStallRegistry.release.set()
+            for c in clients:
+                c.join(WAIT)
+            mirror.wait_for_log(rf"fill: {layer} failed", WAIT)
+            assert len(got) == 2 and JunkThenStallRegistry.gets == 1
+            assert all(data != private_bytes and private_bytes[:1000] not in data for data in got)
+    finally:
+        JunkThenStallRegistry.release.set()
+        for c in clients:
+            c.join(WAIT)
+        evil.stop()
+
+
 class StallingRegistry(QuietHandler):
     """A registry a client runs itself that starts every blob and then stalls."""
 

@@ -12,6 +12,7 @@ import threading
 import requests
 
 from tests.harness.fresh import fresh_image
+from tests.harness.mirror import Mirror
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
@@ -91,6 +92,34 @@ def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_
         assert d.error is None and d.data == expected
     assert len(upstream_fetches(any_upstream, digest)) == 1
     assert any_upstream.counters.blob_bytes_for(digest) == size
+
+
+def test_concurrent_misses_from_a_registry_a_proxy_client_names_make_one_fetch(tmp_path, upstream, second):
+    """Regular mode, a registry not on `registries`: its clients share one
+    fetch too (each asks that registry whether it may have the bytes)."""
+    image, (digest, size) = image_with_one_layer(second)
+    expected = open(second.blob_path(digest), "rb").read()
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+        proxy = {"http": mirror.url_of(1)}
+        second.set_fault(digest, "stall")
+        downloaders = []
+        for _ in range(CLIENTS):
+            client = RegistryClient(second.url, proxies=proxy)
+            client.get_manifest(image.repo, image.tag)
+            downloaders.append(Downloader(client, image.repo, digest, size))
+        for d in downloaders:
+            d.start()
+        second.wait_stalled(1, WAIT, digest=digest)
+        for d in downloaders:
+            assert d.started.wait(WAIT)
+            assert d.error is None and 1000 <= len(d.data) <= size // 2
+        assert len(upstream_fetches(second, digest)) == 1
+        second.release_stalls()
+        for d in downloaders:
+            d.join(WAIT)
+            assert d.error is None and d.data == expected
+        assert len(upstream_fetches(second, digest)) == 1
+        assert second.counters.blob_bytes_for(digest) == size
 
 
 def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
