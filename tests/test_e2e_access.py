@@ -203,7 +203,7 @@ def test_joining_a_fill_from_an_unlisted_registry_needs_its_consent(tmp_path, up
         assert len(gets) == 1 and second.counters.blob_bytes_for(layer) == size
 
 
-class JunkThenStallRegistry(QuietHandler):
+class StallingRegistry(QuietHandler):
     """A registry a client runs itself: says yes to every HEAD, and starts
     every blob with junk, then stalls until released."""
 
@@ -233,9 +233,9 @@ def test_clients_joining_a_named_hosts_fill_get_its_bytes_never_the_stored_ones(
     image = private_image(upstream)
     layer, size = image.layers[0]
     private_bytes = open(upstream.blob_path(layer), "rb").read()
-    JunkThenStallRegistry.release.clear()
-    JunkThenStallRegistry.gets = 0
-    evil = LoopbackHTTPServer(JunkThenStallRegistry, name="junk-registry").start()
+    StallingRegistry.release.clear()
+    StallingRegistry.gets = 0
+    evil = LoopbackHTTPServer(StallingRegistry, name="stalling-registry").start()
     got: list[bytes] = []
     clients: list[threading.Thread] = []
     try:
@@ -260,32 +260,17 @@ def test_clients_joining_a_named_hosts_fill_get_its_bytes_never_the_stored_ones(
                 clients.append(threading.Thread(target=download, daemon=True))
                 clients[-1].start()
                 mirror.wait_for_log(rf"miss {layer}: {joined} fill", WAIT, start=start)
-            JunkThenStallRegistry.release.set()
+            StallingRegistry.release.set()
             for c in clients:
                 c.join(WAIT)
             mirror.wait_for_log(rf"fill: {layer} failed", WAIT)
-            assert len(got) == 2 and JunkThenStallRegistry.gets == 1
+            assert len(got) == 2 and StallingRegistry.gets == 1
             assert all(data != private_bytes and private_bytes[:1000] not in data for data in got)
     finally:
-        JunkThenStallRegistry.release.set()
+        StallingRegistry.release.set()
         for c in clients:
             c.join(WAIT)
         evil.stop()
-
-
-class StallingRegistry(QuietHandler):
-    """A registry a client runs itself that starts every blob and then stalls."""
-
-    release = threading.Event()
-
-    def do_GET(self):  # noqa: N802
-        self.send_response(200)
-        self.send_header("Content-Length", "500000")
-        self.end_headers()
-        self.wfile.write(b"junk" * 250)
-        self.wfile.flush()
-        self.release.wait(WAIT)
-        self.close_connection = True
 
 
 def test_a_fill_from_a_host_a_proxy_client_named_does_not_hold_up_anyone_else(tmp_path, upstream):

@@ -60,78 +60,67 @@ class Downloader(threading.Thread):
             self.started.set()
 
 
-def token_holding_client(mirror, image) -> RegistryClient:
-    client = RegistryClient(mirror.url)
+def token_holding_client(url, image, proxies=None) -> RegistryClient:
+    """A client of url (a mirror, or a registry reached through a proxy)."""
+    client = RegistryClient(url, proxies=proxies)
     client.get_manifest(image.repo, image.tag)  # token in hand: no 401 round trip on blobs
     return client
 
 
-def stalled_downloaders(upstream, mirror, image, digest, size) -> list:
+def stalled_downloaders(upstream, url, image, digest, size, proxies=None) -> list:
     """CLIENTS downloaders of one missing blob, started; returns once the
     single upstream transfer is parked half-way (the "stall" fault)."""
     upstream.set_fault(digest, "stall")
-    downloaders = [Downloader(token_holding_client(mirror, image), image.repo, digest, size) for _ in range(CLIENTS)]
+    downloaders = [Downloader(token_holding_client(url, image, proxies), image.repo, digest, size)
+                   for _ in range(CLIENTS)]
     for d in downloaders:
         d.start()
     upstream.wait_stalled(1, WAIT, digest=digest)
     return downloaders
 
 
-def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_upstream, mirror):
-    image, (digest, size) = image_with_one_layer(any_upstream)
-    expected = open(any_upstream.blob_path(digest), "rb").read()
-    downloaders = stalled_downloaders(any_upstream, mirror, image, digest, size)
-    # Every client has bytes while the single upstream transfer is parked half-way.
+def assert_one_fetch_streamed_to_all(upstream, downloaders, digest, size) -> None:
+    """Every client has bytes while the single upstream transfer is parked
+    half-way, then all of them; one upstream fetch in all."""
+    expected = open(upstream.blob_path(digest), "rb").read()
     for d in downloaders:
         assert d.started.wait(WAIT)
         assert d.error is None and 1000 <= len(d.data) <= size // 2
-    assert len(upstream_fetches(any_upstream, digest)) == 1
-    any_upstream.release_stalls()
+    assert len(upstream_fetches(upstream, digest)) == 1
+    upstream.release_stalls()
     for d in downloaders:
         d.join(WAIT)
         assert d.error is None and d.data == expected
-    assert len(upstream_fetches(any_upstream, digest)) == 1
-    assert any_upstream.counters.blob_bytes_for(digest) == size
+    assert len(upstream_fetches(upstream, digest)) == 1
+    assert upstream.counters.blob_bytes_for(digest) == size
+
+
+def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_upstream, mirror):
+    image, (digest, size) = image_with_one_layer(any_upstream)
+    downloaders = stalled_downloaders(any_upstream, mirror.url, image, digest, size)
+    assert_one_fetch_streamed_to_all(any_upstream, downloaders, digest, size)
 
 
 def test_concurrent_misses_from_a_registry_a_proxy_client_names_make_one_fetch(tmp_path, upstream, second):
     """Regular mode, a registry not on `registries`: its clients share one
     fetch too (each asks that registry whether it may have the bytes)."""
     image, (digest, size) = image_with_one_layer(second)
-    expected = open(second.blob_path(digest), "rb").read()
     with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
         proxy = {"http": mirror.url_of(1)}
-        second.set_fault(digest, "stall")
-        downloaders = []
-        for _ in range(CLIENTS):
-            client = RegistryClient(second.url, proxies=proxy)
-            client.get_manifest(image.repo, image.tag)
-            downloaders.append(Downloader(client, image.repo, digest, size))
-        for d in downloaders:
-            d.start()
-        second.wait_stalled(1, WAIT, digest=digest)
-        for d in downloaders:
-            assert d.started.wait(WAIT)
-            assert d.error is None and 1000 <= len(d.data) <= size // 2
-        assert len(upstream_fetches(second, digest)) == 1
-        second.release_stalls()
-        for d in downloaders:
-            d.join(WAIT)
-            assert d.error is None and d.data == expected
-        assert len(upstream_fetches(second, digest)) == 1
-        assert second.counters.blob_bytes_for(digest) == size
+        downloaders = stalled_downloaders(second, second.url, image, digest, size, proxies=proxy)
+        assert_one_fetch_streamed_to_all(second, downloaders, digest, size)
 
 
 def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
     image, (digest, size) = image_with_one_layer(upstream)
     expected = open(upstream.blob_path(digest), "rb").read()
     upstream.set_fault(digest, "stall")
-    first = Downloader(token_holding_client(mirror, image), image.repo, digest, size, stop_after=1000)
+    first = Downloader(token_holding_client(mirror.url, image), image.repo, digest, size, stop_after=1000)
     first.start()
     upstream.wait_stalled(1, WAIT, digest=digest)
     first.join(WAIT)  # the initiator has hung up
     assert first.error is None and len(first.data) == 1000
-    second = Downloader(token_holding_client(mirror, image), image.repo, digest, size)
+    second = Downloader(token_holding_client(mirror.url, image), image.repo, digest, size)
     second.start()
     assert second.started.wait(WAIT)
     upstream.release_stalls()
@@ -145,7 +134,7 @@ def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
 
 def test_a_failed_fill_errors_its_waiters_and_the_next_request_fetches_again(upstream, mirror):
     image, (digest, size) = image_with_one_layer(upstream)
-    downloaders = stalled_downloaders(upstream, mirror, image, digest, size)
+    downloaders = stalled_downloaders(upstream, mirror.url, image, digest, size)
     for d in downloaders:
         assert d.started.wait(WAIT)
     upstream.set_down(True)  # the upstream dies mid-body
@@ -158,7 +147,7 @@ def test_a_failed_fill_errors_its_waiters_and_the_next_request_fetches_again(ups
     upstream.set_down(False)
     upstream.clear_faults()
     upstream.reset_counters()
-    client = token_holding_client(mirror, image)
+    client = token_holding_client(mirror.url, image)
     assert client.get_blob(image.repo, digest, expected_size=size) == size
     assert len(upstream_fetches(upstream, digest)) == 1
 
