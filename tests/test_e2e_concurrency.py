@@ -1,8 +1,7 @@
 """End to end: one upstream fetch per blob, however many clients, and what
 happens to the waiting clients when the first one leaves or the fetch fails.
 
-The upstream's "stall" fault parks a blob transfer half-way until the test
-releases it, so "while the fetch is running" is a state, not a timing guess.
+See tests/harness/downloads.py for how "while the fetch is running" is made a state.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import threading
 
 import requests
 
+from tests.harness.downloads import Downloader, assert_one_fetch_streamed_to_all, stalled_downloaders, upstream_fetches
 from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
@@ -24,42 +24,6 @@ def image_with_one_layer(upstream, size=6_000_000):
     return image, image.layers[0]
 
 
-def upstream_fetches(upstream, digest) -> list:
-    """Successful upstream GETs of digest's bytes (front door or CDN)."""
-    hexdigest = digest.split(":", 1)[1]
-    return [r for r in upstream.counters.requests
-            if r.method == "GET" and hexdigest in r.path and r.status == 200]
-
-
-class Downloader(threading.Thread):
-    """Downloads a blob through the mirror; `started` is set once bytes arrive."""
-
-    def __init__(self, client: RegistryClient, repo: str, digest: str, size: int, stop_after: int | None = None):
-        super().__init__(daemon=True)
-        self.client, self.repo, self.digest, self.size = client, repo, digest, size
-        self.stop_after = stop_after  # hang up after this many bytes
-        self.started = threading.Event()
-        self.data = b""
-        self.error: Exception | None = None
-
-    def run(self):
-        try:
-            response = self.client.request("GET", f"/v2/{self.repo}/blobs/{self.digest}", stream=True)
-            with response:
-                assert response.status_code == 200, response.status_code
-                first = response.raw.read(1000)
-                self.data = first
-                self.started.set()
-                if self.stop_after is not None:
-                    return  # closing the response drops the connection
-                while chunk := response.raw.read(1 << 20):
-                    self.data += chunk
-        except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
-            self.error = exc
-        finally:
-            self.started.set()
-
-
 def token_holding_client(url, image, proxies=None) -> RegistryClient:
     """A client of url (a mirror, or a registry reached through a proxy)."""
     client = RegistryClient(url, proxies=proxies)
@@ -67,37 +31,13 @@ def token_holding_client(url, image, proxies=None) -> RegistryClient:
     return client
 
 
-def stalled_downloaders(upstream, url, image, digest, size, proxies=None) -> list:
-    """CLIENTS downloaders of one missing blob, started; returns once the
-    single upstream transfer is parked half-way (the "stall" fault)."""
-    upstream.set_fault(digest, "stall")
-    downloaders = [Downloader(token_holding_client(url, image, proxies), image.repo, digest, size)
-                   for _ in range(CLIENTS)]
-    for d in downloaders:
-        d.start()
-    upstream.wait_stalled(1, WAIT, digest=digest)
-    return downloaders
-
-
-def assert_one_fetch_streamed_to_all(upstream, downloaders, digest, size) -> None:
-    """Every client has bytes while the single upstream transfer is parked
-    half-way, then all of them; one upstream fetch in all."""
-    expected = open(upstream.blob_path(digest), "rb").read()
-    for d in downloaders:
-        assert d.started.wait(WAIT)
-        assert d.error is None and 1000 <= len(d.data) <= size // 2
-    assert len(upstream_fetches(upstream, digest)) == 1
-    upstream.release_stalls()
-    for d in downloaders:
-        d.join(WAIT)
-        assert d.error is None and d.data == expected
-    assert len(upstream_fetches(upstream, digest)) == 1
-    assert upstream.counters.blob_bytes_for(digest) == size
+def clients_of(url, image, proxies=None) -> list[RegistryClient]:
+    return [token_holding_client(url, image, proxies) for _ in range(CLIENTS)]
 
 
 def test_concurrent_misses_make_one_upstream_fetch_and_all_stream_during_it(any_upstream, mirror):
     image, (digest, size) = image_with_one_layer(any_upstream)
-    downloaders = stalled_downloaders(any_upstream, mirror.url, image, digest, size)
+    downloaders = stalled_downloaders(any_upstream, clients_of(mirror.url, image), image.repo, digest, size)
     assert_one_fetch_streamed_to_all(any_upstream, downloaders, digest, size)
 
 
@@ -107,7 +47,7 @@ def test_concurrent_misses_from_a_registry_a_proxy_client_names_make_one_fetch(t
     image, (digest, size) = image_with_one_layer(second)
     with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
         proxy = {"http": mirror.url_of(1)}
-        downloaders = stalled_downloaders(second, second.url, image, digest, size, proxies=proxy)
+        downloaders = stalled_downloaders(second, clients_of(second.url, image, proxy), image.repo, digest, size)
         assert_one_fetch_streamed_to_all(second, downloaders, digest, size)
 
 
@@ -134,7 +74,7 @@ def test_the_fill_survives_the_client_that_started_it(upstream, mirror):
 
 def test_a_failed_fill_errors_its_waiters_and_the_next_request_fetches_again(upstream, mirror):
     image, (digest, size) = image_with_one_layer(upstream)
-    downloaders = stalled_downloaders(upstream, mirror.url, image, digest, size)
+    downloaders = stalled_downloaders(upstream, clients_of(mirror.url, image), image.repo, digest, size)
     for d in downloaders:
         assert d.started.wait(WAIT)
     upstream.set_down(True)  # the upstream dies mid-body

@@ -17,6 +17,7 @@ import requests
 
 from addon.mirror import HIT_FILTER
 from tests.harness._http import LoopbackHTTPServer, QuietHandler
+from tests.harness.downloads import assert_one_fetch_streamed_to_all, stalled_downloaders
 from tests.harness.fresh import fresh_image, fresh_layer, unique_seed
 from tests.harness.images import push_image
 from tests.harness.mirror import Mirror
@@ -79,6 +80,18 @@ def test_explicit_https_proxy_caches_blobs(https_upstream, proxy, redirect):
     assert again.layers == image.layers
     assert https_upstream.counters.blob_bytes == 0 and https_upstream.counters.blob_gets == 0
     assert https_upstream.counters.cdn_gets == 0
+
+
+def test_tls_clients_of_the_https_proxy_share_one_fetch(https_upstream, proxy):
+    """TLS clients (never redirected: mitmproxy streams the blob server's
+    answer) missing one blob of a registry not on `registries` at once."""
+    image = fresh_image(https_upstream, 3_000_000, verify=str(https_upstream.ca_cert_path))
+    digest, size = image.layers[0]
+    clients = [proxied_client(proxy, https_upstream) for _ in range(4)]
+    for client in clients:
+        client.get_manifest(image.repo, image.tag)
+    downloaders = stalled_downloaders(https_upstream, clients, image.repo, digest, size)
+    assert_one_fetch_streamed_to_all(https_upstream, downloaders, digest, size)
 
 
 def test_one_process_serves_a_mirror_port_and_a_proxy_port(tmp_path, https_upstream):
