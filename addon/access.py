@@ -167,23 +167,37 @@ class AccessGate:
         `trusted`: the operator chose this registry (see the module docstring).
         `its_own_fill`: the client is to follow a fill from this very registry
         (its bytes, not the store's), which matters for one nobody chose."""
+        decision = self.check_locally(registry, repo, digest, authorization, trusted, its_own_fill)
+        if decision is None:
+            decision = self.ask_registry(registry, repo, digest, authorization, trusted)
+        return decision
+
+    def check_locally(self, registry: str, repo: str, digest: str, authorization: str | None,
+                      trusted: bool = True, its_own_fill: bool = False) -> Decision | None:
+        """check() as far as it needs no registry (disk only); None: ask_registry()."""
         if not trusted and not self.index.served_by(registry, digest):
             if its_own_fill:
-                return self._may_follow(registry, repo, digest, authorization)
+                return None  # _may_follow
             return Decision(False, pass_through=True,
                             reason=f"{registry} has not served this blob to the mirror itself")
         now = time.time()
-        cred = fingerprint(authorization)
-        known = self.index.contains(registry, repo, digest)
-        if known and (self._is_public(registry, repo, now) or self._granted(cred, registry, repo, now)):
+        if self.index.contains(registry, repo, digest) and \
+                (self._is_public(registry, repo, now) or self._granted(fingerprint(authorization), registry, repo, now)):
             return ALLOWED
+        return None
+
+    def ask_registry(self, registry: str, repo: str, digest: str, authorization: str | None,
+                     trusted: bool = True) -> Decision:
+        """The rest of check(): one HEAD of the blob with the client's credentials."""
+        if not trusted and not self.index.served_by(registry, digest):
+            return self._may_follow(registry, repo, digest, authorization)
         url = f"{registry}/v2/{repo}/blobs/{digest}"
         try:
             status, headers = self.upstream.head(url, authorization)
         except requests.RequestException as exc:
-            return self._offline_decision(known, cred, registry, repo, f"upstream unreachable: {exc}")
+            return self._offline_decision(registry, repo, digest, authorization, f"upstream unreachable: {exc}")
         if status in UNREACHABLE:
-            return self._offline_decision(known, cred, registry, repo, f"upstream answered {status}")
+            return self._offline_decision(registry, repo, digest, authorization, f"upstream answered {status}")
         if status != 200:
             log.info("access: upstream refused %s in %s (%d); not serving it from the store", digest, repo, status)
             return Decision(False, status, tuple(headers.items()), f"upstream answered {status}")
@@ -224,8 +238,9 @@ class AccessGate:
             threading.Thread(target=self._probe_public, args=(registry, repo, f"{kind}/{digest}"),
                              daemon=True).start()
 
-    def _offline_decision(self, known: bool, cred: str, registry: str, repo: str, why: str) -> Decision:
-        if known and self._allowed_before(cred, registry, repo):
+    def _offline_decision(self, registry: str, repo: str, digest: str, authorization: str | None,
+                          why: str) -> Decision:
+        if self.allowed_offline(registry, repo, digest, authorization):
             log.warning("access: %s; serving %s from what the upstream allowed earlier", why, repo)
             return ALLOWED
         return Decision(False, 503, (), why)

@@ -29,7 +29,6 @@ import re
 import resource
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -47,6 +46,7 @@ from .registries import DEFAULT_REGISTRIES, base_url_for, origin_of, parse_regis
 from .routes import Kind, Route, RouteError
 from .store import DiskBlobStore
 from .upstream import UpstreamClient
+from .workers import Workers
 
 log = logging.getLogger("registry_cache")
 
@@ -161,7 +161,7 @@ class RegistryCache:
         self.registries: dict[str, str] = {}
         self._listed_origins: set[str] = set()
         self._size_limit = 0
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="registry-cache-io")
+        self.workers = Workers()
         self._tasks: set[asyncio.Task] = set()
 
     # -- mitmproxy lifecycle --------------------------------------------------
@@ -258,7 +258,7 @@ class RegistryCache:
 
     def done(self) -> None:
         self._shutdown()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
 
     def _shutdown(self) -> None:
         if self.blob_server is not None:
@@ -332,7 +332,7 @@ class RegistryCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         self.streaming.request_complete(flow.request)
         if path := _metrics_path(flow.request):
-            flow.response = await self._io(self._metrics_response, path)
+            flow.response = await self.workers.local(self._metrics_response, path)
             return
         route = flow.metadata.get(METADATA_KEY + ".route")
         if flow.response is not None or route is None:
@@ -444,7 +444,8 @@ class RegistryCache:
         registry = _registry_of(flow)
         authorization = request.headers.get("Authorization")
         try:
-            answer = await self._io(self.upstream.fetch, request.method, request.url, _end_to_end_headers(request))
+            answer = await self.workers.upstream(registry, self.upstream.fetch, request.method, request.url,
+                                                 _end_to_end_headers(request))
             why = f"upstream answered {answer.status}"
         except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
             log.warning("registry-cache: refused %s %s: %s", request.method, request.path[:200], exc)
@@ -459,12 +460,12 @@ class RegistryCache:
             flow.response = _relayed(answer, request.method)
             self._mark(flow, "pass", detail=route.kind.value)
             if answer.status == 200 and route.kind is Kind.MANIFEST:
-                await self._io(self._remember_manifest, registry, route, authorization, answer,
+                await self.workers.local(self._remember_manifest, registry, route, authorization, answer,
                                request.headers.get_all("Accept"), self._trusted(flow))
             return
         stale = None
         if ctx.options.serve_stale:
-            stale = await self._io(self._stale_answer, registry, route, authorization, request)
+            stale = await self.workers.local(self._stale_answer, registry, route, authorization, request)
         if stale is not None:
             log.warning("registry-cache: %s; answering %s %s from the store (stale)",
                         why, request.method, request.path)
@@ -529,14 +530,11 @@ class RegistryCache:
         return self.blob_server is not None and request.port == self.blob_server.port \
             and request.path.startswith("/blobs/")
 
-    async def _io(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     async def _blob(self, flow: http.HTTPFlow, route: Route) -> None:
         digest = route.reference
         registry = _registry_of(flow)
         authorization = flow.request.headers.get("Authorization")
-        size = await self._io(self.store.size_of, digest)
+        size = await self.workers.local(self.store.size_of, digest)
         refetch = False
         if size is not None:
             verdict = await self._may_read(flow, registry, route.name, digest, authorization,
@@ -603,8 +601,12 @@ class RegistryCache:
         the blob, unless the caller may refetch it from there instead).
         `its_own_fill`: the client is to follow a fill in progress from this
         flow's registry, not read the store."""
-        decision = await self._io(self.access.check, registry, repo, digest, authorization,
-                                  self._trusted(flow), its_own_fill)
+        trusted = self._trusted(flow)
+        decision = await self.workers.local(self.access.check_locally, registry, repo, digest, authorization,
+                                            trusted, its_own_fill)
+        if decision is None:  # one HEAD there settles it
+            decision = await self.workers.upstream(registry, self.access.ask_registry, registry, repo, digest,
+                                                   authorization, trusted)
         if decision.allowed:
             return Verdict.READ
         if decision.pass_through:

@@ -7,13 +7,16 @@ import http.client
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 import requests
 
 from addon.store import DiskBlobStore
+from addon.workers import PER_REGISTRY
 from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
+from tests.harness.tarpit import Tarpit
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
@@ -187,3 +190,38 @@ def test_pull_errors_are_errors_not_hangs(upstream, mirror):
         client.get_blob(image.repo, "sha256:" + "e" * 64)
     assert getattr(info.value, "status", None) == 404
     assert client.pull(image.repo, image.tag).layers == image.layers
+
+
+def test_a_registry_that_never_answers_holds_up_no_one_else(tmp_path, upstream):
+    """40 manifest GETs hang at a host a proxy client names (a tarpit). Stored
+    blobs, the upstream's manifests and the metrics are served meanwhile, and
+    the hung host holds only its share of the threads that talk to registries."""
+    image = fresh_image(upstream, 1_500_000)
+    layer, size = image.layers[0]
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror, Tarpit() as tarpit:
+        RegistryClient(mirror.url_of(0)).pull(image.repo, image.tag)
+        mirror.wait_stored([layer], WAIT)
+        proxy = {"http": mirror.url_of(1)}
+
+        def hang():
+            try:
+                requests.get(f"{tarpit.url}/v2/x/y/manifests/latest", proxies=proxy, timeout=3 * WAIT)
+            except requests.RequestException:
+                pass  # failed when the tarpit closes: not what this test is about
+
+        hung = [threading.Thread(target=hang, daemon=True) for _ in range(40)]
+        for t in hung:
+            t.start()
+        assert tarpit.wait_accepted(PER_REGISTRY, WAIT) == PER_REGISTRY
+        # The mirror waits up to 60 s (READ_TIMEOUT) for the tarpit; these
+        # must not queue behind it, so they get half that.
+        client = RegistryClient(mirror.url_of(0), timeout=WAIT / 2)
+        upstream.reset_counters()
+        assert client.get_blob(image.repo, layer, expected_size=size) == size
+        assert upstream.counters.blob_bytes == 0  # from the store
+        assert client.pull(image.repo, image.tag).layers == image.layers
+        assert requests.get(f"{mirror.url_of(0)}/_registry_cache/metrics", timeout=WAIT / 2).status_code == 200
+        assert tarpit.accepted == PER_REGISTRY  # all still hanging, none let past the bound
+        tarpit.stop()
+        for t in hung:
+            t.join(3 * WAIT)
