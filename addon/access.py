@@ -191,6 +191,8 @@ class AccessGate:
         """The rest of check(): one HEAD of the blob with the client's credentials."""
         if not trusted and not self.index.served_by(registry, digest):
             return self._may_follow(registry, repo, digest, authorization)
+        if self.upstream.hung(registry):
+            return self._offline_decision(registry, repo, digest, authorization, f"{registry} timed out recently")
         url = f"{registry}/v2/{repo}/blobs/{digest}"
         try:
             status, headers = self.upstream.head(url, authorization)

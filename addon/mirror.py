@@ -45,7 +45,7 @@ from .passthrough import BodyStreaming
 from .registries import DEFAULT_REGISTRIES, base_url_for, origin_of, parse_registries
 from .routes import Kind, Route, RouteError
 from .store import DiskBlobStore
-from .upstream import UpstreamClient
+from .upstream import ANSWER_TIMEOUT, QUIET_FOR, UpstreamClient
 from .workers import Workers
 
 log = logging.getLogger("registry_cache")
@@ -186,6 +186,12 @@ class RegistryCache:
             "from the store (a tag: its last known digest, marked stale) and /v2/ pings locally.",
         )
         loader.add_option(
+            "upstream_timeout", int, ANSWER_TIMEOUT,
+            "Seconds a registry may take to answer a manifest, ping or access check. Past that the "
+            f"store answers (serve_stale), and for {QUIET_FOR:.0f}s what it can answer is not asked of "
+            "that registry (one request asks again).",
+        )
+        loader.add_option(
             "blob_redirect", bool, True,
             "Send plain-HTTP clients a 307 to the blob port for blob bytes (fastest). "
             "When off, and always for TLS clients, mitmproxy streams the bytes itself.",
@@ -206,6 +212,11 @@ class RegistryCache:
         _check_set_values()
 
     def configure(self, updated: set[str]) -> None:
+        if "upstream_timeout" in updated:
+            if ctx.options.upstream_timeout <= 0:
+                raise exceptions.OptionsError("registry-cache: upstream_timeout must be a number of seconds > 0")
+            if self.upstream is not None:
+                self.upstream.answer_timeout = ctx.options.upstream_timeout
         if "registries" in updated:
             try:
                 self.registries = parse_registries(ctx.options.registries)
@@ -227,7 +238,7 @@ class RegistryCache:
         self._size_limit = size_limit
         self.store = DiskBlobStore(cache_dir, size_limit)
         self.fills = Fills(self.store, max_stored_size=size_limit, on_finished=self._count_fill)
-        self.upstream = UpstreamClient(verify=self._upstream_verify())
+        self.upstream = UpstreamClient(verify=self._upstream_verify(), answer_timeout=ctx.options.upstream_timeout)
         self.access = AccessGate(SeenIndex(cache_dir / "access.sqlite3"), self.upstream)
         self.manifests = ManifestStore(cache_dir / "manifests")
         host = ctx.options.blob_host or self._proxy_listen_host()
@@ -443,6 +454,13 @@ class RegistryCache:
         request = flow.request
         registry = _registry_of(flow)
         authorization = request.headers.get("Authorization")
+        if ctx.options.serve_stale and self.upstream.hung(registry):
+            # It let a request wait the whole timeout moments ago: what the
+            # store can answer is not asked of it meanwhile.
+            stale = await self.workers.local(self._stale_answer, registry, route, authorization, request)
+            if stale is not None:
+                self._answer_stale(flow, route, stale, f"{registry} timed out less than {QUIET_FOR:.0f}s ago")
+                return
         try:
             answer = await self.workers.upstream(registry, self.upstream.fetch, request.method, request.url,
                                                  _end_to_end_headers(request))
@@ -461,16 +479,13 @@ class RegistryCache:
             self._mark(flow, "pass", detail=route.kind.value)
             if answer.status == 200 and route.kind is Kind.MANIFEST:
                 await self.workers.local(self._remember_manifest, registry, route, authorization, answer,
-                               request.headers.get_all("Accept"), self._trusted(flow))
+                                         request.headers.get_all("Accept"), self._trusted(flow))
             return
         stale = None
         if ctx.options.serve_stale:
             stale = await self.workers.local(self._stale_answer, registry, route, authorization, request)
         if stale is not None:
-            log.warning("registry-cache: %s; answering %s %s from the store (stale)",
-                        why, request.method, request.path)
-            flow.response = stale
-            self._mark(flow, "stale", route.reference, detail=why)
+            self._answer_stale(flow, route, stale, why)
         elif answer is not None:
             flow.response = _relayed(answer, request.method)
             self._mark(flow, "error", route.reference, detail=why)
@@ -478,6 +493,12 @@ class RegistryCache:
             log.warning("registry-cache: %s for %s %s", why, request.method, request.path)
             flow.response = oci_error(502, "UNAVAILABLE", "upstream unreachable", why)
             self._mark(flow, "error", route.reference, detail=why)
+
+    def _answer_stale(self, flow: http.HTTPFlow, route: Route, stale: http.Response, why: str) -> None:
+        log.warning("registry-cache: %s; answering %s %s from the store (stale)",
+                    why, flow.request.method, flow.request.path)
+        flow.response = stale
+        self._mark(flow, "stale", route.reference, detail=why)
 
     def _remember_manifest(self, registry: str, route: Route, authorization: str | None, answer,
                            accepted: list[str], trusted: bool) -> None:

@@ -1,4 +1,4 @@
-"""The mirror's own HTTP client, used for blob fills.
+"""The mirror's own HTTP client, used for blob fills, manifests and access checks.
 
 Fills run in threads outside mitmproxy's flow machinery (so they outlive the
 client that started them), which means they need their own client. It follows
@@ -6,15 +6,24 @@ the upstream's redirects itself (Docker Hub sends blob GETs to a CDN) and never
 sends the client's Authorization header to a redirect target. TLS verification
 follows mitmproxy's upstream options, which an addon-owned client would
 otherwise not inherit.
+
+It also remembers which registries let a request time out (accepted the
+connection, or not even that, and never answered): a hung registry, or a
+network path that went silent, would otherwise cost every request the whole
+timeout before the mirror answered from its store.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin
+
+from .registries import origin_of
 
 import requests
 import requests.adapters
@@ -35,6 +44,11 @@ ALL_MANIFEST_TYPES = ", ".join([
 MAX_RELAYED_BODY = 32 << 20  # a manifest answer larger than this is refused
 CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0  # longest silence tolerated mid-body before a fill fails
+ANSWER_TIMEOUT = 30  # for manifests, pings and HEADs: the upstream_timeout option's default
+# After a registry let a request time out, it is asked again (by one request)
+# only after this long; meanwhile answers the store has are given at once.
+QUIET_FOR = 30.0
+MAX_HUNG_REMEMBERED = 1000
 
 
 @dataclass
@@ -47,7 +61,11 @@ class Answer:
 
 
 class UpstreamClient:
-    def __init__(self, verify: bool | str = True, user_agent: str = "registry-cache"):
+    def __init__(self, verify: bool | str = True, user_agent: str = "registry-cache",
+                 answer_timeout: float = ANSWER_TIMEOUT):
+        self.answer_timeout = answer_timeout
+        self._timed_out: dict[str, float] = {}  # registry origin -> when it last timed out (monotonic)
+        self._lock = threading.Lock()
         self.session = requests.Session()
         self.session.trust_env = False  # no surprise proxies from the environment
         self.session.verify = verify
@@ -91,8 +109,8 @@ class UpstreamClient:
         complete 200 would hand the client a broken manifest.
         """
         headers = {"Accept": None, "User-Agent": None, **headers, "Accept-Encoding": "identity"}
-        response = self.session.request(method, url, headers=headers, stream=True, allow_redirects=False,
-                                        timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        response = self._answered(url, lambda timeout: self.session.request(
+            method, url, headers=headers, stream=True, allow_redirects=False, timeout=timeout))
         with response:
             try:
                 body = b"" if method == "HEAD" else response.raw.read(MAX_RELAYED_BODY + 1, decode_content=False)
@@ -111,8 +129,8 @@ class UpstreamClient:
         headers = {"User-Agent": self.user_agent, "Accept": ALL_MANIFEST_TYPES}
         if authorization:
             headers["Authorization"] = authorization
-        response = self.session.head(url, headers=headers, allow_redirects=False,
-                                     timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        response = self._answered(url, lambda timeout: self.session.head(
+            url, headers=headers, allow_redirects=False, timeout=timeout))
         response.close()
         status = 200 if response.is_redirect else response.status_code
         return status, response.headers
@@ -129,11 +147,42 @@ class UpstreamClient:
         if "service" in fields:
             query["service"] = fields["service"]
         response = self.session.get(fields["realm"], params=query, headers={"User-Agent": self.user_agent},
-                                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+                                    timeout=(min(CONNECT_TIMEOUT, self.answer_timeout), self.answer_timeout))
         if response.status_code != 200:
             return None
         body = response.json()
         return body.get("token") or body.get("access_token")
+
+    def _answered(self, url: str, send) -> requests.Response:
+        """send(timeout), remembering whether the registry answered at all."""
+        registry = origin_of(url)
+        try:
+            response = send((min(CONNECT_TIMEOUT, self.answer_timeout), self.answer_timeout))
+        except requests.Timeout:
+            with self._lock:
+                self._timed_out[registry] = time.monotonic()
+                if len(self._timed_out) > MAX_HUNG_REMEMBERED:  # hosts proxy clients named
+                    newest = sorted(self._timed_out.items(), key=lambda item: item[1])[-MAX_HUNG_REMEMBERED // 2:]
+                    self._timed_out = dict(newest)
+            raise
+        if self._timed_out:
+            with self._lock:
+                self._timed_out.pop(registry, None)
+        return response
+
+    def hung(self, registry: str) -> bool:
+        """Did registry let a request time out less than QUIET_FOR ago? Once
+        that is over, one caller gets False (and asks it); the others keep
+        getting True until that request is answered or times out too."""
+        now = time.monotonic()
+        with self._lock:
+            since = self._timed_out.get(registry)
+            if since is None:
+                return False
+            if now - since < QUIET_FOR:
+                return True
+            self._timed_out[registry] = now  # this caller's turn to ask
+            return False
 
     def close(self) -> None:
         self.session.close()

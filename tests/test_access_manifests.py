@@ -55,6 +55,9 @@ class SaysYes:
         self.heads.append(url)
         return 200, {}
 
+    def hung(self, registry):
+        return False
+
 
 def test_a_registry_nobody_chose_vouches_only_for_blobs_it_served_itself(tmp_path):
     index = SeenIndex(tmp_path / "a.sqlite3")
@@ -83,6 +86,9 @@ class Answers:
 
     def __init__(self, status):
         self.status = status
+
+    def hung(self, registry):
+        return False
 
     def head(self, url, authorization):
         if isinstance(self.status, Exception):

@@ -125,3 +125,32 @@ def test_a_tag_resolved_the_containerd_way_is_served_while_the_upstream_is_down(
     r = manifest_get(mirror, image.repo, image.tag)
     assert r.status_code == 200 and r.content == image.manifest
     assert r.headers["X-Registry-Cache"] == "stale" and r.headers["Docker-Content-Digest"] == image.digest
+
+
+def test_a_hung_upstream_costs_one_timeout_not_one_per_request(upstream, tmp_path):
+    """An upstream that accepts connections and never answers: the request
+    that meets it waits upstream_timeout, then the store answers; the pulls
+    after it are answered from the store without asking. Once it is back, a
+    request the store cannot answer reaches it and ends the quiet time."""
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={"upstream_timeout": "2"}) as mirror:
+        image, _ = warm_image(upstream, mirror)
+        upstream.set_down(True, how="hang")
+        try:
+            for _ in range(3):  # each: ping, tag, blobs, as a brand-new client
+                result = RegistryClient(mirror.url, timeout=WAIT).pull(image.repo, image.tag)
+                assert result.manifest_digest == image.digest and result.layers == image.layers
+            assert upstream.held == 1  # only the first request asked
+            mirror.wait_for_log(rf"timed out less than 30s ago; answering GET /v2/{image.repo}/manifests/", WAIT)
+        finally:
+            upstream.set_down(False)
+        client = RegistryClient(mirror.url)
+        newer = push_image(upstream.url, image.repo, "newer", [fresh_layer(100_000)], auth=ALICE)
+        assert client.get_manifest(image.repo, "newer")[2] == newer.digest
+        moved = push_image(upstream.url, image.repo, image.tag, [fresh_layer(100_000)], auth=ALICE)
+        assert client.get_manifest(image.repo, image.tag)[2] == moved.digest  # asked again, not stale
+
+
+def test_a_bad_upstream_timeout_stops_the_mirror_at_start(tmp_path):
+    with pytest.raises(RuntimeError, match="upstream_timeout"):
+        with Mirror(tmp_path / "m", ["regular"], options={"upstream_timeout": "0"}):
+            pass

@@ -47,3 +47,27 @@ def test_a_manifest_cut_short_is_an_error_not_a_short_200(cut_short):
 def test_a_head_has_no_body_to_check(cut_short):
     answer = UpstreamClient().fetch("HEAD", f"{cut_short}/v2/x/manifests/latest", {})
     assert answer.status == 200 and answer.body == b""
+
+
+def test_a_registry_that_timed_out_is_asked_again_by_one_request_after_the_quiet_time(monkeypatch):
+    from addon import upstream as module
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    client = UpstreamClient()
+
+    def times_out(timeout):
+        assert timeout == (module.CONNECT_TIMEOUT, module.ANSWER_TIMEOUT)
+        raise requests.ReadTimeout("no answer")
+
+    try:
+        with pytest.raises(requests.Timeout):
+            client._answered("https://hung.example/v2/", times_out)
+        assert client.hung("https://hung.example:443") and not client.hung("https://other.example:443")
+        now[0] += module.QUIET_FOR
+        assert not client.hung("https://hung.example:443")  # this caller asks again
+        assert client.hung("https://hung.example:443")  # the others do not meanwhile
+        client._answered("https://hung.example/v2/", lambda timeout: "an answer")
+        assert not client.hung("https://hung.example:443")
+    finally:
+        client.close()

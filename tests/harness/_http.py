@@ -56,6 +56,8 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._listening = True
+        self._down_how = "refuse"
+        self._held: list[socket.socket] = []
 
     # -- addresses ---------------------------------------------------------
     @property
@@ -86,6 +88,7 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
             self.shutdown()  # returns once serve_forever has left its loop (<= poll_interval)
         self.server_close()
         self.abort_connections()
+        self._release_held()
         if thread is not None:
             thread.join(timeout)
 
@@ -99,17 +102,35 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         sometimes never answers a request that meets such a reset right after
         its keep-alive upstream connection was closed, so tests that need a
         prompt error use "refuse".
+        how="hang": the port keeps listening, and accepted connections are
+        held, never answered, until the server is back up (a hung front end).
         """
-        if how not in ("refuse", "reset"):
+        if how not in ("refuse", "reset", "hang"):
             raise ValueError(f"unknown way to go down: {how!r}")
         with self._lock:
             was_down, self.down = self.down, down
+            if down:
+                self._down_how = how
         if down and not was_down:
             if how == "refuse":
                 self._stop_listening()
             self.abort_connections()
-        elif not down and was_down and self._listening is False:
-            self._listen_again()
+        elif not down and was_down:
+            self._release_held()
+            if self._listening is False:
+                self._listen_again()
+
+    @property
+    def held(self) -> int:
+        """Connections accepted and left unanswered while down with how="hang"."""
+        with self._lock:
+            return len(self._held)
+
+    def _release_held(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        for conn in held:
+            reset_socket(conn)
 
     def _stop_listening(self) -> None:
         thread, self._thread = self._thread, None
@@ -142,6 +163,9 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     # -- connection handling ----------------------------------------------
     def process_request(self, request, client_address):
         with self._lock:
+            if self.down and self._down_how == "hang":
+                self._held.append(request)
+                return
             if self.down:
                 reset_socket(request)
                 return

@@ -485,13 +485,19 @@ auth:
             self._stall_generation += 1
             self._stall_cond.notify_all()
 
+    @property
+    def held(self) -> int:
+        """Connections to the front door left unanswered while down with how="hang"."""
+        return self._frontdoor.held
+
     def set_down(self, down: bool, *, include_auth: bool = True, how: str = "refuse") -> None:
         """Make the upstream go away (or come back) on the same ports.
 
         While down, live connections to the front door and the CDN (and the
         token server unless ``include_auth=False``), keep-alive or
-        mid-transfer, are cut, and new ones are refused (``how="refuse"``) or
-        accepted and reset at once (``how="reset"``).
+        mid-transfer, are cut, and new ones are refused (``how="refuse"``),
+        accepted and reset at once (``how="reset"``), or accepted and never
+        answered (``how="hang"``).
         """
         self._frontdoor.set_down(down, how)
         self._cdn.set_down(down, how)
