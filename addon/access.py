@@ -36,6 +36,7 @@ import logging
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ UNREACHABLE = (429, 500, 502, 503, 504)
 # offline decisions, so they are not dropped at expiry; past this many, the
 # older half goes (every pull brings a new token, so they would pile up).
 MAX_GRANTS = 20_000
+PROBE_THREADS = 4  # "is R public?" checks run in the background, this many at a time
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class AccessGate:
     _public: dict[tuple[str, str], tuple[bool, float]] = field(default_factory=dict)  # -> (public, checked)
     _probing: set = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _probes: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="registry-cache-probe"))
 
     def __post_init__(self) -> None:
         # Known-public repositories survive a restart, so they are still
@@ -203,7 +207,7 @@ class AccessGate:
         if status != 200:
             log.info("access: upstream refused %s in %s (%d); not serving it from the store", digest, repo, status)
             return Decision(False, status, tuple(headers.items()), f"upstream answered {status}")
-        self.vouch(registry, repo, digest, authorization)
+        self.vouch(registry, repo, digest, authorization, trusted=trusted)
         return ALLOWED
 
     def _may_follow(self, registry: str, repo: str, digest: str, authorization: str | None) -> Decision:
@@ -223,9 +227,12 @@ class AccessGate:
         return Decision(False, status, tuple(headers.items()), f"{registry} answered {status}")
 
     def vouch(self, registry: str, repo: str, digest: str, authorization: str | None,
-              kind: str = "blobs") -> None:
+              kind: str = "blobs", trusted: bool = True) -> None:
         """The upstream served or confirmed digest (a blob or a manifest) under
-        repo to this client."""
+        repo to this client. A registry the operator chose is then asked
+        (once in a while, in the background) whether repo is public; one
+        nobody chose is not: its clients' own HEADs decide, and a host that
+        holds every HEAD open must not tie up the mirror's threads."""
         now = time.time()
         self.index.record(registry, repo, digest)
         with self._lock:
@@ -233,12 +240,20 @@ class AccessGate:
             if len(self._grants) > MAX_GRANTS:
                 newest = sorted(self._grants.items(), key=lambda item: item[1])[len(self._grants) // 2:]
                 self._grants = dict(newest)
-            probe = (registry, repo) not in self._probing and self._public_state(registry, repo, now) is None
+            probe = trusted and (registry, repo) not in self._probing \
+                and self._public_state(registry, repo, now) is None
             if probe:
                 self._probing.add((registry, repo))
         if probe:
-            threading.Thread(target=self._probe_public, args=(registry, repo, f"{kind}/{digest}"),
-                             daemon=True).start()
+            try:
+                self._probes.submit(self._probe_public, registry, repo, f"{kind}/{digest}")
+            except RuntimeError:  # shut down
+                with self._lock:
+                    self._probing.discard((registry, repo))
+
+    def close(self) -> None:
+        self._probes.shutdown(wait=False, cancel_futures=True)
+        self.index.close()
 
     def _offline_decision(self, registry: str, repo: str, digest: str, authorization: str | None,
                           why: str) -> Decision:

@@ -126,7 +126,9 @@ class Fill:
         # the line shows, the fill is over, counted, and the fills dir is clean.
         last_words: tuple = ()
         try:
-            if not self.refetch and self._found_in_store():
+            # A registry nobody chose gets its own bytes, never the store's
+            # (the blob server would follow this fill for its clients).
+            if not self.refetch and not self.source and self._found_in_store():
                 return
             with self.opener() as response:
                 if response.status_code != 200:

@@ -46,7 +46,7 @@ from .registries import DEFAULT_REGISTRIES, base_url_for, origin_of, parse_regis
 from .routes import Kind, Route, RouteError
 from .store import DiskBlobStore
 from .upstream import ANSWER_TIMEOUT, QUIET_FOR, UpstreamClient
-from .workers import Workers
+from .workers import UNLISTED, ClientGone, Workers
 
 log = logging.getLogger("registry_cache")
 
@@ -278,7 +278,7 @@ class RegistryCache:
         if self.upstream is not None:
             self.upstream.close()
         if self.access is not None:
-            self.access.index.close()
+            self.access.close()
             self.access = None
         if self.manifests is not None:
             self.manifests.close()
@@ -348,9 +348,20 @@ class RegistryCache:
         route = flow.metadata.get(METADATA_KEY + ".route")
         if flow.response is not None or route is None:
             return
+        try:
+            await self._answer_route(flow, route)
+        except ClientGone:
+            log.info("registry-cache: %s %s: the client left before the registry could be asked",
+                     flow.request.method, flow.request.path[:200])
+            flow.response = oci_error(503, "UNAVAILABLE", "client left")
+            self._mark(flow, "error", route.reference, detail="client left")
+
+    async def _answer_route(self, flow: http.HTTPFlow, route: Route) -> None:
         if route.kind is Kind.BLOB and flow.request.method in ("GET", "HEAD"):
             try:
                 await self._blob(flow, route)
+            except ClientGone:
+                raise
             except Exception:  # noqa: BLE001 - a broken store must not break pulls
                 log.exception("registry-cache: error serving %s; passing it to the upstream", route.reference)
                 if flow.response is None:
@@ -462,8 +473,8 @@ class RegistryCache:
                 self._answer_stale(flow, route, stale, f"{registry} timed out less than {QUIET_FOR:.0f}s ago")
                 return
         try:
-            answer = await self.workers.upstream(registry, self.upstream.fetch, request.method, request.url,
-                                                 _end_to_end_headers(request))
+            answer = await self._ask_registry(flow, self.upstream.fetch, request.method, request.url,
+                                              _end_to_end_headers(request))
             why = f"upstream answered {answer.status}"
         except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
             log.warning("registry-cache: refused %s %s: %s", request.method, request.path[:200], exc)
@@ -509,7 +520,7 @@ class RegistryCache:
         digest = self.manifests.remember(registry, route.name, route.reference, answer.body, answer.headers,
                                          accepted)
         if digest is not None:  # the upstream served this manifest under this repository to this client
-            self.access.vouch(registry, route.name, digest, authorization, kind="manifests")
+            self.access.vouch(registry, route.name, digest, authorization, kind="manifests", trusted=trusted)
 
     def _stale_answer(self, registry: str, route: Route, authorization: str | None,
                       request: http.Request) -> http.Response | None:
@@ -545,11 +556,19 @@ class RegistryCache:
         elif flow.request.method != "HEAD":
             self.streaming.response_headers(flow.response)
 
-    def _to_blob_server(self, request: http.Request) -> bool:
-        """A proxy client following a redirect to the blob server: a fill in
-        progress must reach it as it arrives, however small the blob."""
-        return self.blob_server is not None and request.port == self.blob_server.port \
-            and request.path.startswith("/blobs/")
+    async def _ask_registry(self, flow: http.HTTPFlow, fn, *args):
+        """fn(*args), a call to this flow's registry, in one of its slots (one
+        of the slots all registries nobody chose share); see workers.py."""
+        key = _registry_of(flow) if self._trusted(flow) else UNLISTED
+        return await self.workers.upstream(key, fn, *args, wanted=lambda: flow.client_conn.timestamp_end is None)
+
+    @staticmethod
+    def _to_blob_server(request: http.Request) -> bool:
+        """A proxy client following a redirect to the blob server (at whatever
+        address blob_url gave): a fill in progress must reach it as it
+        arrives, however small the blob. (Streaming anything else that looks
+        like it costs nothing.)"""
+        return request.path.startswith("/blobs/") and "&sig=" in request.path
 
     async def _blob(self, flow: http.HTTPFlow, route: Route) -> None:
         digest = route.reference
@@ -626,8 +645,8 @@ class RegistryCache:
         decision = await self.workers.local(self.access.check_locally, registry, repo, digest, authorization,
                                             trusted, its_own_fill)
         if decision is None:  # one HEAD there settles it
-            decision = await self.workers.upstream(registry, self.access.ask_registry, registry, repo, digest,
-                                                   authorization, trusted)
+            decision = await self._ask_registry(flow, self.access.ask_registry, registry, repo, digest,
+                                                authorization, trusted)
         if decision.allowed:
             return Verdict.READ
         if decision.pass_through:
@@ -667,6 +686,7 @@ class RegistryCache:
                                   refetch: bool = False):
         url = flow.request.url.split("?", 1)[0]
         authorization = flow.request.headers.get("Authorization")
+        trusted = self._trusted(flow)
 
         def opener():
             return self.upstream.get_blob(url, authorization)
@@ -674,7 +694,7 @@ class RegistryCache:
         def vouch():
             # The upstream served these verified bytes under this repository
             # to this client: the proof the access gate asks for.
-            self.access.vouch(registry, repo, digest, authorization)
+            self.access.vouch(registry, repo, digest, authorization, trusted=trusted)
 
         for _attempt in range(2):
             fill, started = self.fills.start_or_join(digest, opener, vouch, refetch=refetch,

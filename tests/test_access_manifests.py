@@ -274,7 +274,7 @@ def test_public_is_believed_for_ten_minutes_then_checked_again(tmp_path, monkeyp
     gate = AccessGate(index, upstream)
     probed = []
     monkeypatch.setattr(gate, "_probe_public", lambda *args: probed.append(args))
-    monkeypatch.setattr(access.threading, "Thread", _InlineThread)
+    gate._probes = _InlineExecutor()
     try:
         clock.now += access.PUBLIC_TTL - 1
         assert gate.check("http://r:80", "library/alpine", digest, None).allowed and upstream.heads == []
@@ -285,11 +285,26 @@ def test_public_is_believed_for_ten_minutes_then_checked_again(tmp_path, monkeyp
         index.close()
 
 
-class _InlineThread:
-    """threading.Thread that runs its target at start(), in the caller."""
+class _InlineExecutor:
+    """An executor that runs what it is given at once, in the caller."""
 
-    def __init__(self, target, args=(), daemon=None, **kwargs):
-        self.target, self.args = target, args
+    def submit(self, fn, *args):
+        fn(*args)
 
-    def start(self):
-        self.target(*self.args)
+    def shutdown(self, **kwargs):
+        pass
+
+
+def test_only_registries_the_operator_chose_are_probed_for_public_repositories(tmp_path, monkeypatch):
+    index = SeenIndex(tmp_path / "a.sqlite3")
+    gate = AccessGate(index, SaysYes())
+    probed = []
+    monkeypatch.setattr(gate, "_probe_public", lambda *args: probed.append(args[:2]))
+    gate._probes = _InlineExecutor()
+    try:
+        gate.vouch("http://named:80", "x/y", "sha256:" + "7" * 64, None, trusted=False)
+        assert probed == [] and index.contains("http://named:80", "x/y", "sha256:" + "7" * 64)
+        gate.vouch("https://ghcr.io:443", "x/y", "sha256:" + "7" * 64, None)
+        assert probed == [("https://ghcr.io:443", "x/y")]
+    finally:
+        gate.close()

@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from addon.store import DiskBlobStore
-from addon.workers import PER_REGISTRY
+from addon.workers import PER_REGISTRY, UPSTREAM_THREADS
 from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
-from tests.harness.tarpit import Tarpit
+from tests.harness.tarpit import Tarpit, wait_accepted_total
 from tests.harness.v2client import PULL_ERRORS, RegistryClient
 
 WAIT = 60
@@ -192,36 +192,72 @@ def test_pull_errors_are_errors_not_hangs(upstream, mirror):
     assert client.pull(image.repo, image.tag).layers == image.layers
 
 
-def test_a_registry_that_never_answers_holds_up_no_one_else(tmp_path, upstream):
-    """40 manifest GETs hang at a host a proxy client names (a tarpit). Stored
-    blobs, the upstream's manifests and the metrics are served meanwhile, and
-    the hung host holds only its share of the threads that talk to registries."""
-    image = fresh_image(upstream, 1_500_000)
-    layer, size = image.layers[0]
-    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror, Tarpit() as tarpit:
-        RegistryClient(mirror.url_of(0)).pull(image.repo, image.tag)
-        mirror.wait_stored([layer], WAIT)
-        proxy = {"http": mirror.url_of(1)}
+def test_hosts_that_never_answer_hold_up_no_one_else(tmp_path, upstream):
+    """Manifest GETs hang at hosts proxy clients name (tarpits), enough to
+    fill every thread that talks to registries if each host had its own
+    share. Stored blobs, a cold pull from the upstream and the metrics are
+    served meanwhile: the hosts nobody chose share PER_REGISTRY threads."""
+    stored = fresh_image(upstream, 1_500_000)
+    cold = fresh_image(upstream, 500_000)
+    layer, size = stored.layers[0]
+    accepted = threading.Condition()
+    tarpits = [Tarpit(accepted) for _ in range(UPSTREAM_THREADS // PER_REGISTRY)]
+    hung: list[threading.Thread] = []
 
-        def hang():
-            try:
-                requests.get(f"{tarpit.url}/v2/x/y/manifests/latest", proxies=proxy, timeout=3 * WAIT)
-            except requests.RequestException:
-                pass  # failed when the tarpit closes: not what this test is about
-
-        hung = [threading.Thread(target=hang, daemon=True) for _ in range(40)]
-        for t in hung:
-            t.start()
-        assert tarpit.wait_accepted(PER_REGISTRY, WAIT) == PER_REGISTRY
-        # The mirror waits up to 60 s (READ_TIMEOUT) for the tarpit; these
-        # must not queue behind it, so they get half that.
-        client = RegistryClient(mirror.url_of(0), timeout=WAIT / 2)
-        upstream.reset_counters()
-        assert client.get_blob(image.repo, layer, expected_size=size) == size
-        assert upstream.counters.blob_bytes == 0  # from the store
-        assert client.pull(image.repo, image.tag).layers == image.layers
-        assert requests.get(f"{mirror.url_of(0)}/_registry_cache/metrics", timeout=WAIT / 2).status_code == 200
-        assert tarpit.accepted == PER_REGISTRY  # all still hanging, none let past the bound
-        tarpit.stop()
+    def release():  # the hung requests fail at once, and mitmdump can stop
+        for tarpit in tarpits:
+            tarpit.stop()
         for t in hung:
             t.join(3 * WAIT)
+
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}", "regular"]) as mirror:
+        try:
+            for tarpit in tarpits:
+                tarpit.__enter__()
+            RegistryClient(mirror.url_of(0)).pull(stored.repo, stored.tag)
+            mirror.wait_stored([layer], WAIT)
+            proxy = {"http": mirror.url_of(1)}
+
+            def hang(url):
+                try:
+                    requests.get(f"{url}/v2/x/y/manifests/latest", proxies=proxy, timeout=3 * WAIT)
+                except requests.RequestException:
+                    pass  # failed when the tarpit closes: not what this test is about
+
+            hung = [threading.Thread(target=hang, args=(t.url,), daemon=True)
+                    for t in tarpits for _ in range(PER_REGISTRY + 1)]
+            start = len(mirror.lines)
+            for t in hung:
+                t.start()
+            mirror.wait_for_log(r"client connect", WAIT, start=start, count=len(hung))
+            assert wait_accepted_total(tarpits, PER_REGISTRY, WAIT) >= PER_REGISTRY
+            # The mirror waits up to upstream_timeout (30 s) for a tarpit; these
+            # must not queue behind that, so they get less.
+            client = RegistryClient(mirror.url_of(0), timeout=20)
+            upstream.reset_counters()
+            assert client.get_blob(stored.repo, layer, expected_size=size) == size
+            assert upstream.counters.blob_bytes == 0  # from the store
+            assert client.pull(cold.repo, cold.tag).layers == cold.layers  # manifests and fills upstream
+            assert requests.get(f"{mirror.url_of(0)}/_registry_cache/metrics", timeout=20).status_code == 200
+            assert sum(t.accepted for t in tarpits) == PER_REGISTRY  # all still hanging, none past the bound
+        finally:
+            release()
+
+
+def test_a_call_queued_for_a_hung_registry_is_not_made_once_its_client_left(tmp_path):
+    with Mirror(tmp_path / "m", ["regular"], options={"upstream_timeout": "2"}) as mirror, Tarpit() as tarpit:
+        proxy = {"http": mirror.url}
+
+        def give_up_soon():
+            try:
+                requests.get(f"{tarpit.url}/v2/x/y/manifests/latest", proxies=proxy, timeout=1)
+            except requests.RequestException:
+                pass  # the client gives up before the mirror does
+
+        clients = [threading.Thread(target=give_up_soon) for _ in range(PER_REGISTRY + 6)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(WAIT)
+        mirror.wait_for_log(r"the client left before the registry could be asked", WAIT, count=6)
+        assert tarpit.accepted == PER_REGISTRY

@@ -12,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
 from addon.fill import ArrivedBytes, Fill, FillFailed, Fills, State
 from addon.store import DiskBlobStore
@@ -300,6 +301,23 @@ def test_a_fill_started_after_the_blob_was_committed_does_not_fetch(store):
     fill.start()
     assert finished.wait(WAIT)
     assert calls == [] and fill.already_stored and fill.state is State.VERIFIED and fill.size == len(body)
+
+
+def test_a_fill_from_a_registry_nobody_chose_never_takes_the_stores_copy(store):
+    """Its clients follow it (URLs signed for that registry): they must get
+    that registry's bytes, not a blob the store got from elsewhere."""
+    digest = put(store, os.urandom(100_000))
+    calls = []
+    finished = threading.Event()
+
+    def opener():
+        calls.append(1)
+        raise requests.ConnectionError("the named host is down")
+
+    fill = Fill(digest, store, opener, on_finished=lambda f: finished.set(), source="http://named:80")
+    fill.start()
+    assert finished.wait(WAIT)
+    assert calls == [1] and not fill.already_stored and fill.state is State.FAILED and fill._read_fd is None
 
 
 def test_disk_full_mid_fill_still_serves_followers_and_stores_nothing(store, upstream, monkeypatch):

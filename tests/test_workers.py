@@ -3,7 +3,9 @@
 import asyncio
 import threading
 
-from addon.workers import PER_REGISTRY, Workers
+import pytest
+
+from addon.workers import PER_REGISTRY, ClientGone, Workers
 
 WAIT = 30
 
@@ -58,6 +60,22 @@ def test_an_error_in_a_call_frees_its_slot():
                     pass
             assert await asyncio.wait_for(workers.upstream("http://r", lambda: 1), WAIT) == 1
             assert workers._slots == {}
+        finally:
+            workers.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_whose_client_left_while_it_waited_is_not_made():
+    async def scenario():
+        workers = Workers()
+        calls = []
+        try:
+            with pytest.raises(ClientGone):
+                await asyncio.wait_for(workers.upstream("k", calls.append, 1, wanted=lambda: False), WAIT)
+            assert calls == [] and workers._slots == {}
+            assert await asyncio.wait_for(workers.upstream("k", calls.append, 2, wanted=lambda: True), WAIT) is None
+            assert calls == [2]
         finally:
             workers.shutdown()
 

@@ -157,15 +157,16 @@ class Mirror:
             self._output_done = True
             self._cond.notify_all()
 
-    def wait_for_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
-        """Wait (bounded) for a log line matching pattern, from line `start` on."""
+    def wait_for_log(self, pattern: str, timeout: float = 30.0, start: int = 0, count: int = 1) -> re.Match:
+        """Wait (bounded) for `count` log lines matching pattern, from line
+        `start` on; returns the last of them."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for line in self.lines[start:]:
-                    if m := regex.search(line):
-                        return m
+                found = [m for line in self.lines[start:] if (m := regex.search(line))]
+                if len(found) >= count:
+                    return found[count - 1]
                 if self._output_done:
                     raise RuntimeError(f"mitmdump exited; log:\n{self.log_text()}")
                 remaining = deadline - time.monotonic()

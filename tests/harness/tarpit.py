@@ -8,12 +8,14 @@ import threading
 
 
 class Tarpit:
-    def __init__(self) -> None:
+    """`cond`: share one with other tarpits to wait for their total (wait_accepted_total)."""
+
+    def __init__(self, cond: threading.Condition | None = None) -> None:
         self._server = socket.create_server(("127.0.0.1", 0), backlog=256)
         self.port = self._server.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._held: list[socket.socket] = []
-        self._cond = threading.Condition()
+        self._cond = cond or threading.Condition()  # re-entrant (an RLock)
         self._thread = threading.Thread(target=self._accept, name="tarpit", daemon=True)
 
     def __enter__(self) -> "Tarpit":
@@ -51,7 +53,17 @@ class Tarpit:
         except OSError:
             pass
         self._server.close()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
         with self._cond:
             for conn in self._held:
                 conn.close()
+
+
+def wait_accepted_total(tarpits: list[Tarpit], count: int, timeout: float) -> int:
+    """Wait (bounded) until tarpits sharing one condition accepted count
+    connections in all; returns how many they did."""
+    cond = tarpits[0]._cond
+    with cond:
+        cond.wait_for(lambda: sum(t.accepted for t in tarpits) >= count, timeout)
+        return sum(t.accepted for t in tarpits)
