@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
-from .registries import origin_of
-
 import requests
 import requests.adapters
 import urllib3.exceptions
+
+from .registries import origin_of
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +147,21 @@ class UpstreamClient:
         if "service" in fields:
             query["service"] = fields["service"]
         response = self.session.get(fields["realm"], params=query, headers={"User-Agent": self.user_agent},
-                                    timeout=(min(CONNECT_TIMEOUT, self.answer_timeout), self.answer_timeout))
+                                    timeout=self._answer_timeouts())
         if response.status_code != 200:
             return None
         body = response.json()
         return body.get("token") or body.get("access_token")
 
+    def _answer_timeouts(self) -> tuple[float, float]:
+        """(connect, read) for small answers: upstream_timeout bounds both."""
+        return min(CONNECT_TIMEOUT, self.answer_timeout), self.answer_timeout
+
     def _answered(self, url: str, send) -> requests.Response:
         """send(timeout), remembering whether the registry answered at all."""
         registry = origin_of(url)
         try:
-            response = send((min(CONNECT_TIMEOUT, self.answer_timeout), self.answer_timeout))
+            response = send(self._answer_timeouts())
         except requests.Timeout:
             with self._lock:
                 self._timed_out[registry] = time.monotonic()
