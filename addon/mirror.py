@@ -25,7 +25,6 @@ import enum
 import json
 import logging
 import os
-import re
 import resource
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from . import manifests, routes
 from .access import UNREACHABLE, AccessGate, SeenIndex
 from .blobserver import BlobServer
 from .fill import Fills, State
+from .layout import default_cache_dir, format_size, parse_size
 from .manifests import ManifestStore
 from .metrics import METRICS_PATH, STATS_PATH, Metrics
 from .passthrough import BodyStreaming
@@ -100,35 +100,6 @@ def raise_open_files_limit() -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         log.info("registry-cache: open files limit raised from %d to %d", soft, wanted)
-
-
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "registry-cache")
-
-
-SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-
-
-def format_size(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as parse_size reads them)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def parse_size(text: str) -> int:
-    """'20g', '512M', '1.5T', '1000000' -> bytes (binary units)."""
-    match = SIZE_RE.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 500m, 20g, 1t)")
-    number, unit = match.groups()
-    size = int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
-    if size <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return size
 
 
 class Verdict(enum.Enum):

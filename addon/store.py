@@ -37,9 +37,10 @@ from typing import BinaryIO, Protocol
 
 import diskcache
 
+from .layout import FILLS_DIR, CacheLayout
+
 log = logging.getLogger(__name__)
 
-FILLS_DIR = "fills"
 RESERVE_BYTES = 64 << 20  # free space kept for the index (or 5% of a small disk)
 PART_SUFFIX = ".part"
 
@@ -329,21 +330,8 @@ class DiskBlobStore:
 
     @staticmethod
     def stored_size_limit(directory: str | os.PathLike) -> int | None:
-        """The size limit an existing store was opened with (diskcache keeps
-        it in its Settings table), or None if there is no store there. Open
-        an existing store with this limit: another value would be written
-        over it."""
-        db = Path(directory) / diskcache.core.DBNAME
-        if not db.is_file():
-            return None
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
-        try:
-            row = con.execute("SELECT value FROM Settings WHERE key = 'size_limit'").fetchone()
-        except sqlite3.OperationalError:
-            return None  # not a diskcache directory
-        finally:
-            con.close()
-        return int(row[0]) if row else None
+        """The size limit an existing store was opened with (see CacheLayout)."""
+        return CacheLayout(Path(directory)).stored_size_limit()
 
     def entries(self) -> list[BlobEntry]:
         """Every committed blob, least recently used first (eviction order).

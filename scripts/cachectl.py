@@ -75,7 +75,7 @@ if str(ROOT) not in sys.path:
 import diskcache  # noqa: E402
 
 from addon.access import SeenIndex  # noqa: E402
-from addon.mirror import default_cache_dir, format_size, parse_size  # noqa: E402
+from addon.layout import default_cache_dir, format_size, parse_size  # noqa: E402
 from addon.registries import DOCKER_HUB_NAME, DOCKER_HUB_URL  # noqa: E402
 from addon.store import PART_SUFFIX, BlobEntry, DiskBlobStore  # noqa: E402
 

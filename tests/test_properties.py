@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from addon import routes
 from addon.blobserver import _parse_range
-from addon.mirror import parse_size
+from addon.layout import parse_size
 from addon.routes import Kind, RouteError
 
 # Characters that reach a request path in practice, including the tricky ones.
