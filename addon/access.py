@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -148,21 +148,23 @@ class SeenIndex:
             self._db.close()
 
 
-@dataclass
 class AccessGate:
-    index: SeenIndex
-    upstream: UpstreamClient
-    _grants: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (cred, registry, repo) -> until
-    _public: dict[tuple[str, str], tuple[bool, float]] = field(default_factory=dict)  # -> (public, checked)
-    _probing: set = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _probes: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="registry-cache-probe"))
+    """Decides, per request, whether a stored blob may be served (see module docstring)."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, index: SeenIndex, upstream: UpstreamClient):
+        self.index = index
+        self.upstream = upstream
+        self._grants: dict[tuple[str, str, str], float] = {}  # (cred, registry, repo) -> until
+        self._public: dict[tuple[str, str], tuple[bool, float]] = {}  # -> (public, checked)
+        self._probing: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._probes = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="registry-cache-probe")
         # Known-public repositories survive a restart, so they are still
         # served from the store if the upstream is down when we come back.
         self._public.update(self.index.public_states())
+
+    def __repr__(self) -> str:
+        return f"<AccessGate {len(self._grants)} grants, {len(self._public)} repositories checked>"
 
     def check(self, registry: str, repo: str, digest: str, authorization: str | None,
               trusted: bool = True, its_own_fill: bool = False) -> Decision:

@@ -9,6 +9,11 @@ the writer, for a miss in progress.
 
 URLs are signed (HMAC over digest and expiry, secret per process) and expire,
 so nobody reads the store here without first passing through the mirror.
+
+A blob the mirror decided to serve is pinned for a minute: its open file is
+kept, so that if the store evicts it before the client arrives (a fill
+making room, `cachectl purge`), the client still gets it instead of a
+404 BLOB_UNKNOWN, which clients take as fatal.
 """
 
 from __future__ import annotations
@@ -40,25 +45,30 @@ EXPIRES_RE = re.compile(r"[0-9]{1,12}")  # what signed_path writes: a Unix time
 SIG_RE = re.compile(r"[0-9a-f]{64}")  # an HMAC-SHA256 in hex
 SEND_TIMEOUT = 60.0  # a client that accepts nothing for this long is dropped
 FOLLOW_TIMEOUT = 90.0  # > the fill's own upstream read timeout
+PIN_FOR = 60.0  # seconds a blob the mirror chose to serve stays readable here, evicted or not
+MAX_PINS = 1024  # open files held for pins at most (the oldest are let go first)
 _RANGE_RE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # longer numbers: ignored, as malformed
 
 
 class BlobServer:
     def __init__(self, store: BlobStore, fills: Fills, host: str = "127.0.0.1", port: int = 0,
                  metrics: Metrics | None = None, proven: Callable[[str, str], bool] | None = None):
-        self.store = store
-        self.fills = fills
         self.metrics = metrics
-        # (registry, digest): has that registry served the blob to the mirror
-        # itself? Asked for URLs made for a registry nobody chose (see access.py).
-        self.proven = proven
+        self.serve_from(store, fills, proven)
         self._secret = secrets.token_bytes(32)
-        self.bytes_sent = 0
+        self._pins: dict[str, tuple[StoredBlob, float]] = {}  # digest -> (open blob, until)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_ctx": self})
         self._httpd = _Server((host, port), handler)
         self.host, self.port = self._httpd.server_address[:2]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="blob-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="blob-server", daemon=True)  # stop() waits up to one interval
+
+    def serve_from(self, store: BlobStore, fills: Fills, proven: Callable[[str, str], bool] | None = None) -> None:
+        """The store and fills to serve (another cache_dir: set at run time).
+        `proven(registry, digest)`: has that registry served the blob to the
+        mirror itself? Asked for URLs made for a registry nobody chose (see access.py)."""
+        self.store, self.fills, self.proven = store, fills, proven
 
     def start(self) -> None:
         self._thread.start()
@@ -66,6 +76,31 @@ class BlobServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        with self._lock:
+            pins, self._pins = self._pins, {}
+        for blob, _ in pins.values():
+            blob.close()
+
+    def pin(self, digest: str, blob: StoredBlob) -> None:
+        """Keep blob (an open, committed file; now owned here) readable for
+        PIN_FOR seconds, even if the store evicts it meanwhile."""
+        now = time.monotonic()
+        with self._lock:
+            old = self._pins.pop(digest, None)
+            self._pins[digest] = (blob, now + PIN_FOR)
+            released = [self._pins.pop(d)[0] for d, (_, until) in list(self._pins.items()) if until <= now]
+            while len(self._pins) > MAX_PINS:  # oldest first: a pin again moves to the end
+                released.append(self._pins.pop(next(iter(self._pins)))[0])
+        for stale in ([old[0]] if old else []) + released:
+            stale.close()
+
+    def pinned(self, digest: str) -> StoredBlob | None:
+        """A fresh handle on a pinned blob, or None."""
+        with self._lock:
+            pin = self._pins.get(digest)
+            if pin is None or pin[1] <= time.monotonic():
+                return None
+            return StoredBlob(os.fdopen(os.dup(pin[0].file.fileno()), "rb"), pin[0].size)
 
     def signed_path(self, digest: str, ttl: float = URL_TTL, registry: str = "") -> str:
         """A URL for this digest. With `registry` (a registry nobody chose), the
@@ -84,8 +119,6 @@ class BlobServer:
         return hmac.compare_digest(self._sign(digest, int(expires), registry), sig)
 
     def count_sent(self, n: int, source: str) -> None:
-        with self._lock:
-            self.bytes_sent += n
         if self.metrics is not None:
             self.metrics.count("blob_bytes_served_total", n, source)
 
@@ -148,7 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
         proven = self.server_ctx.proven
         if registry and not (proven is not None and proven(registry, digest)):
             return None  # its fill failed (or is over unverified): our copy is not its to read
-        blob = self.server_ctx.store.open(digest)
+        blob = self.server_ctx.store.open(digest) or self.server_ctx.pinned(digest)
         return _StoredSource(blob) if blob is not None else None
 
     def _send(self, digest: str, source, head: bool) -> None:

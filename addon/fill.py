@@ -596,3 +596,7 @@ class Fills:
     def in_flight(self) -> int:
         with self._lock:
             return len(self._running)
+
+    def running(self) -> list[Fill]:
+        with self._lock:
+            return list(self._running.values())

@@ -1,237 +1,131 @@
-"""The mitmproxy addon: routes registry traffic between the upstream and the store.
+"""The mitmproxy hooks of the mirror: they decide where a request goes and hand it on.
 
-Request paths (see README "How it works"):
-- not /v2/: untouched.
-- /v2/ ping and manifest GET/HEAD: fetched from the upstream by the mirror
-  itself and relayed; 200 manifests are kept, and answer (marked stale) while
-  the upstream is down (manifests.py).
-- tags, catalog, uploads, everything else under /v2/: mitmproxy passes them on.
-- blob HEAD: answered here if stored (and allowed), else passed to the upstream.
-- blob GET, stored: the access gate decides (access.py), then the blob server
-  sends it (307 for plain-HTTP clients, a rewritten, streamed request for TLS
-  clients).
-- blob GET, not stored: one fill per digest fetches it from the upstream
-  (fill.py); the client is sent to the blob server, which streams the part
-  file as it grows.
+A request meets, in order (README, "How it works"):
+- `requestheaders`: not /v2/: untouched. Malformed, oversized or an `?ns=`
+  not served: refused at once, before any body is read. Uploads, tags,
+  catalog and the rest of /v2/: passed through (passthrough.py streams them).
+- `request`: a request aimed at the mirror itself is refused (own_addresses.py);
+  a blob GET/HEAD goes to the blob path (blobs.py), a ping or manifest
+  GET/HEAD to the manifest relay (manifest_relay.py). Each returns an
+  Outcome, which flows.apply carries out on the flow.
+- `response` / `error`: one log line and the metrics (flows.py).
 
-Hooks never block the event loop: store calls run in a private thread pool,
-fills and the blob server run in their own threads.
+Hooks never block the event loop: disk work and registry calls run in the
+worker pools (workers.py); fills and the blob server run in their own threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import json
 import logging
-import os
-import resource
-import time
-from collections.abc import Sequence
-from pathlib import Path
+import sqlite3
 
-import requests
-from mitmproxy import connection, ctx, exceptions, hooks, http, tls
-from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy import ctx, exceptions, hooks, http
 
-from . import manifests, routes
-from .access import UNREACHABLE, AccessGate, SeenIndex
+from . import flows, routes, settings
+from .blobs import BlobPath
 from .blobserver import BlobServer
-from .fill import Fills, State
-from .layout import default_cache_dir, format_size, parse_size
-from .manifests import ManifestStore
-from .metrics import METRICS_PATH, STATS_PATH, Metrics
-from .passthrough import BodyStreaming
-from .registries import DEFAULT_REGISTRIES, base_url_for, origin_of, parse_registries
-from .routes import Kind, Route, RouteError
-from .store import DiskBlobStore
-from .upstream import ANSWER_TIMEOUT, QUIET_FOR, UpstreamClient
-from .workers import UNLISTED, ClientGone, Workers
+from .fill import Fill, State
+from .flows import Mark, Outcome
+from .layout import format_size
+from .manifest_relay import ManifestRelay
+from .metrics import Metrics
+from .own_addresses import OwnAddresses
+from .registries import base_url_for, origin_of
+from .responses import oci_error
+from .routes import Kind, RouteError
+from .settings import Settings
+from .storage import Storage
+from .upstream import UpstreamClient
+from .workers import ClientGone, Workers
 
 log = logging.getLogger("registry_cache")
 
-START_TIMEOUT = 120.0  # bound on waiting for an upstream to answer a blob GET
 MAX_HEADER_BYTES = 32 * 1024  # registry clients send a few hundred bytes
-OPEN_FILES_WANTED = 65536  # sockets, blob files and fill cursors: 1024 runs out under load
-METADATA_KEY = "registry_cache"
-HIT_FILTER = '~meta "registry_cache: hit"'  # mitmweb/mitmdump filter listing hits (README)
-MARKS = {  # what mitmweb shows per outcome
-    "hit": ":green_circle:",
-    "miss": ":large_blue_circle:",
-    "fill-failed": ":red_circle:",
-    "error": ":red_circle:",
-    "pass": ":white_circle:",
-    "denied": ":no_entry:",
-    "stale": ":yellow_circle:",
-}
-REFUSAL_CODES = {  # OCI error for an access refusal, by the upstream's status
-    401: ("UNAUTHORIZED", "authentication required"),
-    403: ("DENIED", "requested access to the resource is denied"),
-    404: ("BLOB_UNKNOWN", "blob unknown to registry"),
-    503: ("UNAVAILABLE", "upstream unavailable and access could not be checked"),
-}
-
-
-def _check_set_values() -> None:
-    """Stop mitmdump over a --set value of ours it cannot parse (serve_stale=yes).
-
-    mitmproxy parses a script's --set values only once the script has
-    registered its options, and a failure there ends the script's loading
-    task without a word: mitmdump would run on as a plain proxy, caching
-    nothing. Parsed here first, a bad value is logged as an error, on which
-    mitmdump exits at start. (Uses mitmproxy 12's option internals.)"""
-    options = ctx.options
-    for name, value in list(options.deferred.items()):
-        raw = getattr(value, "val", None)
-        if raw is None or name not in options._options:  # not (yet) an option: someone else's
-            continue
-        try:
-            options._parse_setval(options._options[name], raw)
-        except exceptions.OptionsError as exc:
-            log.error("registry-cache: --set %s=%s: %s", name, " ".join(raw), exc)
-
-
-def raise_open_files_limit() -> None:
-    """Lift the soft limit on open files towards the hard one. Each blob a
-    client downloads holds its socket and a file; the usual soft limit of
-    1024 ends in "too many open files" at a few hundred concurrent pulls."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        log.info("registry-cache: open files limit raised from %d to %d", soft, wanted)
-
-
-class Verdict(enum.Enum):
-    """What the access gate lets a request do with a stored blob."""
-
-    READ = "read"
-    REFETCH = "refetch"  # fetch it again from the client's registry, verified: its proof
-    REFUSED = "refused"  # answered (denied, or passed through to the registry)
-
-
-def oci_error(status: int, code: str, message: str, detail: str = "") -> http.Response:
-    error = {"code": code, "message": message}
-    if detail:
-        error["detail"] = detail
-    return http.Response.make(
-        status, json.dumps({"errors": [error]}).encode(), {"Content-Type": "application/json"}
-    )
+ANSWERED_HERE = (Kind.BLOB, Kind.MANIFEST, Kind.PING)  # for GET and HEAD
 
 
 class RegistryCache:
     def __init__(self) -> None:
-        self.store: DiskBlobStore | None = None
-        self.fills: Fills | None = None
-        self.blob_server: BlobServer | None = None
-        self.upstream: UpstreamClient | None = None
-        self.access: AccessGate | None = None
-        self.manifests: ManifestStore | None = None
+        self.settings: Settings | None = None
         self.metrics = Metrics()
-        self.streaming = BodyStreaming()
-        self.registries: dict[str, str] = {}
-        self._listed_origins: set[str] = set()
-        self._size_limit = 0
         self.workers = Workers()
+        self.own = OwnAddresses(self._listening)
+        self.upstream: UpstreamClient | None = None
+        self.storage: Storage | None = None
+        self.blob_server: BlobServer | None = None
+        self.blobs: BlobPath | None = None
+        self.manifests: ManifestRelay | None = None
+        self._running = False
         self._tasks: set[asyncio.Task] = set()
 
-    # -- mitmproxy lifecycle --------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------
 
     def load(self, loader) -> None:
-        loader.add_option(
-            "cache_dir", str, "",
-            f"Directory of the blob store (default: {default_cache_dir()}).",
-        )
-        loader.add_option(
-            "cache_size", str, "20g",
-            "Size limit of the blob store (e.g. 500m, 20g, 1t); least recently used blobs are evicted.",
-        )
-        loader.add_option(
-            "registries", Sequence[str], list(DEFAULT_REGISTRIES),
-            "Registries a request may name with containerd's ?ns= (name, or name=URL; comma-separated "
-            "or repeated). Any other ns is refused. docker.io means https://registry-1.docker.io.",
-        )
-        loader.add_option(
-            "serve_stale", bool, True,
-            "While the upstream is unreachable, rate-limited (429) or failing (5xx), answer manifests "
-            "from the store (a tag: its last known digest, marked stale) and /v2/ pings locally.",
-        )
-        loader.add_option(
-            "upstream_timeout", int, ANSWER_TIMEOUT,
-            "Seconds a registry may take to answer a manifest, ping or access check. Past that the "
-            f"store answers (serve_stale), and for {QUIET_FOR:.0f}s what it can answer is not asked of "
-            "that registry (one request asks again).",
-        )
-        loader.add_option(
-            "blob_redirect", bool, True,
-            "Send plain-HTTP clients a 307 to the blob port for blob bytes (fastest). "
-            "When off, and always for TLS clients, mitmproxy streams the bytes itself.",
-        )
-        loader.add_option(
-            "blob_host", str, "",
-            "Address the blob server listens on (default: the proxy's own listen address).",
-        )
-        loader.add_option(
-            "blob_port", str, "0",
-            "Port of the blob server (0: any free port; set one if a firewall sits in between).",
-        )
-        loader.add_option(
-            "blob_url", str, "",
-            "Base URL clients use to reach the blob server, e.g. http://mirror.lan:5001 "
-            "(default: the address the client connected to, with blob_port).",
-        )
-        _check_set_values()
+        settings.declare(loader)
+        for problem in settings.check_set_values(ctx.options):
+            log.error("registry-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:
-        if "upstream_timeout" in updated:
-            if ctx.options.upstream_timeout <= 0:
-                raise exceptions.OptionsError("registry-cache: upstream_timeout must be a number of seconds > 0")
-            if self.upstream is not None:
-                self.upstream.answer_timeout = ctx.options.upstream_timeout
-        if "registries" in updated:
+        try:
+            new = Settings.read(ctx.options)
+            if new != self.settings:
+                self._rebuild(self.settings, new)
+        except (ValueError, OSError, sqlite3.Error) as exc:
+            if self._running:  # a change in mitmweb: refused, the options roll back
+                raise exceptions.OptionsError(f"registry-cache: {exc}") from None
+            log.error("registry-cache: %s", exc)  # at start: mitmdump exits, with no traceback
+
+    def _rebuild(self, old: Settings | None, new: Settings) -> None:
+        """Rebuild only what a change touches; requests and fills already
+        running finish on what they started with."""
+        self.settings = new
+        if self.upstream is None:
+            self.upstream = UpstreamClient(verify=new.upstream_verify, answer_timeout=new.upstream_timeout,
+                                           is_own=self.own.is_own)
+        else:
+            self.upstream.answer_timeout = new.upstream_timeout
+            if new.upstream_verify != old.upstream_verify:
+                self.upstream.set_verify(new.upstream_verify)
+        announce = old is None or new.layout != old.layout
+        if announce:
+            retired, self.storage = self.storage, Storage(new.layout, new.cache_size, self.upstream,
+                                                          self._fill_finished)
+            if retired is not None:
+                self._background(retired.retire())
+        elif new.cache_size != old.cache_size:
+            self.storage.resize(new.cache_size)
+        storage = self.storage
+        if self.blob_server is None or (new.blob_host, new.blob_port) != (old.blob_host, old.blob_port):
+            if self.blob_server is not None:
+                self.blob_server.stop()
+            self.blob_server = None
             try:
-                self.registries = parse_registries(ctx.options.registries)
-                self._listed_origins = {origin_of(url) for url in self.registries.values()}
-            except ValueError as exc:
-                raise exceptions.OptionsError(f"registry-cache: registries: {exc}") from None
-        watched = {"cache_dir", "cache_size", "blob_host", "blob_port", "mode", "listen_host"}
-        if self.store is not None and not (updated & watched):
-            return
-        try:
-            size_limit = parse_size(ctx.options.cache_size)
-            port = int(ctx.options.blob_port)
-            if not 0 <= port <= 65535:
-                raise ValueError(f"blob_port out of range: {port}")
-        except ValueError as exc:
-            raise exceptions.OptionsError(f"registry-cache: {exc}") from None
-        self._shutdown()
-        cache_dir = Path(ctx.options.cache_dir or default_cache_dir()).expanduser()
-        self._size_limit = size_limit
-        self.store = DiskBlobStore(cache_dir, size_limit)
-        self.fills = Fills(self.store, max_stored_size=size_limit, on_finished=self._count_fill)
-        self.upstream = UpstreamClient(verify=self._upstream_verify(), answer_timeout=ctx.options.upstream_timeout)
-        self.access = AccessGate(SeenIndex(cache_dir / "access.sqlite3"), self.upstream)
-        self.manifests = ManifestStore(cache_dir / "manifests")
-        host = ctx.options.blob_host or self._proxy_listen_host()
-        try:
-            self.blob_server = BlobServer(self.store, self.fills, host, port, metrics=self.metrics,
-                                          proven=self.access.index.served_by)
-        except OSError as exc:
-            raise exceptions.OptionsError(f"registry-cache: blob server cannot listen on {host}:{port}: {exc}")
-        self.blob_server.start()
-        used, count = self.store.usage()
-        log.info(
-            "registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d",
-            cache_dir, count, format_size(used), format_size(size_limit), self.blob_server.host, self.blob_server.port,
-        )
+                self.blob_server = BlobServer(storage.store, storage.fills, new.blob_host, new.blob_port,
+                                              metrics=self.metrics, proven=storage.access.index.served_by)
+            except OSError as exc:
+                raise OSError(f"blob server cannot listen on {new.blob_host}:{new.blob_port}: {exc}") from None
+            self.blob_server.start()
+            announce = True
+        else:
+            self.blob_server.serve_from(storage.store, storage.fills, storage.access.index.served_by)
+        self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new)
+        self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new)
+        if announce:
+            used, count = storage.store.usage()
+            log.info("registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d%s",
+                     new.layout.root, count, format_size(used), format_size(new.cache_size),
+                     self.blob_server.host, self.blob_server.port, new.ns_docker_io_note())
 
     def running(self) -> None:
+        self._running = True
         # With the default eager strategy mitmproxy connects upstream before
         # any hook runs, so even blobs we hold would fail while it is down.
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
             log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
-        raise_open_files_limit()
+        settings.raise_open_files_limit()
+        logging.getLogger("asyncio").addFilter(_not_a_cancelled_connection)
         if ctx.options.stream_large_bodies:
             # mitmproxy turns streaming on mid-body for a request the mirror
             # has already answered (refused), and its HTTP layer then fails.
@@ -239,570 +133,149 @@ class RegistryCache:
                         "large bodies it passes through itself, and refusing a large request breaks with it")
 
     def done(self) -> None:
-        self._shutdown()
-        self.workers.shutdown()
-
-    def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         if self.blob_server is not None:
             self.blob_server.stop()
-            self.blob_server = None
         if self.upstream is not None:
             self.upstream.close()
-        if self.access is not None:
-            self.access.close()
-            self.access = None
-        if self.manifests is not None:
-            self.manifests.close()
-            self.manifests = None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self.storage is not None:
+            self.storage.close()
+        self.workers.shutdown()
 
-    @staticmethod
-    def _upstream_verify() -> bool | str:
-        if ctx.options.ssl_insecure:
-            return False
-        return ctx.options.ssl_verify_upstream_trusted_ca or ctx.options.ssl_verify_upstream_trusted_confdir or True
-
-    @staticmethod
-    def _proxy_listen_host() -> str:
-        """The one address all proxy modes listen on, else all interfaces."""
-        hosts = {ProxyMode.parse(spec).listen_host(ctx.options.listen_host) for spec in ctx.options.mode}
-        return hosts.pop() if len(hosts) == 1 else ""
-
-    # -- request routing -------------------------------------------------------
+    # -- requests ------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Refuse or route a registry request before its body (a pushed
-        layer) goes anywhere, and stream large bodies passed through."""
+        layer) goes anywhere."""
         request = flow.request
         if not routes.is_registry_path(request.path):
-            if _metrics_path(request) is None:  # the mirror answers those itself
-                self.streaming.request_headers(flow)
             return
-        flow.metadata[METADATA_KEY + ".started"] = time.monotonic()
+        state = flows.begin(flow)
         size = sum(len(name) + len(value) for name, value in request.headers.fields)
         if size > MAX_HEADER_BYTES:
-            self._refuse(flow, oci_error(431, "UNSUPPORTED", "request headers too large", f"{size} bytes"),
-                         f"{size} bytes of headers")
-            return
+            return self._refuse(flow, oci_error(431, "UNSUPPORTED", "request headers too large", f"{size} bytes"),
+                                f"{size} bytes of headers")
         if not request.headers.get("Authorization", "").isascii():
-            self._refuse(flow, oci_error(400, "UNAUTHORIZED", "malformed Authorization header"),
-                         "Authorization header is not ASCII")
-            return
+            return self._refuse(flow, oci_error(400, "UNAUTHORIZED", "malformed Authorization header"),
+                                "Authorization header is not ASCII")
         try:
-            route = routes.parse(request.path)
+            state.route = route = routes.parse(request.path)
         except RouteError as exc:
-            self._refuse(flow, oci_error(400, exc.code, exc.message, exc.detail), exc.message)
+            return self._refuse(flow, oci_error(400, exc.code, exc.message, exc.detail), exc.message)
+        if not flows.is_reverse(flow):
+            state.registry_host = flows.host_port(request)  # for the log line
+        if route.namespace is not None and not self._route_to_namespace(flow, state, route.namespace):
             return
-        flow.metadata[METADATA_KEY + ".route"] = route
-        if not isinstance(flow.client_conn.proxy_mode, ReverseMode):
-            flow.metadata[METADATA_KEY + ".registry_host"] = _host_port(request)  # for the log line
-        if route.namespace is not None and not self._route_to_namespace(flow, route.namespace):
-            return
-        if not (request.method in ("GET", "HEAD") and route.kind in (Kind.BLOB, Kind.MANIFEST, Kind.PING)):
-            self.streaming.request_headers(flow)  # passed through: uploads, tags, catalog, deletes
+        state.passes_through = not (request.method in ("GET", "HEAD") and route.kind in ANSWERED_HERE)
 
-    def _refuse(self, flow: http.HTTPFlow, response: http.Response, why: str, outcome: str = "error") -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if path := flows.metrics_path(flow.request):
+            flow.response = await self.workers.local(self._metrics_response, path)
+            return
+        state = flows.state_of(flow)
+        if state is None or state.route is None or flow.response is not None:
+            return
+        request = flow.request
+        if self.own.on_own_port(request.port) and await self.workers.local(self.own.is_own, request.host, request.port):
+            return self._refuse(flow, oci_error(
+                508, "UNSUPPORTED", "this request names the mirror itself",
+                "name the registry (e.g. https://registry-1.docker.io), or use the mirror's reverse-mode port"),
+                f"{request.host}:{request.port} is the mirror itself")
+        route = state.route
+        if state.passes_through:
+            flows.mark(flow, Mark.PASS, detail=route.kind.value)
+            return
+        req = flows.registry_request(flow, route, self._trusted(flow))
+        service = self.blobs if route.kind is Kind.BLOB else self.manifests
+        try:
+            outcome = await service.handle(req)
+        except ClientGone:
+            log.info("registry-cache: %s %s: the client left before the registry could be asked",
+                     request.method, request.path[:200])
+            outcome = Outcome(Mark.ERROR, response=oci_error(503, "UNAVAILABLE", "client left"),
+                              digest=route.reference, detail="client left")
+        except Exception:
+            if route.kind is not Kind.BLOB:
+                raise
+            # A broken store must not break pulls.
+            log.exception("registry-cache: error serving %s; passing it to the upstream", route.reference)
+            outcome = Outcome(Mark.ERROR, stream=True, digest=route.reference, detail="store error, passed through")
+        flows.apply(flow, state, outcome)
+        if outcome.fill is not None:
+            self._background(self._watch_fill(flow, outcome.fill))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        flows.log_request(flow, self.metrics)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        flows.log_request(flow, self.metrics)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _refuse(self, flow: http.HTTPFlow, response: http.Response, why: str, outcome: Mark = Mark.ERROR) -> None:
         """Answer a bad request with an OCI error (mitmproxy reads the request's
         body before it sends the answer: README, Limits)."""
         log.warning("registry-cache: refused %s %s: %s", flow.request.method, flow.request.path[:200], why)
-        self._mark(flow, outcome, detail=why)
-        flow.response = response
-        flow.request.stream = False
+        flows.apply(flow, flows.state_of(flow), Outcome(outcome, response=response, detail=why))
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        self.streaming.request_complete(flow.request)
-        if path := _metrics_path(flow.request):
-            flow.response = await self.workers.local(self._metrics_response, path)
-            return
-        route = flow.metadata.get(METADATA_KEY + ".route")
-        if flow.response is not None or route is None:
-            return
-        try:
-            await self._answer_route(flow, route)
-        except ClientGone:
-            log.info("registry-cache: %s %s: the client left before the registry could be asked",
-                     flow.request.method, flow.request.path[:200])
-            flow.response = oci_error(503, "UNAVAILABLE", "client left")
-            self._mark(flow, "error", route.reference, detail="client left")
-
-    async def _answer_route(self, flow: http.HTTPFlow, route: Route) -> None:
-        if route.kind is Kind.BLOB and flow.request.method in ("GET", "HEAD"):
-            try:
-                await self._blob(flow, route)
-            except ClientGone:
-                raise
-            except Exception:  # noqa: BLE001 - a broken store must not break pulls
-                log.exception("registry-cache: error serving %s; passing it to the upstream", route.reference)
-                if flow.response is None:
-                    self._mark(flow, "error", route.reference, detail="store error, passed through")
-                    flow.metadata[METADATA_KEY + ".stream"] = True
-        elif route.kind in (Kind.MANIFEST, Kind.PING) and flow.request.method in ("GET", "HEAD"):
-            await self._relay_remembering(flow, route)
-        else:
-            self._mark(flow, "pass", detail=route.kind.value)
-
-    def _route_to_namespace(self, flow: http.HTTPFlow, ns: str) -> bool:
+    def _route_to_namespace(self, flow: http.HTTPFlow, state: flows.FlowState, ns: str) -> bool:
         """Send a request to the registry containerd named with ?ns=, if served."""
-        del flow.request.query["ns"]  # meant for the mirror, not the registry
-        target = base_url_for(ns, self.registries)
-        if target is None and _names_destination(ns, flow.request):
+        request = flow.request
+        del request.query["ns"]  # meant for the mirror, not the registry
+        target = base_url_for(ns, self.settings.registries)
+        if target is None and ns.strip().lower() == flows.host_port(request):
             return True  # the registry it goes to anyway: a reverse-mode mirror of that registry
         if target is None:
             self._refuse(flow, oci_error(403, "DENIED", "registry not mirrored here", ns[:200]),
-                         f"registry {ns[:200]!r} is not in the registries option", outcome="denied")
+                         f"registry {ns[:200]!r} is not in the registries option", outcome=Mark.DENIED)
             return False
-        request = flow.request
-        if origin_of(target) != _registry_of(flow):
-            flow.metadata[METADATA_KEY + ".original_url"] = request.url
-            flow.metadata[METADATA_KEY + ".registry_host"] = ns.strip().lower()
+        if origin_of(target) != flows.registry_of(request):
+            flow.metadata[flows.METADATA_KEY + ".original_url"] = request.url
+            state.registry_host = ns.strip().lower()
             request.url = target + request.path
         return True
-
-    # -- metrics, request log --------------------------------------------------
-
-    def _gauges(self) -> dict[str, float]:
-        used, count = self.store.usage()
-        return {
-            "fills_in_flight": self.fills.in_flight(),
-            "store_bytes": used,
-            "store_blobs": count,
-            "store_limit_bytes": self._size_limit,
-            "evictions_total": self.store.evictions,
-        }
-
-    def _metrics_response(self, path: str) -> http.Response:
-        gauges = self._gauges()
-        if path == METRICS_PATH:
-            return http.Response.make(200, self.metrics.prometheus(gauges).encode(),
-                                      {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-        return http.Response.make(200, json.dumps(self.metrics.stats(gauges), indent=1).encode(),
-                                  {"Content-Type": "application/json"})
-
-    def _count_fill(self, fill) -> None:
-        """Called by each fill as it ends (in its thread)."""
-        if not fill.already_stored:
-            self.metrics.count("upstream_blob_bytes_total", fill.written)
-        if fill.state is not State.FAILED or fill.refused:  # a refusal is the upstream's answer, not a failure
-            return
-        if fill.answer is not None:
-            reason = f"upstream {fill.answer.status}"
-            if fill.answer.status in UNREACHABLE:
-                self.metrics.count("upstream_errors_total", 1, str(fill.answer.status))
-        elif fill.error.startswith(("digest mismatch", "truncated", "upstream sent more")):
-            reason = "verification"
-        elif fill.error.startswith("could not start"):
-            reason = "local"  # out of threads: not the upstream's fault
-        else:
-            reason = "connection"
-            self.metrics.count("upstream_errors_total", 1, "connection")
-        self.metrics.count("fill_failures_total", 1, reason)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._log_request(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._log_request(flow)
-
-    def _log_request(self, flow: http.HTTPFlow) -> None:
-        """One line per registry request: method, repository (with its
-        registry's host unless it is the reverse-mode upstream), kind,
-        reference, outcome, HTTP status, bytes, milliseconds; and its count
-        in the metrics."""
-        started = flow.metadata.get(METADATA_KEY + ".started")
-        if started is None:
-            return
-        route = flow.metadata.get(METADATA_KEY + ".route")
-        outcome = flow.metadata.get(METADATA_KEY, "pass")
-        if flow.error is not None and outcome in ("pass", "hit", "miss"):
-            outcome = "error"
-        size = flow.metadata.get(METADATA_KEY + ".size")
-        if size is None and flow.response is not None:
-            size = len(flow.response.raw_content or b"")
-        kind = route.kind.value if route else "invalid"
-        self.metrics.count("requests_total", 1, kind, outcome)
-        name = route.name if route and route.name else "-"
-        if registry_host := flow.metadata.get(METADATA_KEY + ".registry_host"):
-            name = f"{registry_host}/{name}"
-        status = flow.response.status_code if flow.response is not None else "-"
-        log.info("registry-cache: %s %s %s %s %s %s %d bytes %.0f ms",
-                 flow.request.method, name, kind, route.reference if route and route.reference else "-",
-                 outcome, status, size or 0, (time.monotonic() - started) * 1000)
-
-    # -- manifests and pings: relayed, with a stale answer when the upstream is down
-
-    async def _relay_remembering(self, flow: http.HTTPFlow, route: Route) -> None:
-        request = flow.request
-        registry = _registry_of(flow)
-        authorization = request.headers.get("Authorization")
-        if ctx.options.serve_stale and self.upstream.hung(registry):
-            # It let a request wait the whole timeout moments ago: what the
-            # store can answer is not asked of it meanwhile.
-            stale = await self.workers.local(self._stale_answer, registry, route, authorization, request)
-            if stale is not None:
-                self._answer_stale(flow, route, stale, f"{registry} timed out less than {QUIET_FOR:.0f}s ago")
-                return
-        try:
-            answer = await self._ask_registry(flow, self.upstream.fetch, request.method, request.url,
-                                              _end_to_end_headers(request))
-            why = f"upstream answered {answer.status}"
-        except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
-            log.warning("registry-cache: refused %s %s: %s", request.method, request.path[:200], exc)
-            flow.response = oci_error(400, "UNSUPPORTED", "malformed request header", str(exc)[:200])
-            self._mark(flow, "error", route.reference, detail="malformed header")
-            return
-        except requests.RequestException as exc:
-            answer, why = None, f"upstream unreachable: {exc}"
-        if answer is None or answer.status in UNREACHABLE:
-            self.metrics.count("upstream_errors_total", 1, str(answer.status) if answer else "connection")
-        if answer is not None and answer.status not in UNREACHABLE:
-            flow.response = _relayed(answer, request.method)
-            self._mark(flow, "pass", detail=route.kind.value)
-            if answer.status == 200 and route.kind is Kind.MANIFEST:
-                await self.workers.local(self._remember_manifest, registry, route, authorization, answer,
-                                         request.headers.get_all("Accept"), self._trusted(flow))
-            return
-        stale = None
-        if ctx.options.serve_stale:
-            stale = await self.workers.local(self._stale_answer, registry, route, authorization, request)
-        if stale is not None:
-            self._answer_stale(flow, route, stale, why)
-        elif answer is not None:
-            flow.response = _relayed(answer, request.method)
-            self._mark(flow, "error", route.reference, detail=why)
-        else:
-            log.warning("registry-cache: %s for %s %s", why, request.method, request.path)
-            flow.response = oci_error(502, "UNAVAILABLE", "upstream unreachable", why)
-            self._mark(flow, "error", route.reference, detail=why)
-
-    def _answer_stale(self, flow: http.HTTPFlow, route: Route, stale: http.Response, why: str) -> None:
-        log.warning("registry-cache: %s; answering %s %s from the store (stale)",
-                    why, flow.request.method, flow.request.path)
-        flow.response = stale
-        self._mark(flow, "stale", route.reference, detail=why)
-
-    def _remember_manifest(self, registry: str, route: Route, authorization: str | None, answer,
-                           accepted: list[str], trusted: bool) -> None:
-        if not trusted and not answer.body:
-            # A HEAD's Docker-Content-Digest is a claim; a registry nobody
-            # chose could name any manifest we hold (a private one) with it.
-            return
-        digest = self.manifests.remember(registry, route.name, route.reference, answer.body, answer.headers,
-                                         accepted)
-        if digest is not None:  # the upstream served this manifest under this repository to this client
-            self.access.vouch(registry, route.name, digest, authorization, kind="manifests", trusted=trusted)
-
-    def _stale_answer(self, registry: str, route: Route, authorization: str | None,
-                      request: http.Request) -> http.Response | None:
-        """What the store can say while the upstream cannot (blocking)."""
-        if route.kind is Kind.PING:
-            if not self.access.index.knows(registry):  # maybe no registry at all: its /v2/ is its own
-                return None
-            return http.Response.make(200, b"{}", {"Content-Type": "application/json", **manifests.STALE_HEADERS})
-        manifest = self.manifests.lookup(registry, route.name, route.reference)
-        if manifest is None or not manifests.accepts(request.headers.get_all("Accept"), manifest.media_type):
-            return None
-        if not self.access.allowed_offline(registry, route.name, manifest.digest, authorization):
-            return None
-        response = http.Response.make(200, manifest.body, {
-            "Content-Type": manifest.media_type,
-            "Docker-Content-Digest": manifest.digest,
-            **manifests.STALE_HEADERS,
-        })
-        if request.method == "HEAD":
-            response.content = b""
-            response.headers["Content-Length"] = str(len(manifest.body))
-        return response
-
-    def tls_established_server(self, data: tls.TlsData) -> None:
-        self.streaming.server_tls_established(data.context.client, data.conn)
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self.streaming.client_disconnected(client)
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(METADATA_KEY + ".stream") or self._to_blob_server(flow.request):
-            flow.response.stream = True
-        elif flow.request.method != "HEAD":
-            self.streaming.response_headers(flow.response)
-
-    async def _ask_registry(self, flow: http.HTTPFlow, fn, *args):
-        """fn(*args), a call to this flow's registry, in one of its slots (one
-        of the slots all registries nobody chose share); see workers.py."""
-        key = _registry_of(flow) if self._trusted(flow) else UNLISTED
-        return await self.workers.upstream(key, fn, *args, wanted=lambda: flow.client_conn.timestamp_end is None)
-
-    @staticmethod
-    def _to_blob_server(request: http.Request) -> bool:
-        """A proxy client following a redirect to the blob server (at whatever
-        address blob_url gave): a fill in progress must reach it as it
-        arrives, however small the blob. (Streaming anything else that looks
-        like it costs nothing.)"""
-        return request.path.startswith("/blobs/") and "&sig=" in request.path
-
-    async def _blob(self, flow: http.HTTPFlow, route: Route) -> None:
-        digest = route.reference
-        registry = _registry_of(flow)
-        authorization = flow.request.headers.get("Authorization")
-        size = await self.workers.local(self.store.size_of, digest)
-        refetch = False
-        if size is not None:
-            verdict = await self._may_read(flow, registry, route.name, digest, authorization,
-                                           may_refetch=flow.request.method == "GET")
-            if verdict is Verdict.REFUSED:
-                return
-            if verdict is Verdict.READ:
-                self._mark(flow, "hit", digest, size)
-                if flow.request.method == "HEAD":
-                    flow.response = self._blob_head_response(digest, size)
-                else:
-                    self._send_to_blob_server(flow, digest)
-                return
-            # REFETCH: a registry nobody chose must show it holds these bytes
-            # by serving them (verified) before our copy is its clients' too.
-            refetch = True
-        elif flow.request.method == "HEAD":
-            self._mark(flow, "pass", digest)  # a HEAD never costs a blob download
-            return
-        fill, started = await self._start_or_join_fill(flow, digest, registry, route.name, refetch)
-        if fill.state is State.CONNECTING:  # START_TIMEOUT: it goes on, and will be stored
-            log.warning("registry-cache: the upstream has not answered for %s in %.0fs", digest, START_TIMEOUT)
-            flow.response = oci_error(503, "UNAVAILABLE", "upstream slow to answer, retry later",
-                                      f"no answer in {START_TIMEOUT:.0f}s")
-            flow.response.headers["Retry-After"] = "10"
-            self._mark(flow, "error", digest, detail="upstream did not answer in time")
-            return
-        if fill.state is State.FAILED:
-            self._mark(flow, "denied" if fill.refused else "fill-failed", digest, detail=fill.error)
-            if fill.answer is not None:
-                answer = fill.answer
-                flow.response = http.Response.make(answer.status, answer.body, answer.headers)
-            else:
-                flow.response = oci_error(502, "UNAVAILABLE", "upstream fetch failed", fill.error)
-            return
-        # A fill this request started vouches for it once its bytes verify
-        # (on_verified); joining someone else's needs the same proof as a hit,
-        # or, from a registry nobody chose, that registry's consent.
-        if (not started or fill.already_stored) and await self._may_read(
-                flow, registry, route.name, digest, authorization,
-                its_own_fill=not fill.already_stored) is not Verdict.READ:
-            return
-        self._mark(flow, "hit" if fill.already_stored else "miss", digest, fill.size)
-        self._send_to_blob_server(flow, digest)
-        self._background(self._report_fill_outcome(flow, fill))
 
     def _trusted(self, flow: http.HTTPFlow) -> bool:
         """Did the operator choose the registry this flow goes to? In reverse
         mode: the upstream, or an ns= from the registries list. In regular
         mode the client names the host: only the registries list counts."""
-        return isinstance(flow.client_conn.proxy_mode, ReverseMode) or \
-            _registry_of(flow) in self._listed_origins
+        return flows.is_reverse(flow) or flows.registry_of(flow.request) in self.settings.listed_origins
 
-    def _unchosen_source(self, flow: http.HTTPFlow) -> str:
-        """The registry of a flow nobody chose, which gets fills and blob URLs
-        of its own; "" for the upstream and the registries list."""
-        return "" if self._trusted(flow) else _registry_of(flow)
+    def _metrics_response(self, path: str) -> http.Response:
+        return flows.metrics_response(path, self.metrics, self.storage.gauges())
 
-    async def _may_read(self, flow: http.HTTPFlow, registry: str, repo: str, digest: str,
-                        authorization: str | None, may_refetch: bool = False,
-                        its_own_fill: bool = False) -> "Verdict":
-        """Apply the access gate; on refusal, answer the client as the upstream
-        did (or pass it through to a registry that must first prove it holds
-        the blob, unless the caller may refetch it from there instead).
-        `its_own_fill`: the client is to follow a fill in progress from this
-        flow's registry, not read the store."""
-        trusted = self._trusted(flow)
-        decision = await self.workers.local(self.access.check_locally, registry, repo, digest, authorization,
-                                            trusted, its_own_fill)
-        if decision is None:  # one HEAD there settles it
-            decision = await self._ask_registry(flow, self.access.ask_registry, registry, repo, digest,
-                                                authorization, trusted)
-        if decision.allowed:
-            return Verdict.READ
-        if decision.pass_through:
-            if may_refetch:
-                log.info("registry-cache: fetching %s from %s although stored: %s", digest, registry, decision.reason)
-                return Verdict.REFETCH
-            log.info("registry-cache: passing %s %s through, not serving it from the store: %s",
-                     flow.request.method, digest, decision.reason)
-            self._mark(flow, "pass", digest, detail=decision.reason)
-            flow.metadata[METADATA_KEY + ".stream"] = True
-            return Verdict.REFUSED
-        self._mark(flow, "denied", digest, detail=decision.reason)
-        code, message = REFUSAL_CODES.get(decision.status, ("DENIED", "access denied"))
-        response = oci_error(decision.status, code, message, decision.reason)
-        for name, value in decision.headers:
-            if name.lower() in ("www-authenticate", "retry-after", "docker-distribution-api-version"):
-                response.headers[name] = value
-        if flow.request.method == "HEAD":
-            response.content = b""
-        flow.response = response
-        return Verdict.REFUSED
+    def _fill_finished(self, fill: Fill) -> None:
+        """Called by each fill as it ends (in its thread)."""
+        flows.count_fill(self.metrics, fill)
+
+    async def _watch_fill(self, flow: http.HTTPFlow, fill: Fill) -> None:
+        """A miss is answered before its fill ends; show a late failure too."""
+        await fill.wait_finished()
+        if fill.state is State.FAILED:
+            flows.mark(flow, Mark.FILL_FAILED, fill.digest, fill.size, detail=fill.error)
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+            log.info("registry-cache: marked flow %s fill-failed: %s", flow.id, fill.digest)
 
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _report_fill_outcome(self, flow: http.HTTPFlow, fill) -> None:
-        """A miss is answered before its fill ends; show a late failure too."""
-        await fill.wait_finished()
-        if fill.state is State.FAILED:
-            self._mark(flow, "fill-failed", fill.digest, fill.size, detail=fill.error)
-            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
-            log.info("registry-cache: marked flow %s fill-failed: %s", flow.id, fill.digest)
-
-    async def _start_or_join_fill(self, flow: http.HTTPFlow, digest: str, registry: str, repo: str,
-                                  refetch: bool = False):
-        url = flow.request.url.split("?", 1)[0]
-        authorization = flow.request.headers.get("Authorization")
-        trusted = self._trusted(flow)
-
-        def opener():
-            return self.upstream.get_blob(url, authorization)
-
-        def vouch():
-            # The upstream served these verified bytes under this repository
-            # to this client: the proof the access gate asks for.
-            self.access.vouch(registry, repo, digest, authorization, trusted=trusted)
-
-        for _attempt in range(2):
-            fill, started = self.fills.start_or_join(digest, opener, vouch, refetch=refetch,
-                                                     source=self._unchosen_source(flow))
-            log.info("registry-cache: miss %s: %s fill", digest, "started" if started else "joined")
-            try:
-                await asyncio.wait_for(fill.wait_started(), START_TIMEOUT)
-            except TimeoutError:
-                break
-            # A fill someone else started was refused with THEIR credentials
-            # (e.g. 401 before they had a token): try again with ours.
-            if started or fill.state is not State.FAILED or fill.answer is None:
-                break
-        return fill, started
-
-    def _blob_head_response(self, digest: str, size: int) -> http.Response:
-        response = http.Response.make(200, b"", self._blob_headers(digest))
-        response.headers["Content-Length"] = str(size)
-        response.headers["X-Registry-Cache"] = "hit"  # e.g. for scripts/prefetch.py
-        return response
-
-    @staticmethod
-    def _blob_headers(digest: str) -> dict[str, str]:
-        return {
-            "Content-Type": "application/octet-stream",
-            "Docker-Content-Digest": digest,
-            "Etag": f'"{digest}"',
-            "Accept-Ranges": "bytes",
-        }
-
-    def _send_to_blob_server(self, flow: http.HTTPFlow, digest: str) -> None:
-        path = self.blob_server.signed_path(digest, registry=self._unchosen_source(flow))
-        if ctx.options.blob_redirect and not flow.client_conn.tls_established:
-            location = self._blob_base_url(flow) + path
-            flow.response = http.Response.make(
-                307, b"", {"Location": location, "Docker-Content-Digest": digest, "Cache-Control": "no-store"}
-            )
-            return
-        # TLS client (or redirects off): mitmproxy streams the blob server's answer.
-        flow.metadata[METADATA_KEY + ".original_url"] = flow.request.url
-        flow.comment += f" (for {flow.request.url}, sent by the blob server)"
-        flow.metadata[METADATA_KEY + ".stream"] = True
-        flow.request.headers.pop("Authorization", None)
-        flow.request.scheme = "http"
-        flow.request.host = _loopback_for(self.blob_server.host)
-        flow.request.port = self.blob_server.port
-        flow.request.path = path
-
-    def _blob_base_url(self, flow: http.HTTPFlow) -> str:
-        if ctx.options.blob_url:
-            return ctx.options.blob_url.rstrip("/")
-        host = flow.client_conn.sockname[0]
-        if host.startswith("::ffff:"):
-            host = host[7:]
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.blob_server.port}"
-
-    @staticmethod
-    def _mark(flow: http.HTTPFlow, outcome: str, digest: str = "", size: int | None = None, detail: str = "") -> None:
-        """Show the outcome in mitmweb (mark + comment) and in flow metadata."""
-        flow.marked = MARKS[outcome]
-        parts = [f"registry-cache: {outcome}"]
-        if digest:
-            parts.append(digest)
-        if size is not None:
-            parts.append(f"{size} bytes")
-        if detail:
-            parts.append(f"({detail})")
-        flow.comment = " ".join(parts)
-        flow.metadata[METADATA_KEY] = outcome
-        if size is not None:
-            flow.metadata[METADATA_KEY + ".size"] = size
+    def _listening(self) -> list[tuple[str, int]]:
+        """Where the mirror listens: its proxy ports and its blob server."""
+        proxy = ctx.master.addons.get("proxyserver") if getattr(ctx, "master", None) else None
+        addresses = [(host, port) for host, port, *_ in proxy.listen_addrs()] if proxy else []
+        if self.blob_server is not None:
+            addresses.append((self.blob_server.host, self.blob_server.port))
+        return addresses
 
 
-def _relayed(answer, method: str) -> http.Response:
-    """mitmproxy response carrying an upstream answer unchanged (the body as
-    sent: Response.make would encode it again by its Content-Encoding)."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
-               if k.lower() not in ("connection", "keep-alive", "transfer-encoding")]
-    response = http.Response.make(answer.status)
-    response.headers = http.Headers(headers)  # after make(), which would re-encode by them
-    response.raw_content = answer.body
-    if method == "HEAD" and "Content-Length" in answer.headers:
-        response.headers["Content-Length"] = answer.headers["Content-Length"]
-    else:
-        response.headers["Content-Length"] = str(len(answer.body))
-    return response
+def _not_a_cancelled_connection(record: logging.LogRecord) -> bool:
+    """Drop asyncio's report of a client connection cancelled at shutdown.
 
-
-def _metrics_path(request: http.Request) -> str | None:
-    """METRICS_PATH or STATS_PATH if the request asks for one, whatever host
-    it names: those paths are the mirror's own."""
-    path = request.path.split("?", 1)[0]
-    return path if path in (METRICS_PATH, STATS_PATH) else None
-
-
-def _host_port(request: http.Request) -> str:
-    """host, or host:port when the port is not the scheme's own: how
-    containerd's ns and image names spell a registry."""
-    host = request.host.lower()
-    return host if request.port == (443 if request.scheme == "https" else 80) else f"{host}:{request.port}"
-
-
-def _names_destination(ns: str, request: http.Request) -> bool:
-    """Does containerd's ns name the registry this request already goes to?"""
-    return ns.strip().lower() == _host_port(request)
-
-
-def _end_to_end_headers(request: http.Request) -> dict[str, bytes]:
-    """The client's headers for the upstream, values as the bytes it sent
-    (requests would fail to encode a value that is not Latin-1)."""
-    headers: dict[str, bytes] = {}
-    names: dict[str, str] = {}
-    for raw_name, value in request.headers.fields:
-        name = raw_name.decode("latin-1")
-        key = name.lower()
-        if key in manifests.HOP_BY_HOP:
-            continue
-        if key in names:
-            headers[names[key]] += b", " + value
-        else:
-            names[key] = name
-            headers[name] = value
-    return headers
-
-
-def _registry_of(flow: http.HTTPFlow) -> str:
-    """The upstream registry a flow is for, as a base URL (the access gate's key)."""
-    request = flow.request
-    return f"{request.scheme}://{request.host.lower()}:{request.port}"
-
-
-def _loopback_for(host: str) -> str:
-    """Where mitmproxy itself reaches the blob server."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
+    Python 3.12.1's asyncio (fixed in 3.13) reports each client connection
+    still open when mitmdump stops as an "Exception in callback" with a
+    CancelledError traceback: SIGTERM printed dozens of them."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, asyncio.CancelledError) and "StreamReaderProtocol.connection_made" in record.getMessage())

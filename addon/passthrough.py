@@ -20,7 +20,9 @@ Content-Length once it is complete.
 
 from __future__ import annotations
 
-from mitmproxy import connection, http
+from mitmproxy import http, tls
+
+from . import flows
 
 STREAM_BODIES_OVER = 1 << 20
 HTTP1_ALPNS = (None, b"", b"http/1.1", b"http/1.0")  # a server that negotiated no protocol speaks HTTP/1.1
@@ -30,7 +32,10 @@ MAX_SERVERS_REMEMBERED = 10_000
 class BodyStreaming:
     """Which bodies to stream, and what that needs to know: the protocol each
     client connection's servers negotiated (mitmproxy connects lazily, so a
-    request's own server connection is not open yet when its headers arrive)."""
+    request's own server connection is not open yet when its headers arrive).
+
+    An addon of its own, after the mirror in `addons`: the mirror has decided
+    by then which requests it answers (flows.passes_through)."""
 
     def __init__(self) -> None:
         self._alpn: dict[str, dict[tuple[str, int], bytes | None]] = {}  # client id -> server -> ALPN
@@ -38,7 +43,8 @@ class BodyStreaming:
 
     # -- hooks ---------------------------------------------------------------
 
-    def server_tls_established(self, client: connection.Client, server: connection.Server) -> None:
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        client, server = data.context.client, data.conn
         if server.address is None:
             return
         if b"h2" in (server.alpn_offers or ()):  # what it says to HTTP/2 clients, whose uploads need this
@@ -48,11 +54,13 @@ class BodyStreaming:
         if client.timestamp_end is None:  # not after client_disconnected
             self._alpn.setdefault(client.id, {})[server.address] = server.alpn
 
-    def client_disconnected(self, client: connection.Client) -> None:
+    def client_disconnected(self, client) -> None:
         self._alpn.pop(client.id, None)
 
-    def request_headers(self, flow: http.HTTPFlow) -> None:
-        """Stream a request body that is large or of unknown size."""
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream a request body passed through that is large or of unknown size."""
+        if flow.response is not None or not flows.passes_through(flow):
+            return
         request = flow.request
         if _declares_large_body(request):
             request.stream = True
@@ -72,15 +80,23 @@ class BodyStreaming:
             # else: not met yet (or HTTP/3): buffered, and request_complete frames it
 
     @staticmethod
-    def request_complete(request: http.Request) -> None:
+    def request(flow: http.HTTPFlow) -> None:
         """Give a buffered HTTP/2 upload of unknown size its Content-Length."""
+        request = flow.request
         if not request.stream and _unframed_upload(request) and request.raw_content:
             request.headers["Content-Length"] = str(len(request.raw_content))
 
     @staticmethod
-    def response_headers(response: http.Response) -> None:
-        if _declares_large_body(response):
-            response.stream = True
+    def responseheaders(flow: http.HTTPFlow) -> None:
+        """Stream what the mirror said to stream (a blob from the blob server,
+        a blob passed through), a proxy client's request to the blob server
+        (a fill in progress must reach it as it arrives, however small the
+        blob), and any other large answer passed through."""
+        state = flows.state_of(flow)
+        if (state is not None and state.stream_response) or _to_blob_server(flow.request):
+            flow.response.stream = True
+        elif flow.request.method != "HEAD" and _declares_large_body(flow.response):
+            flow.response.stream = True
 
 
 def _declares_large_body(message: http.Message) -> bool:
@@ -93,6 +109,13 @@ def _declares_large_body(message: http.Message) -> bool:
     if "chunked" in message.headers.get("Transfer-Encoding", "").lower():
         return True
     return isinstance(message, http.Response)
+
+
+def _to_blob_server(request: http.Request) -> bool:
+    """A proxy client following a redirect to the blob server (at whatever
+    address blob_url gave). (Streaming anything else that looks like it
+    costs nothing.)"""
+    return request.path.startswith("/blobs/") and "&sig=" in request.path
 
 
 def _without_empty_pieces(data: bytes) -> list[bytes]:

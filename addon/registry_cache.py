@@ -1,7 +1,8 @@
 """mitmproxy entry point: `mitmdump -s addon/registry_cache.py`.
 
 mitmproxy loads this file as a standalone script, so it puts the checkout on
-sys.path and imports the package from there.
+sys.path and imports the package from there. The mirror comes first: the
+body streaming addon acts on what it decided (flows.passes_through).
 """
 
 import sys
@@ -12,5 +13,6 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from addon.mirror import RegistryCache  # noqa: E402
+from addon.passthrough import BodyStreaming  # noqa: E402
 
-addons = [RegistryCache()]
+addons = [RegistryCache(), BodyStreaming()]

@@ -76,9 +76,16 @@ class PartFile:
     fd: int
 
 
+class BlobModified(Exception):
+    """A committed blob's file was written after its commit: it must be
+    re-hashed before it is served (open() with recheck=True does that)."""
+
+
 class BlobStore(Protocol):
-    def open(self, digest: str) -> StoredBlob | None:
-        """The committed blob, opened for reading, or None."""
+    def open(self, digest: str, recheck: bool = True) -> StoredBlob | None:
+        """The committed blob, opened for reading, or None. A blob whose file
+        changed since its commit is re-hashed first (recheck), or raises
+        BlobModified (so the caller can re-hash it where that waits for no one)."""
 
     def size_of(self, digest: str) -> int | None:
         """Size of a committed blob without opening it (for HEAD)."""
@@ -145,7 +152,7 @@ class DiskBlobStore:
 
     # -- reading -----------------------------------------------------------
 
-    def open(self, digest: str) -> StoredBlob | None:
+    def open(self, digest: str, recheck: bool = True) -> StoredBlob | None:
         file, committed_mtime = self._cache.get(digest, read=True, tag=True)
         if file is None and digest in self._cache:
             # diskcache answers "missing" when the row exists but its file
@@ -164,6 +171,9 @@ class DiskBlobStore:
             return None
         stat = os.fstat(file.fileno())
         if committed_mtime is not None and stat.st_mtime_ns != committed_mtime:
+            if not recheck:
+                file.close()
+                raise BlobModified(digest)
             if not self._still_intact(digest, file, stat, committed_mtime):
                 file.close()
                 self._cache.delete(digest)
@@ -284,6 +294,12 @@ class DiskBlobStore:
 
     def delete(self, digest: str) -> bool:
         return bool(self._cache.delete(digest))
+
+    def resize(self, size_limit: int) -> None:
+        """A new size limit (cache_size changed at run time), evicting to fit."""
+        self.size_limit = size_limit
+        self._cache.reset("size_limit", size_limit)
+        self.evict_to(size_limit)
 
     def usage(self) -> tuple[int, int]:
         return self._cache.volume(), len(self._cache)

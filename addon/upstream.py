@@ -19,9 +19,10 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import requests.adapters
@@ -51,6 +52,14 @@ QUIET_FOR = 30.0
 MAX_HUNG_REMEMBERED = 1000
 
 
+class AnswerTooLarge(Exception):
+    """The upstream's answer to a relayed request is over MAX_RELAYED_BODY."""
+
+
+class OwnAddress(requests.exceptions.InvalidURL):
+    """A request (or a redirect) would go to the mirror's own listening address."""
+
+
 @dataclass
 class Answer:
     """An upstream response read whole (manifests, pings: small bodies)."""
@@ -62,17 +71,35 @@ class Answer:
 
 class UpstreamClient:
     def __init__(self, verify: bool | str = True, user_agent: str = "registry-cache",
-                 answer_timeout: float = ANSWER_TIMEOUT):
+                 answer_timeout: float = ANSWER_TIMEOUT, is_own: Callable[[str, int], bool] | None = None):
         self.answer_timeout = answer_timeout
+        # (host, port) -> is that the mirror itself? (own_addresses.py). Checked
+        # before every request and redirect, in the calling (worker) thread.
+        self.is_own = is_own
         self._timed_out: dict[str, float] = {}  # registry origin -> when it last timed out (monotonic)
         self._lock = threading.Lock()
         self.session = requests.Session()
         self.session.trust_env = False  # no surprise proxies from the environment
-        self.session.verify = verify
+        self.set_verify(verify)
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=64, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.user_agent = user_agent
+
+    def set_verify(self, verify: bool | str) -> None:
+        """TLS verification of upstreams (mitmproxy's ssl_insecure and CA options)."""
+        self.session.verify = verify
+        if verify is False:
+            # The operator chose this (ssl_insecure): say it once, not per call.
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+            log.warning("upstream: TLS certificates of upstream registries are not checked (ssl_insecure)")
+
+    def _refuse_own(self, url: str) -> None:
+        if self.is_own is None:
+            return
+        parts = urlsplit(url)
+        if parts.hostname and self.is_own(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)):
+            raise OwnAddress(f"{parts.scheme}://{parts.netloc} is the mirror itself; not asking it")
 
     def get_blob(self, url: str, authorization: str | None) -> requests.Response:
         """GET a blob, following redirects; the body is left unread (stream)."""
@@ -80,6 +107,7 @@ class UpstreamClient:
         if authorization:
             headers["Authorization"] = authorization
         for hops in range(MAX_REDIRECTS + 1):
+            self._refuse_own(url)
             response = self.session.get(
                 url,
                 headers=headers,
@@ -117,7 +145,7 @@ class UpstreamClient:
             except urllib3.exceptions.HTTPError as exc:  # not a requests.RequestException
                 raise requests.ConnectionError(f"upstream answer cut short: {exc}") from exc
         if len(body) > MAX_RELAYED_BODY:
-            raise requests.exceptions.ContentDecodingError(f"upstream answer larger than {MAX_RELAYED_BODY} bytes")
+            raise AnswerTooLarge(f"upstream answer larger than {MAX_RELAYED_BODY} bytes")
         expected = response.headers.get("Content-Length", "")
         if method != "HEAD" and expected.isdigit() and len(body) != int(expected):
             raise requests.ConnectionError(f"upstream answer cut short: {len(body)} of {expected} bytes")
@@ -146,6 +174,7 @@ class UpstreamClient:
         query = {"scope": f"repository:{repo}:pull"}
         if "service" in fields:
             query["service"] = fields["service"]
+        self._refuse_own(fields["realm"])
         response = self.session.get(fields["realm"], params=query, headers={"User-Agent": self.user_agent},
                                     timeout=self._answer_timeouts())
         if response.status_code != 200:
@@ -160,6 +189,7 @@ class UpstreamClient:
     def _answered(self, url: str, send) -> requests.Response:
         """send(timeout), remembering whether the registry answered at all."""
         registry = origin_of(url)
+        self._refuse_own(url)
         try:
             response = send(self._answer_timeouts())
         except requests.Timeout:

@@ -5,6 +5,7 @@ import os
 import pytest
 import requests
 
+from addon.metrics import Metrics
 from addon.blobserver import BlobServer, _Handler, _parse_range
 from addon.fill import Fills
 from addon.store import DiskBlobStore
@@ -38,7 +39,7 @@ def served(tmp_path):
     store = DiskBlobStore(tmp_path / "c", size_limit=1 << 30)
     data = os.urandom(200_000)
     digest = put(store, data)
-    server = BlobServer(store, Fills(store), "127.0.0.1", 0)
+    server = BlobServer(store, Fills(store), "127.0.0.1", 0, metrics=Metrics())
     server.start()
     yield server, digest, data
     server.stop()
@@ -62,7 +63,7 @@ def test_serves_whole_blob_range_and_head(served):
     assert r.status_code == 416
     r = requests.head(url(server, path), timeout=10)
     assert r.status_code == 200 and r.headers["Content-Length"] == str(len(data)) and r.content == b""
-    assert server.bytes_sent == len(data) + 1000
+    assert server.metrics.snapshot({})["blob_bytes_served_total"] == {("store",): len(data) + 1000}
 
 
 def test_refuses_unsigned_forged_and_expired_urls(served):

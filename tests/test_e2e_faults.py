@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from addon.store import DiskBlobStore
-from addon.workers import PER_REGISTRY, UPSTREAM_THREADS
+from addon.workers import PER_REGISTRY
 from tests.harness.fresh import fresh_image
 from tests.harness.mirror import Mirror
 from tests.harness.tarpit import Tarpit, wait_accepted_total
@@ -193,15 +193,15 @@ def test_pull_errors_are_errors_not_hangs(upstream, mirror):
 
 
 def test_hosts_that_never_answer_hold_up_no_one_else(tmp_path, upstream):
-    """Manifest GETs hang at hosts proxy clients name (tarpits), enough to
-    fill every thread that talks to registries if each host had its own
-    share. Stored blobs, a cold pull from the upstream and the metrics are
+    """Manifest GETs hang at four hosts proxy clients name (tarpits): if each
+    host had a share of its own, they would hold 4 x PER_REGISTRY threads
+    (all there were, once). Stored blobs, a cold pull from the upstream and the metrics are
     served meanwhile: the hosts nobody chose share PER_REGISTRY threads."""
     stored = fresh_image(upstream, 1_500_000)
     cold = fresh_image(upstream, 500_000)
     layer, size = stored.layers[0]
     accepted = threading.Condition()
-    tarpits = [Tarpit(accepted) for _ in range(UPSTREAM_THREADS // PER_REGISTRY)]
+    tarpits = [Tarpit(accepted) for _ in range(4)]
     hung: list[threading.Thread] = []
 
     def release():  # the hung requests fail at once, and mitmdump can stop

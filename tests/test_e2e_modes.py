@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from addon.mirror import HIT_FILTER
+from addon.flows import HIT_FILTER
 from tests.harness._http import LoopbackHTTPServer, QuietHandler
 from tests.harness.downloads import assert_one_fetch_streamed_to_all, stalled_downloaders
 from tests.harness.fresh import fresh_image, fresh_layer, unique_seed
@@ -223,6 +223,34 @@ def test_flows_are_marked_by_outcome(tmp_path, upstream):
     assert manifests and all(f["outcome"] == "pass" and f["marked"] == ":white_circle:" for f in manifests)
 
 
+def test_flows_can_be_saved_to_a_file_and_read_back(tmp_path, upstream):
+    """mitmdump -w (and mitmweb's save) write flow metadata with a
+    serializer that takes plain values only: the mirror's per-flow state in
+    flow.metadata made every registry flow fail to save ("unserializable")."""
+    image = fresh_image(upstream, 300_000)
+    saved = tmp_path / "flows.mitm"
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"], options={"save_stream_file": str(saved)}) as mirror:
+        client = RegistryClient(mirror.url)
+        client.pull(image.repo, image.tag)
+        client.pull(image.repo, image.tag)
+        mirror.stop()
+    assert "unserializable" not in "\n".join(mirror.lines)
+    from mitmproxy import io
+    with open(saved, "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    outcomes = [f.metadata.get("registry_cache") for f in flows]
+    assert outcomes.count("hit") == len(image.blobs) and "miss" in outcomes  # the second pull: layers and config
+
+
+def test_ssl_insecure_is_said_once_not_per_upstream_call(tmp_path, https_upstream):
+    image = fresh_image(https_upstream, 300_000)
+    with Mirror(tmp_path / "m", [f"reverse:{https_upstream.url}"], options={"ssl_insecure": "true"}) as mirror:
+        RegistryClient(mirror.url).pull(image.repo, image.tag)
+        mirror.wait_stored([d for d, _ in image.blobs], WAIT)
+    assert "InsecureRequestWarning" not in "\n".join(mirror.lines)
+    assert len(re.findall(r"not checked \(ssl_insecure\)", "\n".join(mirror.lines))) == 1
+
+
 def test_readme_documents_the_hit_filter():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert HIT_FILTER in readme
@@ -251,6 +279,31 @@ def test_regular_mode_makes_up_no_answer_for_a_site_that_is_no_registry(tmp_path
                 assert ours.status_code == 200 and "registry_cache_requests_total" in ours.text
     finally:
         site.stop()
+
+
+def test_a_request_naming_the_proxy_itself_is_refused_at_once_and_never_loops(tmp_path):
+    """A health check or a Docker registry-mirrors entry pointed at the proxy
+    port by mistake: the mirror's own calls (ping, manifest, fill) went to
+    the host the client named, came back in as new requests, and made more
+    (17 connections in 3 s, for minutes). Now: a 508 at once, and no request
+    of the mirror's own reaches it, so it never sees more connections than
+    the client made (a loop would have made them before this answer)."""
+    digest = "sha256:" + "a" * 64
+    with Mirror(tmp_path / "m", ["regular"], options={"upstream_timeout": "5"}) as mirror:
+        port = mirror.ports[0]
+        start = len(mirror.lines)
+        proxy = {"http": mirror.url}
+        answers = [
+            requests.get(f"{mirror.url}/v2/", timeout=WAIT),  # origin form, straight to the proxy port
+            requests.get(f"{mirror.url}/v2/library/x/manifests/latest", proxies=proxy, timeout=WAIT),
+            requests.get(f"http://localhost:{port}/v2/library/x/blobs/{digest}", proxies=proxy, timeout=WAIT),
+        ]
+        for answer in answers:
+            assert answer.status_code == 508 and "names the mirror itself" in answer.text, answer.text
+        # mitmdump logs in order: any connection a loop made comes before these lines
+        mirror.wait_for_log(r"registry-cache: GET \S+ \S+ \S+ error 508 ", WAIT, start=start, count=3)
+        connects = [line for line in mirror.lines[start:] if "client connect" in line]
+        assert len(connects) == len(answers), "\n".join(connects)
 
 
 def test_with_blob_redirect_off_mitmproxy_relays_every_blob_itself(tmp_path, upstream):

@@ -4,6 +4,7 @@ and stats, and the one-line-per-request log."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 
 import pytest
@@ -148,6 +149,8 @@ def test_a_running_mirror_evicts_least_recently_used_blobs_to_stay_under_cache_s
 @pytest.mark.parametrize("name, value, message", [
     ("cache_size", "lots", "registry-cache: not a size: 'lots'"),
     ("blob_port", "70000", "registry-cache: blob_port out of range"),
+    ("upstream_timeout", "0", "registry-cache: upstream_timeout must be"),
+    ("registries", "ghcr.io=ftp://x", "registry-cache: registries: not a registry URL"),
     # mitmproxy itself would drop the whole addon without a word over these,
     # and run on as a plain proxy that caches nothing
     ("serve_stale", "maybe", "registry-cache: --set serve_stale=maybe: "),
@@ -158,6 +161,7 @@ def test_an_unusable_option_stops_mitmdump_at_start_with_a_message(tmp_path, ups
     done = subprocess.run(command, capture_output=True, text=True, timeout=WAIT)
     assert done.returncode != 0
     assert message in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr  # the message, not a stack
 
 
 def test_a_mirror_of_another_registry_takes_containerds_ns_naming_that_registry(tmp_path, upstream):
@@ -208,3 +212,18 @@ def test_a_cdns_404_after_the_registry_said_yes_is_a_fill_failure(upstream_redir
         # The metrics paths are the mirror's, whatever the request carries.
         r = requests.post(f"{mirror.url}/_registry_cache/stats", data=iter([b"x" * 10]), timeout=WAIT)
         assert r.status_code == 200 and r.json()["fill_failures"] == {"upstream 404": 1}
+
+
+def test_sigterm_with_open_connections_prints_no_tracebacks(tmp_path, upstream):
+    """Python 3.12.1's asyncio printed a CancelledError traceback for each
+    client connection still open when mitmdump stopped."""
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"]) as mirror:
+        sessions = [requests.Session() for _ in range(4)]
+        for session in sessions:  # keep-alive: each connection stays open
+            assert session.get(f"{mirror.url}/v2/", timeout=WAIT).status_code in (200, 401)
+        mirror.wait_for_log(r"client connect", WAIT, count=len(sessions))
+        mirror.proc.send_signal(signal.SIGTERM)
+        assert mirror.proc.wait(WAIT) is not None
+        mirror.wait_for_output_end(WAIT)
+    text = "\n".join(mirror.lines)
+    assert "Traceback" not in text and "CancelledError" not in text, text

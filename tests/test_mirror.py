@@ -7,7 +7,9 @@ import resource
 from mitmproxy.test import tutils
 from requests.structures import CaseInsensitiveDict
 
-from addon.mirror import _end_to_end_headers, _relayed, raise_open_files_limit
+from addon.flows import end_to_end_headers as _end_to_end_headers
+from addon.responses import relayed as _relayed
+from addon.settings import raise_open_files_limit
 from addon.upstream import Answer
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from mitmproxy import ctx, flowfilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from addon.mirror import HIT_FILTER, METADATA_KEY  # noqa: E402
+from addon.flows import HIT_FILTER, METADATA_KEY  # noqa: E402
 
 
 class FlowRecorder:

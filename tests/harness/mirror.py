@@ -180,6 +180,12 @@ class Mirror:
         for digest in digests:
             self.wait_for_log(rf"fill: stored {digest}", timeout)
 
+    def wait_for_output_end(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) until mitmdump's output is read to its end (after it exited)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._output_done, timeout):
+                raise TimeoutError(f"mitmdump's output did not end in {timeout}s")
+
     def log_text(self) -> str:
         return "\n".join(self.lines[-200:])
 

@@ -1,0 +1,176 @@
+"""The mirror's options: declared, parsed and checked in one place.
+
+mitmproxy hands an addon its options one by one; the mirror reads them all at
+once into a frozen `Settings`, so a request sees one consistent set and a
+change at run time (mitmweb lets operators make one) can be compared field by
+field to rebuild only what it touches.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+
+from .layout import DEFAULT_CACHE_SIZE, CacheLayout, default_cache_dir, parse_size
+from .registries import DEFAULT_REGISTRIES, DOCKER_HUB_NAME, DOCKER_HUB_URL, origin_of, parse_registries
+from .upstream import ANSWER_TIMEOUT, QUIET_FOR
+
+log = logging.getLogger(__name__)
+
+OPEN_FILES_WANTED = 65536  # sockets, blob files and fill cursors: 1024 runs out under load
+
+
+def declare(loader) -> None:
+    """Register the mirror's options (mitmproxy's `load` hook)."""
+    loader.add_option(
+        "cache_dir", str, "",
+        f"Directory of the blob store (default: {default_cache_dir()}).",
+    )
+    loader.add_option(
+        "cache_size", str, DEFAULT_CACHE_SIZE,
+        "Size limit of the blob store (e.g. 500m, 20g, 1t); least recently used blobs are evicted.",
+    )
+    loader.add_option(
+        "registries", Sequence[str], list(DEFAULT_REGISTRIES),
+        "Registries a request may name with containerd's ?ns= (name, or name=URL; comma-separated "
+        "or repeated). Any other ns is refused. docker.io means https://registry-1.docker.io.",
+    )
+    loader.add_option(
+        "serve_stale", bool, True,
+        "While the upstream is unreachable, rate-limited (429) or failing (5xx), answer manifests "
+        "from the store (a tag: its last known digest, marked stale) and /v2/ pings locally.",
+    )
+    loader.add_option(
+        "upstream_timeout", int, ANSWER_TIMEOUT,
+        "Seconds a registry may take to answer a manifest, ping or access check. Past that the "
+        f"store answers (serve_stale), and for {QUIET_FOR:.0f}s what it can answer is not asked of "
+        "that registry (one request asks again).",
+    )
+    loader.add_option(
+        "blob_redirect", bool, True,
+        "Send plain-HTTP clients a 307 to the blob port for blob bytes (fastest). "
+        "When off, and always for TLS clients, mitmproxy streams the bytes itself.",
+    )
+    loader.add_option(
+        "blob_host", str, "",
+        "Address the blob server listens on (default: the proxy's own listen address).",
+    )
+    loader.add_option(
+        "blob_port", str, "0",
+        "Port of the blob server (0: any free port; set one if a firewall sits in between).",
+    )
+    loader.add_option(
+        "blob_url", str, "",
+        "Base URL clients use to reach the blob server, e.g. http://mirror.lan:5001 "
+        "(default: the address the client connected to, with blob_port).",
+    )
+
+
+def check_set_values(options) -> list[str]:
+    """Messages for --set values of ours that mitmproxy cannot parse (serve_stale=yes).
+
+    mitmproxy parses a script's --set values only once the script has
+    registered its options, and a failure there ends the script's loading
+    task without a word: mitmdump would run on as a plain proxy, caching
+    nothing. Parsed here first, the caller logs them as errors, on which
+    mitmdump exits at start. (Uses mitmproxy 12's option internals.)"""
+    problems = []
+    for name, value in list(options.deferred.items()):
+        raw = getattr(value, "val", None)
+        if raw is None or name not in options._options:  # not (yet) an option: someone else's
+            continue
+        try:
+            options._parse_setval(options._options[name], raw)
+        except exceptions.OptionsError as exc:
+            problems.append(f"--set {name}={' '.join(raw)}: {exc}")
+    return problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the mirror reads from mitmproxy's options, checked."""
+
+    layout: CacheLayout
+    cache_size: int
+    registries: dict[str, str] = field(hash=False)  # ns name -> base URL
+    listed_origins: frozenset[str]  # the registries' origins (see registries.origin_of)
+    reverse_upstreams: frozenset[str]  # origins of the reverse-mode upstreams
+    serve_stale: bool
+    upstream_timeout: int
+    upstream_verify: bool | str
+    blob_redirect: bool
+    blob_host: str  # where the blob server listens
+    blob_port: int
+    blob_url: str
+
+    @classmethod
+    def read(cls, options: Any) -> "Settings":
+        """Settings from mitmproxy's options; ValueError names what is wrong."""
+        if options.upstream_timeout <= 0:
+            raise ValueError("upstream_timeout must be a number of seconds > 0")
+        try:
+            registries = parse_registries(options.registries)
+        except ValueError as exc:
+            raise ValueError(f"registries: {exc}") from None
+        try:
+            port = int(options.blob_port)
+        except ValueError:
+            raise ValueError(f"blob_port is not a port number: {options.blob_port!r}") from None
+        if not 0 <= port <= 65535:
+            raise ValueError(f"blob_port out of range: {port}")
+        modes = [ProxyMode.parse(spec) for spec in options.mode]
+        return cls(
+            layout=CacheLayout.at(options.cache_dir),
+            cache_size=parse_size(options.cache_size),
+            registries=registries,
+            listed_origins=frozenset(origin_of(url) for url in registries.values()),
+            reverse_upstreams=frozenset(origin_of(mode.data) for mode in modes if isinstance(mode, ReverseMode)),
+            serve_stale=options.serve_stale,
+            upstream_timeout=options.upstream_timeout,
+            upstream_verify=_upstream_verify(options),
+            blob_redirect=options.blob_redirect,
+            blob_host=options.blob_host or _proxy_listen_host(modes, options.listen_host),
+            blob_port=port,
+            blob_url=options.blob_url.rstrip("/"),
+        )
+
+    def ns_docker_io_note(self) -> str:
+        """A trap for operators, for the start-up line: with a reverse-mode
+        upstream other than Docker Hub, containerd's ?ns=docker.io still goes
+        to Docker Hub unless `registries` maps docker.io elsewhere."""
+        hub = self.registries.get(DOCKER_HUB_NAME)
+        if not self.reverse_upstreams or hub is None or origin_of(hub) in self.reverse_upstreams:
+            return ""
+        where = "Docker Hub" if hub == DOCKER_HUB_URL else hub
+        return (f"; containerd's ?ns=docker.io goes to {where}, not to the reverse-mode upstream"
+                " (set registries=docker.io=<its URL>,... if it mirrors Docker Hub)")
+
+
+def _upstream_verify(options) -> bool | str:
+    """requests' `verify` from mitmproxy's own upstream TLS options."""
+    if options.ssl_insecure:
+        return False
+    return options.ssl_verify_upstream_trusted_ca or options.ssl_verify_upstream_trusted_confdir or True
+
+
+def _proxy_listen_host(modes: list[ProxyMode], listen_host: str) -> str:
+    """The one address all proxy modes listen on, else all interfaces."""
+    hosts = {mode.listen_host(listen_host) for mode in modes}
+    return hosts.pop() if len(hosts) == 1 else ""
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files towards the hard one. Each blob a
+    client downloads holds its socket and a file; the usual soft limit of
+    1024 ends in "too many open files" at a few hundred concurrent pulls."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        log.info("registry-cache: open files limit raised from %d to %d", soft, wanted)

@@ -1,0 +1,160 @@
+"""A tiny registry answering from memory, for in-process tests of the hooks.
+
+The end-to-end tests use the real one (upstream.py: distribution, a token
+server, a CDN); starting it costs about a second, and the hook tests want
+milliseconds. This one speaks just enough of the distribution API for the
+mirror's own calls: /v2/ pings, manifests and blobs by GET and HEAD, with
+Bearer challenges. Tokens are plain strings: `Bearer <user>` for a user in
+`users`, and no header at all for anonymous.
+
+Every request is recorded; `down` makes it answer 503; `stall` holds blob
+bodies after their first half until `release()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+
+from ._http import LoopbackHTTPServer, QuietHandler
+
+_BLOB = re.compile(r"/v2/(?P<repo>.+)/blobs/(?P<digest>sha256:[0-9a-f]{64})")
+_MANIFEST = re.compile(r"/v2/(?P<repo>.+)/manifests/(?P<ref>[^/]+)")
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+WAIT = 30
+
+
+@dataclass
+class Repo:
+    blobs: dict[str, bytes] = field(default_factory=dict)  # digest -> bytes
+    manifests: dict[str, bytes] = field(default_factory=dict)  # tag or digest -> body
+    readers: set[str] | None = None  # users who may pull; None: public
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class CannedRegistry:
+    def __init__(self):
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
+        self.down = False
+        self._stall = threading.Event()
+        self._stall.set()
+        self._stalled = threading.Semaphore(0)
+        registry = self
+
+        class Handler(QuietHandler):
+            def do_GET(self):
+                registry._serve(self, head=False)
+
+            def do_HEAD(self):
+                registry._serve(self, head=True)
+
+        self.server = LoopbackHTTPServer(Handler, name="canned-registry")
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> "CannedRegistry":
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self._stall.set()
+        self.server.stop()
+
+    # -- content -----------------------------------------------------------------
+
+    def add_blob(self, repo: str, data: bytes, readers: set[str] | None = None) -> str:
+        entry = self.repos.setdefault(repo, Repo(readers=readers))
+        digest = digest_of(data)
+        entry.blobs[digest] = data
+        return digest
+
+    def add_manifest(self, repo: str, tag: str, body: bytes, readers: set[str] | None = None) -> str:
+        entry = self.repos.setdefault(repo, Repo(readers=readers))
+        digest = digest_of(body)
+        entry.manifests[tag] = entry.manifests[digest] = body
+        return digest
+
+    def count(self, method: str, path_part: str) -> int:
+        return sum(1 for m, p, _ in list(self.requests) if m == method and path_part in p)
+
+    # -- faults ------------------------------------------------------------------
+
+    def stall(self) -> None:
+        """Hold blob bodies after their first half until release()."""
+        self._stall.clear()
+
+    def wait_stalled(self) -> bool:
+        return self._stalled.acquire(timeout=WAIT)
+
+    def release(self) -> None:
+        self._stall.set()
+
+    # -- serving -----------------------------------------------------------------
+
+    def _serve(self, h, head: bool) -> None:
+        path = h.path.split("?", 1)[0]
+        authorization = h.headers.get("Authorization")
+        self.requests.append((h.command, path, authorization))
+        if self.down:
+            return self._send(h, 503, b'{"errors":[{"code":"UNAVAILABLE"}]}', head=head)
+        if path in ("/v2", "/v2/"):
+            return self._send(h, 200, b"{}", head=head)
+        match = _BLOB.fullmatch(path) or _MANIFEST.fullmatch(path)
+        repo = self.repos.get(match.group("repo")) if match else None
+        if repo is None:
+            return self._send(h, 404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}', head=head)
+        user = authorization.split(" ", 1)[1] if authorization else None
+        if repo.readers is not None and user not in repo.readers:
+            return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', head=head, headers={
+                "WWW-Authenticate": f'Bearer realm="{self.url}/token",service="canned"'})
+        if "digest" in match.groupdict():
+            data = repo.blobs.get(match.group("digest"))
+            if data is None:
+                return self._send(h, 404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}', head=head)
+            return self._send(h, 200, data, head=head, headers={"Docker-Content-Digest": digest_of(data)},
+                              content_type="application/octet-stream", stall=True)
+        body = repo.manifests.get(match.group("ref"))
+        if body is None:
+            return self._send(h, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}', head=head)
+        return self._send(h, 200, body, head=head, headers={"Docker-Content-Digest": digest_of(body)},
+                          content_type=MANIFEST_TYPE)
+
+    def _send(self, h, status: int, body: bytes, head: bool, headers: dict[str, str] | None = None,
+              content_type: str = "application/json", stall: bool = False) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            h.send_header(name, value)
+        h.end_headers()
+        if head:
+            return
+        if stall and not self._stall.is_set():
+            h.wfile.write(body[:len(body) // 2])
+            h.wfile.flush()
+            self._stalled.release()
+            self._stall.wait(WAIT)
+            h.wfile.write(body[len(body) // 2:])
+        else:
+            h.wfile.write(body)
+
+
+def image_manifest(config: bytes, layers: list[bytes]) -> bytes:
+    """An OCI image manifest naming these blobs."""
+    def descriptor(data: bytes, media_type: str) -> dict:
+        return {"mediaType": media_type, "digest": digest_of(data), "size": len(data)}
+
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+        "config": descriptor(config, "application/vnd.oci.image.config.v1+json"),
+        "layers": [descriptor(layer, "application/vnd.oci.image.layer.v1.tar+gzip") for layer in layers],
+    }).encode()

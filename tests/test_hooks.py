@@ -1,0 +1,322 @@
+"""The mirror's hooks in-process, with mitmproxy's own test helpers (taddons,
+tflow) and real leaves (store, fills, access gate, blob server) in front of
+a canned registry: each decision in milliseconds. The same paths run end to
+end, in a real mitmdump against distribution, in the test_e2e_* modules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+
+import pytest
+import requests
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow, tutils
+
+from addon import flows
+from addon.flows import Mark
+from addon.mirror import RegistryCache
+from addon.store import DiskBlobStore
+from tests.harness.canned_registry import CannedRegistry, image_manifest
+
+WAIT = 30
+ACCEPT = ("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
+          "application/vnd.docker.distribution.manifest.list.v2+json")
+LAYER = os.urandom(300_000)
+PRIVATE = os.urandom(200_000)
+
+
+@pytest.fixture
+def registry():
+    canned = CannedRegistry().start()
+    yield canned
+    canned.stop()
+
+
+class Hall:
+    """A configured RegistryCache and a way to send it requests."""
+
+    def __init__(self, tctx, addon: RegistryCache, registry: CannedRegistry, mode: str):
+        self.tctx, self.addon, self.registry, self.mode = tctx, addon, registry, mode
+
+    def flow(self, path: str, method: str = "GET", user: str | None = None, host: str | None = None,
+             port: int | None = None):
+        target_host, target_port = self.registry.server.server_address[:2]
+        request = tutils.treq(method=method.encode(), scheme=b"http", host=(host or target_host).encode(),
+                              port=port or target_port, path=path.encode(), headers=(), content=b"")
+        if user:
+            request.headers["Authorization"] = f"Bearer {user}"
+        if "/manifests/" in path:  # as containerd, Docker and skopeo ask: multi-arch indexes too
+            request.headers["Accept"] = ACCEPT
+        client = tflow.tclient_conn()
+        client.proxy_mode = ProxyMode.parse(self.mode)
+        client.sockname = ("127.0.0.1", 5999)
+        client.timestamp_end = None  # still connected
+        client.timestamp_tls_setup = None  # plain HTTP: blobs by 307
+        return tflow.tflow(client_conn=client, req=request)
+
+    async def send(self, flow):
+        self.addon.requestheaders(flow)
+        await self.addon.request(flow)
+        return flow
+
+    async def get(self, path: str, **kw):
+        return await self.send(self.flow(path, **kw))
+
+    @staticmethod
+    def outcome(flow) -> flows.Outcome:
+        return flows.state_of(flow).outcome
+
+    async def follow(self, flow) -> bytes:
+        """Follow the 307 to the blob server, as a client would."""
+        assert flow.response.status_code == 307, flow.response
+        got = await asyncio.to_thread(requests.get, flow.response.headers["Location"], timeout=WAIT)
+        assert got.status_code == 200, got.text
+        return got.content
+
+    async def settle(self, flow) -> None:
+        """Wait (bounded) for the fill a miss started to end."""
+        fill = self.outcome(flow).fill
+        await asyncio.wait_for(fill.wait_finished(), WAIT)
+
+
+@contextlib.asynccontextmanager
+async def hall_for(tmp_path, registry, mode: str | None = None, **options):
+    addon = RegistryCache()
+    with taddons.context(addon) as tctx:
+        mode = mode or f"reverse:{registry.url}"
+        tctx.configure(addon, mode=[f"{mode}@127.0.0.1:5999"], cache_dir=str(tmp_path / "cache"),
+                       blob_host="127.0.0.1", **options)
+        try:
+            yield Hall(tctx, addon, registry, mode)
+        finally:
+            addon.done()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 3 * WAIT))
+
+
+def test_a_miss_fills_once_and_a_second_request_is_a_hit(tmp_path, registry):
+    digest = registry.add_blob("library/alpine", LAYER)
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            miss = await hall.get(f"/v2/library/alpine/blobs/{digest}")
+            assert hall.outcome(miss).mark is Mark.MISS and miss.metadata["registry_cache"] == "miss"
+            assert await hall.follow(miss) == LAYER
+            await hall.settle(miss)
+            hit = await hall.get(f"/v2/library/alpine/blobs/{digest}")
+            assert hall.outcome(hit).mark is Mark.HIT and hit.marked == ":green_circle:"
+            assert await hall.follow(hit) == LAYER
+            head = await hall.get(f"/v2/library/alpine/blobs/{digest}", method="HEAD")
+            assert head.response.status_code == 200 and head.response.headers["X-Registry-Cache"] == "hit"
+            assert registry.count("GET", digest) == 1
+
+    run(scenario())
+
+
+def test_a_private_blob_is_denied_to_a_client_the_registry_refuses(tmp_path, registry):
+    digest = registry.add_blob("acme/private", PRIVATE, readers={"alice"})
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            alice = await hall.get(f"/v2/acme/private/blobs/{digest}", user="alice")
+            assert await hall.follow(alice) == PRIVATE
+            await hall.settle(alice)
+            anonymous = await hall.get(f"/v2/acme/private/blobs/{digest}")
+            assert hall.outcome(anonymous).mark is Mark.DENIED
+            assert anonymous.response.status_code == 401
+            assert "Bearer" in anonymous.response.headers["WWW-Authenticate"]
+            assert PRIVATE not in anonymous.response.content
+
+    run(scenario())
+
+
+def test_a_blob_stored_from_elsewhere_is_fetched_again_from_a_registry_nobody_chose(tmp_path, registry):
+    digest = registry.add_blob("library/alpine", LAYER)
+    other = CannedRegistry().start()
+    try:
+        other.add_blob("library/alpine", LAYER)
+
+        async def scenario():
+            async with hall_for(tmp_path, registry, mode="regular",
+                                registries=[f"trusted.test={registry.url}"]) as hall:
+                stored = await hall.get(f"/v2/library/alpine/blobs/{digest}")
+                await hall.follow(stored)
+                await hall.settle(stored)
+                host, port = other.server.server_address[:2]
+                refetch = await hall.get(f"/v2/library/alpine/blobs/{digest}", host=host, port=port)
+                assert hall.outcome(refetch).mark is Mark.MISS
+                assert await hall.follow(refetch) == LAYER
+                assert other.count("GET", digest) == 1  # its bytes are its proof
+
+        run(scenario())
+    finally:
+        other.stop()
+
+
+def test_a_tag_is_answered_stale_while_the_registry_is_down(tmp_path, registry):
+    config = os.urandom(100)
+    registry.add_blob("library/alpine", config)
+    registry.add_manifest("library/alpine", "3.20", image_manifest(config, []))
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            fresh = await hall.get("/v2/library/alpine/manifests/3.20")
+            assert hall.outcome(fresh).mark is Mark.PASS and fresh.response.status_code == 200
+            registry.down = True
+            stale = await hall.get("/v2/library/alpine/manifests/3.20")
+            assert hall.outcome(stale).mark is Mark.STALE
+            assert stale.response.status_code == 200 and stale.response.content == fresh.response.content
+            assert stale.response.headers["X-Registry-Cache"] == "stale"
+
+    run(scenario())
+
+
+def test_a_client_that_left_costs_no_registry_call(tmp_path, registry):
+    registry.add_manifest("library/alpine", "3.20", image_manifest(b"{}", []))
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            flow = hall.flow("/v2/library/alpine/manifests/3.20")
+            flow.client_conn.timestamp_end = time.time()  # gone before a thread took the call up
+            await hall.send(flow)
+            assert hall.outcome(flow).mark is Mark.ERROR and flow.response.status_code == 503
+            assert registry.requests == []
+
+    run(scenario())
+
+
+def test_a_blob_evicted_after_the_mirror_chose_to_serve_it_is_still_served(tmp_path, registry):
+    digest = registry.add_blob("library/alpine", LAYER)
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            first = await hall.get(f"/v2/library/alpine/blobs/{digest}")
+            await hall.follow(first)
+            await hall.settle(first)
+            hit = await hall.get(f"/v2/library/alpine/blobs/{digest}")
+            assert hall.outcome(hit).mark is Mark.HIT
+            assert hall.addon.storage.store.delete(digest)  # evicted before the client follows the 307
+            assert await hall.follow(hit) == LAYER  # was: 404 BLOB_UNKNOWN
+            assert registry.count("GET", digest) == 1
+
+    run(scenario())
+
+
+def test_a_manifest_answer_over_the_cap_is_an_error_of_its_own(tmp_path, registry, monkeypatch):
+    monkeypatch.setattr("addon.upstream.MAX_RELAYED_BODY", 1000)
+    registry.add_manifest("library/big", "v1", b'{"padding": "' + b"x" * 2000 + b'"}')
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            flow = await hall.get("/v2/library/big/manifests/v1")
+            assert flow.response.status_code == 502 and b"too large" in flow.response.content
+            assert hall.outcome(flow).mark is Mark.ERROR
+            errors = hall.addon.metrics.snapshot({})["upstream_errors_total"]
+            assert errors == {("too-large",): 1}  # not a connection error
+            assert flow.response.headers.get("X-Registry-Cache") is None  # not answered stale
+
+    run(scenario())
+
+
+def test_a_request_naming_the_mirror_itself_is_refused_at_once(tmp_path, registry):
+    async def scenario():
+        async with hall_for(tmp_path, registry, mode="regular") as hall:
+            blob_server = hall.addon.blob_server
+            flow = await hall.get("/v2/", host="127.0.0.1", port=blob_server.port)
+            assert flow.response.status_code == 508 and hall.outcome(flow).mark is Mark.ERROR
+            assert b"names the mirror itself" in flow.response.content
+
+    run(scenario())
+
+
+def test_changing_cache_dir_lets_a_running_fill_finish_into_its_own_store(tmp_path, registry):
+    digest = registry.add_blob("library/alpine", LAYER)
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            old_storage = hall.addon.storage
+            registry.stall()
+            miss = await hall.get(f"/v2/library/alpine/blobs/{digest}")
+            assert await asyncio.to_thread(registry.wait_stalled)
+            hall.tctx.configure(hall.addon, cache_dir=str(tmp_path / "elsewhere"))
+            assert hall.addon.storage is not old_storage
+            assert not old_storage.closed  # its fill still runs
+            registry.release()
+            await hall.settle(miss)
+            await asyncio.wait_for(asyncio.gather(*list(hall.addon._tasks)), WAIT)  # the retirement
+            assert old_storage.closed
+        old = DiskBlobStore(tmp_path / "cache", 1 << 30)
+        try:
+            assert digest in old  # committed into the store it started with, not a closed one
+        finally:
+            old.close()
+
+    run(scenario())
+
+
+def test_a_new_cache_size_rebuilds_nothing(tmp_path, registry):
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            storage, blob_server = hall.addon.storage, hall.addon.blob_server
+            hall.tctx.configure(hall.addon, cache_size="1g")
+            assert hall.addon.storage is storage and hall.addon.blob_server is blob_server
+            assert storage.store.size_limit == 1 << 30 and storage.fills.max_stored_size == 1 << 30
+
+    run(scenario())
+
+
+def test_rehashing_a_modified_blob_holds_up_no_other_hit(tmp_path, registry, monkeypatch):
+    """Re-hashing a multi-GB blob whose file changed ran in the local pool:
+    enough of them held up every hit behind them."""
+    digests = [registry.add_blob("library/alpine", os.urandom(1000 + n)) for n in range(10)]
+    healthy = registry.add_blob("library/alpine", LAYER)
+    release = threading.Event()
+    real = DiskBlobStore._still_intact
+
+    def slow_rehash(*args):
+        release.wait(WAIT)
+        return real(*args)
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            for digest in digests + [healthy]:
+                flow = await hall.get(f"/v2/library/alpine/blobs/{digest}")
+                await hall.follow(flow)
+                await hall.settle(flow)
+            store = hall.addon.storage.store
+            for digest in digests:  # touched on disk: each must be re-hashed before it is served
+                blob = store.open(digest)
+                os.utime(blob.file.fileno(), ns=(1, 1))
+                blob.close()
+            monkeypatch.setattr(DiskBlobStore, "_still_intact", staticmethod(slow_rehash))
+            rehashing = [asyncio.ensure_future(hall.get(f"/v2/library/alpine/blobs/{d}")) for d in digests]
+            hit = await asyncio.wait_for(hall.get(f"/v2/library/alpine/blobs/{healthy}"), WAIT)
+            assert hall.outcome(hit).mark is Mark.HIT
+            assert not any(task.done() for task in rehashing)
+            release.set()
+            for task in rehashing:
+                assert hall.outcome(await task).mark is Mark.HIT
+
+    try:
+        run(scenario())
+    finally:
+        release.set()
+
+
+def test_the_start_line_says_where_containerds_docker_io_goes(tmp_path, registry, caplog):
+    async def scenario():
+        with caplog.at_level(logging.INFO, logger="registry_cache"):
+            async with hall_for(tmp_path, registry):
+                pass
+
+    run(scenario())
+    line = next(r.getMessage() for r in caplog.records if "blob server on" in r.getMessage())
+    assert "?ns=docker.io goes to Docker Hub, not to the reverse-mode upstream" in line
+
