@@ -193,13 +193,15 @@ class AccessGate:
         return None
 
     def ask_registry(self, registry: str, repo: str, digest: str, authorization: str | None,
-                     trusted: bool = True) -> Decision:
-        """The rest of check(): one HEAD of the blob with the client's credentials."""
+                     trusted: bool = True, kind: str = "blobs") -> Decision:
+        """The rest of check(): one HEAD of the blob (or manifest: `kind`) with
+        the client's credentials. A HEAD is free (Docker Hub counts GETs of
+        manifests as pulls, not HEADs)."""
         if not trusted and not self.index.served_by(registry, digest):
             return self._may_follow(registry, repo, digest, authorization)
         if self.upstream.hung(registry):
             return self._offline_decision(registry, repo, digest, authorization, f"{registry} timed out recently")
-        url = f"{registry}/v2/{repo}/blobs/{digest}"
+        url = f"{registry}/v2/{repo}/{kind}/{digest}"
         try:
             status, headers = self.upstream.head(url, authorization)
         except requests.RequestException as exc:
@@ -209,7 +211,7 @@ class AccessGate:
         if status != 200:
             log.info("access: upstream refused %s in %s (%d); not serving it from the store", digest, repo, status)
             return Decision(False, status, tuple(headers.items()), f"upstream answered {status}")
-        self.vouch(registry, repo, digest, authorization, trusted=trusted)
+        self.vouch(registry, repo, digest, authorization, kind=kind, trusted=trusted)
         return ALLOWED
 
     def _may_follow(self, registry: str, repo: str, digest: str, authorization: str | None) -> Decision:

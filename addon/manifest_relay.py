@@ -1,15 +1,25 @@
-"""Pings and manifests: relayed by the mirror itself, kept, answered stale.
+"""Pings and manifests: relayed by the mirror itself, kept, answered from the store.
 
 The mirror fetches these requests itself rather than leaving them to
 mitmproxy's pass-through, because mitmproxy answers a failed upstream
 connection with its own 502 and offers no hook to answer instead (see
-manifests.py for what is kept and when it answers). So:
+manifests.py for what is kept and when it answers).
 
+Docker Hub counts every manifest GET as a pull against a limit per address
+(an office's whole mirror is one address), and a HEAD as nothing. So a GET
+of a manifest from a registry the operator chose costs a GET upstream only
+when the store lacks the manifest:
+- by digest: answered from the store, after the access gate's check (the
+  one for blobs; when it must ask, it asks with a HEAD);
+- by tag: a HEAD with the client's headers names the digest the tag points
+  at now (tags stay fresh), and the store answers it if it holds it.
+Otherwise:
 - The registry answers (anything but 429 or 5xx): relayed unchanged; a 200
   manifest is verified, kept, and vouches for its repository.
 - It cannot be reached, answers 429 or 5xx, or let a request time out
   moments ago (upstream.hung) and `serve_stale` is on: the store answers,
   marked stale, if it can; else the registry's answer, or a 502.
+Every answer's ratelimit headers are kept for the metrics.
 
 Returns an `Outcome` (flows.py); never touches the flow.
 """
@@ -17,6 +27,8 @@ Returns an `Outcome` (flows.py); never touches the flow.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import requests
 from mitmproxy import http
@@ -34,6 +46,18 @@ from .workers import Workers
 
 log = logging.getLogger(__name__)
 
+QUOTA_WARNING_SHARE = 0.10  # warn when less than this share of a registry's pulls is left
+QUOTA_WARNING_EVERY = 300.0  # seconds between two such warnings for one registry
+REFUSED_MANIFEST_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "MANIFEST_UNKNOWN"}
+
+
+@dataclass
+class Unreachable:
+    """The registry could not answer (no connection, 429, 5xx): why."""
+
+    why: str
+    answer: object = None  # its 429/5xx answer, if it gave one
+
 
 class ManifestRelay:
     def __init__(self, storage: Storage, upstream: UpstreamClient, workers: Workers, metrics: Metrics,
@@ -43,19 +67,83 @@ class ManifestRelay:
         self.workers = workers
         self.metrics = metrics
         self.settings = settings
+        self._quota_warned: dict[str, float] = {}
 
     async def handle(self, req: RegistryRequest) -> Outcome:
-        kind = req.route.kind.value
         if self.settings.serve_stale and self.upstream.hung(req.registry):
             # It let a request wait the whole timeout moments ago: what the
             # store can answer is not asked of it meanwhile.
             stale = await self.workers.local(self._stale_answer, req)
             if stale is not None:
                 return self._stale(req, stale, f"{req.registry} timed out less than {QUIET_FOR:.0f}s ago")
+        if req.method == "GET" and req.route.kind is Kind.MANIFEST and req.trusted:
+            found = await (self._by_digest(req) if ":" in req.route.reference else self._by_tag(req))
+            if isinstance(found, Outcome):
+                return found
+            if isinstance(found, Unreachable):
+                return await self._unreachable(req, found)
+        return await self._relay(req)
+
+    async def _by_digest(self, req: RegistryRequest) -> Outcome | Unreachable | None:
+        """A kept manifest, for a client the gate lets read it; None: not kept."""
+        manifest = await self.workers.local(self.storage.manifests.get, req.route.reference)
+        if manifest is None or not manifests.accepts(list(req.accept), manifest.media_type):
+            return None
+        access, repo = self.storage.access, req.route.name
+        decision = await self.workers.local(access.check_locally, req.registry, repo, manifest.digest,
+                                            req.authorization)
+        if decision is None:
+            decision = await self.workers.upstream(req.slot_key, access.ask_registry, req.registry, repo,
+                                                   manifest.digest, req.authorization, True, "manifests",
+                                                   wanted=req.wanted)
+        if decision.allowed:
+            return _from_store(manifest, req.route.reference)
+        if decision.status in UNREACHABLE:
+            return Unreachable(decision.reason)
+        return _refused(decision.status, decision.headers, decision.reason, req.route.reference)
+
+    async def _by_tag(self, req: RegistryRequest) -> Outcome | Unreachable | None:
+        """What the tag names now, asked with a HEAD (free); from the store if
+        kept there. None: not kept (or an odd answer): a GET must fetch it."""
+        try:
+            answer = await self.workers.upstream(req.slot_key, self.upstream.fetch, "HEAD", req.url, req.headers,
+                                                 wanted=req.wanted)
+        except (requests.exceptions.InvalidHeader, UnicodeError, AnswerTooLarge):
+            return None  # the GET says what is wrong
+        except requests.RequestException as exc:
+            return Unreachable(f"upstream unreachable: {exc}")
+        self._note_rate_limit(req.registry, answer.headers)
+        if answer.status in UNREACHABLE:
+            return Unreachable(f"upstream answered {answer.status}", answer)
+        if answer.status in REFUSED_MANIFEST_CODES:
+            return _refused(answer.status, tuple(answer.headers.items()), f"upstream answered {answer.status}",
+                            req.route.reference)
+        digest = answer.headers.get("Docker-Content-Digest", "")
+        if answer.status != 200 or not digest:
+            return None
+        manifest = await self.workers.local(self._kept_for_tag, req, digest)
+        return _from_store(manifest, req.route.reference) if manifest is not None else None
+
+    def _kept_for_tag(self, req: RegistryRequest, digest: str):
+        """The kept manifest the registry's HEAD named for the tag, if the
+        client takes its type; the HEAD vouched for it, so the tag moves to it
+        and the client is granted it (blocking)."""
+        manifest = self.storage.manifests.get(digest)
+        if manifest is None or not manifests.accepts(list(req.accept), manifest.media_type):
+            return None
+        route = req.route
+        self.storage.manifests.remember(req.registry, route.name, route.reference, manifest.body,
+                                        {"Content-Type": manifest.media_type, "Docker-Content-Digest": digest},
+                                        list(req.accept))
+        self.storage.access.vouch(req.registry, route.name, digest, req.authorization, kind="manifests")
+        return manifest
+
+    async def _relay(self, req: RegistryRequest) -> Outcome:
+        """Ask the registry, relay its answer; stale answers when it cannot."""
+        kind = req.route.kind.value
         try:
             answer = await self.workers.upstream(req.slot_key, self.upstream.fetch, req.method, req.url,
                                                  req.headers, wanted=req.wanted)
-            why = f"upstream answered {answer.status}"
         except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
             log.warning("registry-cache: refused %s %s: %s", req.method, req.path[:200], exc)
             return Outcome(Mark.ERROR, response=oci_error(400, "UNSUPPORTED", "malformed request header",
@@ -69,21 +157,43 @@ class ManifestRelay:
                 f"more than {MAX_RELAYED_BODY >> 20} MiB"), digest=req.route.reference,
                 detail="upstream answer too large")
         except requests.RequestException as exc:
-            answer, why = None, f"upstream unreachable: {exc}"
-        if answer is None or answer.status in UNREACHABLE:
-            self.metrics.count("upstream_errors_total", 1, str(answer.status) if answer else "connection")
-        if answer is not None and answer.status not in UNREACHABLE:
-            if answer.status == 200 and req.route.kind is Kind.MANIFEST:
-                await self.workers.local(self._remember, req, answer)
-            return Outcome(Mark.PASS, response=relayed(answer, req.method), detail=kind)
+            return await self._unreachable(req, Unreachable(f"upstream unreachable: {exc}"))
+        if req.route.kind is Kind.MANIFEST:
+            self._note_rate_limit(req.registry, answer.headers)
+        if answer.status in UNREACHABLE:
+            return await self._unreachable(req, Unreachable(f"upstream answered {answer.status}", answer))
+        if answer.status == 200 and req.route.kind is Kind.MANIFEST:
+            await self.workers.local(self._remember, req, answer)
+        return Outcome(Mark.PASS, response=relayed(answer, req.method), detail=kind)
+
+    async def _unreachable(self, req: RegistryRequest, failure: Unreachable) -> Outcome:
+        """The store's answer (stale), else the registry's own error, else a 502."""
+        answer = failure.answer
+        self.metrics.count("upstream_errors_total", 1, str(answer.status) if answer else "connection")
         stale = await self.workers.local(self._stale_answer, req) if self.settings.serve_stale else None
         if stale is not None:
-            return self._stale(req, stale, why)
+            return self._stale(req, stale, failure.why)
         if answer is not None:
-            return Outcome(Mark.ERROR, response=relayed(answer, req.method), digest=req.route.reference, detail=why)
-        log.warning("registry-cache: %s for %s %s", why, req.method, req.path[:200])
-        return Outcome(Mark.ERROR, response=oci_error(502, "UNAVAILABLE", "upstream unreachable", why),
-                       digest=req.route.reference, detail=why)
+            return Outcome(Mark.ERROR, response=relayed(answer, req.method), digest=req.route.reference,
+                           detail=failure.why)
+        log.warning("registry-cache: %s for %s %s", failure.why, req.method, req.path[:200])
+        return Outcome(Mark.ERROR, response=oci_error(502, "UNAVAILABLE", "upstream unreachable", failure.why),
+                       digest=req.route.reference, detail=failure.why)
+
+    def _note_rate_limit(self, registry: str, headers) -> None:
+        """Keep the registry's ratelimit-limit/-remaining ("100;w=21600") for
+        the metrics, and warn when little is left. The limits change from
+        year to year: only the registry's own headers say what they are."""
+        limit, remaining = _leading_int(headers.get("ratelimit-limit")), _leading_int(headers.get("ratelimit-remaining"))
+        if limit is None or remaining is None:
+            return
+        self.metrics.set("upstream_ratelimit_limit", limit, registry)
+        self.metrics.set("upstream_ratelimit_remaining", remaining, registry)
+        now = time.monotonic()
+        if remaining < QUOTA_WARNING_SHARE * limit and now - self._quota_warned.get(registry, -1e9) > QUOTA_WARNING_EVERY:
+            self._quota_warned[registry] = now
+            log.warning("registry-cache: %s allows %d more pulls of %d in its window (ratelimit-remaining)",
+                        registry, remaining, limit)
 
     @staticmethod
     def _stale(req: RegistryRequest, response: http.Response, why: str) -> Outcome:
@@ -124,3 +234,30 @@ class ManifestRelay:
             response.content = b""
             response.headers["Content-Length"] = str(len(manifest.body))
         return response
+
+
+def _from_store(manifest, reference: str) -> Outcome:
+    """A kept manifest as the registry would answer a GET for it."""
+    response = http.Response.make(200, manifest.body, {
+        "Content-Type": manifest.media_type,
+        "Docker-Content-Digest": manifest.digest,
+        "Docker-Distribution-Api-Version": "registry/2.0",
+        "X-Registry-Cache": "hit",
+    })
+    return Outcome(Mark.HIT, response=response, digest=reference, size=len(manifest.body))
+
+
+def _refused(status: int, headers, reason: str, reference: str) -> Outcome:
+    """The registry's refusal (its challenge kept) of a GET answered here."""
+    response = oci_error(status, REFUSED_MANIFEST_CODES.get(status, "DENIED"), "manifest refused by the registry",
+                         reason)
+    for name, value in headers:
+        if name.lower() in ("www-authenticate", "docker-distribution-api-version"):
+            response.headers.add(name, value)
+    return Outcome(Mark.DENIED, response=response, digest=reference, detail=reason)
+
+
+def _leading_int(value: str | None) -> int | None:
+    """100 from "100;w=21600"."""
+    number = (value or "").split(";", 1)[0].strip()
+    return int(number) if number.isdigit() else None

@@ -30,12 +30,16 @@ DESCRIPTIONS = {
     "store_bytes": ("gauge", "Bytes used by the blob store."),
     "store_blobs": ("gauge", "Blobs in the store."),
     "store_limit_bytes": ("gauge", "Size limit of the blob store."),
+    "upstream_ratelimit_limit": ("gauge", "Pulls the registry allows in its window (its ratelimit-limit header)."),
+    "upstream_ratelimit_remaining": ("gauge", "Pulls left in the registry's window (its ratelimit-remaining header)."),
 }
 LABELS = {
     "requests_total": ("kind", "outcome"),
     "blob_bytes_served_total": ("source",),
     "fill_failures_total": ("reason",),
     "upstream_errors_total": ("status",),
+    "upstream_ratelimit_limit": ("registry",),
+    "upstream_ratelimit_remaining": ("registry",),
 }
 
 
@@ -51,6 +55,11 @@ class Metrics:
                 self._counters[name][labels] += amount
             else:
                 self._plain[name] += amount
+
+    def set(self, name: str, value: float, *labels: str) -> None:
+        """A labelled gauge (a registry's rate limit): its latest value."""
+        with self._lock:
+            self._counters[name][labels] = value
 
     def snapshot(self, gauges: dict[str, float]) -> dict[str, dict | float]:
         """Every metric: labelled ones as {label tuple: value}, plain ones as a value."""
@@ -91,6 +100,9 @@ class Metrics:
             "fills_in_flight": int(values["fills_in_flight"]),
             "fill_failures": {reason: int(n) for (reason,), n in values["fill_failures_total"].items()},
             "upstream_errors": {status: int(n) for (status,), n in values["upstream_errors_total"].items()},
+            "upstream_rate_limits": {
+                registry: {"limit": int(limit), "remaining": int(values["upstream_ratelimit_remaining"].get((registry,), 0))}
+                for (registry,), limit in values["upstream_ratelimit_limit"].items()},
             "evictions": int(values.get("evictions_total", 0)),
             "store": {
                 "bytes": int(values["store_bytes"]),

@@ -127,7 +127,7 @@ class UpstreamClient:
             log.debug("upstream: blob redirected to %s", url.split("?", 1)[0])
         raise requests.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects for a blob")
 
-    def fetch(self, method: str, url: str, headers: dict[str, str]) -> Answer:
+    def fetch(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> Answer:
         """Relay a small request (manifest, ping) with the client's headers.
 
         The body comes back exactly as sent (no content decoding), and no
@@ -138,7 +138,7 @@ class UpstreamClient:
         """
         headers = {"Accept": None, "User-Agent": None, **headers, "Accept-Encoding": "identity"}
         response = self._answered(url, lambda timeout: self.session.request(
-            method, url, headers=headers, stream=True, allow_redirects=False, timeout=timeout))
+            method, url, headers=headers, data=body, stream=True, allow_redirects=False, timeout=timeout))
         with response:
             try:
                 body = b"" if method == "HEAD" else response.raw.read(MAX_RELAYED_BODY + 1, decode_content=False)

@@ -93,7 +93,8 @@ def test_metrics_count_what_happened(upstream, mirror):
     RegistryClient(mirror.url).pull(image.repo, image.tag)
     now = stats(mirror)  # the fills logged "stored" only once over and counted
     assert now["requests"]["blob"]["miss"] == blobs and now["requests"]["blob"]["hit"] == blobs
-    assert now["requests"]["manifest"]["pass"] >= 2
+    assert now["requests"]["manifest"]["pass"] >= 1  # the first pull's, from upstream
+    assert now["requests"]["manifest"]["hit"] >= 1  # the second pull's, from the store
     assert now["bytes"]["fetched_upstream"] == image.blob_bytes
     assert sum(now["bytes"]["served"].values()) == 2 * image.blob_bytes
     assert now["bytes"]["served"]["store"] >= image.blob_bytes  # at least the second pull

@@ -1,0 +1,111 @@
+"""Tokens through the mirror, for machines that can reach only the mirror.
+
+A registry's 401 names its token server: `WWW-Authenticate: Bearer
+realm="https://auth.docker.io/token",service="registry.docker.io"`. An office
+machine that reaches only the mirror (an intranet, a region where Docker Hub
+is blocked) cannot get a token there, so it could pull nothing, not even what
+the store holds. So in reverse mode every challenge the mirror passes on names
+a realm on the mirror itself, at the address the client used:
+
+    http://<mirror address>/_registry_cache/token/<registry>
+
+and the mirror forwards what the client sends there (its query with service
+and scopes, its Basic credentials, or containerd's OAuth2 form POST) to the
+realm that registry named, and relays the answer unchanged. (Regular mode
+needs none of this: its clients reach the auth server through the proxy.)
+
+The mirror must not become an open relay or a way into internal addresses,
+so where a token request goes is never taken from the client's request:
+`<registry>` must name a registry the operator chose (the reverse-mode
+upstream, or one on `registries`), and the realm is the one that registry's
+own challenge named, seen by the mirror in an answer it received itself (or
+asked of that registry's /v2/ when unknown). A client that changes the query,
+adds `realm=` or `url=`, or names another registry in the path reaches the
+same auth servers or none. Credentials pass through and are never logged or
+kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from .oci import Challenge, parse_challenges
+from .upstream import Answer, UpstreamClient
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATH = "/_registry_cache/token/"
+FORWARDED_HEADERS = ("authorization", "content-type", "accept", "user-agent")
+MAX_FORM = 64 * 1024  # an OAuth2 form is a few hundred bytes
+
+
+class NoRealm(Exception):
+    """The registry names no token server: nothing to forward to."""
+
+
+class TokenRelay:
+    def __init__(self, upstream: UpstreamClient):
+        self.upstream = upstream
+        self._realms: dict[str, str] = {}  # registry origin -> the realm its challenge named
+        self._lock = threading.Lock()
+
+    def learn(self, registry: str, challenges: Iterable[str]) -> None:
+        """Remember the realm of a Bearer challenge the registry itself sent."""
+        for challenge in parse_challenges(list(challenges)):
+            realm = challenge.realm if challenge.scheme == "bearer" else None
+            if realm and urlsplit(realm).scheme in ("http", "https") and urlsplit(realm).hostname:
+                with self._lock:
+                    self._realms[registry] = realm
+                return
+
+    def realm_of(self, registry: str) -> str:
+        """The realm a registry named; asked of its /v2/ when not yet seen
+        (blocking). Raises NoRealm, or requests' errors."""
+        with self._lock:
+            realm = self._realms.get(registry)
+        if realm is None:
+            answer = self.upstream.fetch("GET", f"{registry}/v2/", {})
+            self.learn(registry, [answer.headers.get("WWW-Authenticate", "")])  # several: joined by ", "
+            with self._lock:
+                realm = self._realms.get(registry)
+        if realm is None:
+            raise NoRealm(f"{registry} asks for no token")
+        return realm
+
+    def forward(self, registry: str, method: str, query: str, headers: dict[str, bytes], body: bytes) -> Answer:
+        """The client's token request, sent to the realm the registry named (blocking)."""
+        realm = self.realm_of(registry)
+        url = realm + ("&" if "?" in realm else "?") + query if query else realm
+        kept = {name: value for name, value in headers.items() if name.lower() in FORWARDED_HEADERS}
+        return self.upstream.fetch(method, url, kept, body=body or None)
+
+
+def rewritten(values: Iterable[str], realm: str) -> list[str]:
+    """WWW-Authenticate values with each Bearer challenge's realm set to ours;
+    values that do not parse are passed on as they are."""
+    result = []
+    for value in values:
+        challenges = parse_challenges(value)
+        if not any(c.scheme == "bearer" and c.realm for c in challenges):
+            result.append(value)
+            continue
+        result.append(", ".join(_format(c, realm if c.scheme == "bearer" and c.realm else None)
+                                for c in challenges))
+    return result
+
+
+def _format(challenge: Challenge, realm: str | None) -> str:
+    scheme = challenge.scheme.capitalize()
+    if challenge.token68 is not None:
+        return f"{scheme} {challenge.token68}"
+    params = dict(challenge.params)
+    if realm is not None:
+        params["realm"] = realm
+    return f"{scheme} " + ",".join(f'{name}="{_quoted(value)}"' for name, value in params.items())
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
