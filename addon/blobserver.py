@@ -171,6 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Docker-Content-Digest", digest)
         self.send_header("Etag", f'"{digest}"')
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("X-Registry-Cache", source.cache_state())
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         if end is not None:
@@ -235,6 +236,9 @@ class _StoredSource:
         self.blob = blob
         self.size = blob.size
 
+    def cache_state(self) -> str:
+        return "hit"
+
     def seek(self, pos: int) -> None:
         pass
 
@@ -256,6 +260,16 @@ class _FillSource:
     def __init__(self, cursor: Cursor):
         self.cursor = cursor
         self.size = cursor.fill.size
+
+    def cache_state(self) -> str:
+        """X-Registry-Cache: "miss, not stored" once the fill has spilled (a
+        blob larger than the store's limit spills before its first byte, so
+        its clients know at once): a client warming the store
+        (scripts/prefetch.py) need not wait for a commit that will not come."""
+        fill = self.cursor.fill
+        if fill.already_stored:
+            return "hit"
+        return "miss, not stored" if fill.spill_at is not None else "miss"
 
     def seek(self, pos: int) -> None:
         self.cursor.advance(pos)
