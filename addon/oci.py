@@ -47,7 +47,6 @@ IMAGE_MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)  # they point at a config
 # type the request does not accept (distribution cannot convert OCI manifests).
 ALL_MANIFEST_TYPES = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, "*/*"])
 MAX_MANIFEST = 4 << 20  # OCI: registries should accept manifests up to 4 MiB
-SHA256_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def media_type_of(headers: Mapping[str, str]) -> str:
@@ -256,6 +255,7 @@ def basic_authorization(username: str, password: str, charset: str = "utf-8") ->
 DEFAULT_TOKEN_TTL = 60  # the token spec: an answer without expires_in is good for 60 s
 MAX_TOKEN_ANSWER = 1 << 20  # a token server's answer larger than this is refused
 OAUTH2_GRANTS = ("password", "refresh_token")
+MAX_TOKEN_FIELDS = 256  # a client's token request with more query or form fields is refused
 
 
 @dataclass(frozen=True)
@@ -278,8 +278,8 @@ class TokenRequest:
     client_id: str | None = None
     offline: bool = False  # ask for a refresh token too
     username: str | None = None  # OAuth2 password grant
-    password: str | None = None
-    refresh_token: str | None = None  # OAuth2 refresh_token grant
+    password: str | None = field(default=None, repr=False)  # never in a log line
+    refresh_token: str | None = field(default=None, repr=False)  # OAuth2 refresh_token grant
 
     @classmethod
     def for_challenge(cls, challenge: Challenge, scopes: Iterable[str] | None = None, **fields) -> "TokenRequest":
@@ -321,8 +321,9 @@ class TokenRequest:
     @classmethod
     def from_query(cls, query: str) -> "TokenRequest":
         """A client's GET request, from its query string (credentials, if
-        any, are in its Authorization header, not here)."""
-        fields = parse_qsl(query, keep_blank_values=True)
+        any, are in its Authorization header, not here). ValueError past
+        MAX_TOKEN_FIELDS fields."""
+        fields = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_TOKEN_FIELDS)
         first = dict(reversed(fields))  # the first of each name wins
         return cls(
             service=first.get("service") or None,
@@ -334,9 +335,10 @@ class TokenRequest:
     @classmethod
     def from_form(cls, body: bytes | str) -> "TokenRequest":
         """A client's OAuth2 POST, from its form body. ValueError if its
-        grant_type is missing or not one this module knows."""
+        grant_type is missing or not one this module knows, or past
+        MAX_TOKEN_FIELDS fields."""
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-        fields = parse_qsl(text, keep_blank_values=True)
+        fields = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_TOKEN_FIELDS)
         first = dict(reversed(fields))
         grant = first.get("grant_type")
         if grant not in OAUTH2_GRANTS:

@@ -194,9 +194,13 @@ def test_token_request_forms():
     assert refresh.form() == [("grant_type", "refresh_token"), ("service", "reg"), ("client_id", "c"),
                               ("refresh_token", "r1")]
     assert oci.TokenRequest.from_form(refresh.encoded_form().decode()) == refresh
-    for body in (b"", b"grant_type=client_credentials&service=reg", b"\xff\xfe"):
+    for body in (b"", b"grant_type=client_credentials&service=reg", b"\xff\xfe",
+                 b"grant_type=password&" + b"&".join(b"scope=s%d" % i for i in range(oci.MAX_TOKEN_FIELDS))):
         with pytest.raises(ValueError):
             oci.TokenRequest.from_form(body)
+    with pytest.raises(ValueError):
+        oci.TokenRequest.from_query("&".join(f"scope=s{i}" for i in range(oci.MAX_TOKEN_FIELDS + 1)))
+    assert "p&ss=word" not in repr(password) and "r1" not in repr(refresh)  # secrets stay out of logs
 
 
 @pytest.mark.parametrize("body, expected", [
