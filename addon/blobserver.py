@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from .fill import Cursor, FillFailed, Fills
 from .metrics import Metrics
+from .oci import error_body
 from .routes import SHA256_RE
 from .store import BlobStore, StoredBlob
 
@@ -204,6 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Docker-Content-Digest", digest)
         self.send_header("Etag", f'"{digest}"')
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("X-Registry-Cache", source.cache_state())
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         if end is not None:
@@ -250,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
     def _error(self, status: int, code: str, message: str) -> None:
-        body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
+        body = error_body(code, message)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -267,6 +268,9 @@ class _StoredSource:
     def __init__(self, blob: StoredBlob):
         self.blob = blob
         self.size = blob.size
+
+    def cache_state(self) -> str:
+        return "hit"
 
     def seek(self, pos: int) -> None:
         pass
@@ -289,6 +293,16 @@ class _FillSource:
     def __init__(self, cursor: Cursor):
         self.cursor = cursor
         self.size = cursor.fill.size
+
+    def cache_state(self) -> str:
+        """X-Registry-Cache: "miss, not stored" once the fill has spilled (a
+        blob larger than the store's limit spills before its first byte, so
+        its clients know at once): a client warming the store
+        (scripts/prefetch.py) need not wait for a commit that will not come."""
+        fill = self.cursor.fill
+        if fill.already_stored:
+            return "hit"
+        return "miss, not stored" if fill.spill_at is not None else "miss"
 
     def seek(self, pos: int) -> None:
         self.cursor.advance(pos)

@@ -90,6 +90,11 @@ class CacheLayout:
     def blob_index(self) -> Path:
         return self.root / BLOB_INDEX
 
+    @property
+    def manifest_index(self) -> Path:
+        """diskcache's index of the manifest store (manifests.py)."""
+        return self.manifests / BLOB_INDEX
+
     def stored_size_limit(self) -> int | None:
         """The size limit the blob store was last opened with (diskcache keeps
         it in its Settings table), or None if there is no store here. Open an

@@ -18,37 +18,28 @@ Fetching them here, the mirror sees the failure first:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from dataclasses import dataclass
 
 import diskcache
 
+from . import oci
+from .oci import INDEX_TYPES, MAX_MANIFEST  # noqa: F401 - re-exported: the mirror's names for them
 from .routes import SHA256_RE
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST = 4 << 20  # OCI: registries should accept manifests up to 4 MiB
 STALE_HEADERS = {
     "Warning": '110 registry-cache "Response is Stale"',
     "X-Registry-Cache": "stale",
 }
-INDEX_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
 }
 
 
-@dataclass
-class StoredManifest:
-    digest: str
-    media_type: str
-    body: bytes
+StoredManifest = oci.Manifest  # a manifest checked against its digest: (digest, media_type, body)
 
 
 class ManifestStore:
@@ -93,7 +84,7 @@ class ManifestStore:
             digest = headers.get("Docker-Content-Digest", "")
             if not SHA256_RE.fullmatch(digest):
                 return None
-        media_type = headers.get("Content-Type", "").split(";")[0].strip()
+        media_type = oci.media_type_of(headers)
         if ":" not in reference and is_what_the_tag_names(accepted, media_type):
             if body or self.get(digest) is not None:
                 self.remember_tag(registry, repo, reference, digest)
@@ -131,16 +122,12 @@ class ManifestStore:
 
 
 def verified_manifest(body: bytes, headers, reference: str) -> StoredManifest | None:
-    """The manifest in a 200 answer, if its digest checks out (else None)."""
-    if len(body) > MAX_MANIFEST:
+    """The manifest in a 200 answer, if its digest checks out (else None, logged)."""
+    try:
+        return oci.check_manifest(body, headers, reference)
+    except oci.ManifestMismatch as exc:
+        log.warning("manifests: not keeping the upstream's manifest: %s", exc)
         return None
-    digest = "sha256:" + hashlib.sha256(body).hexdigest()
-    claimed = headers.get("Docker-Content-Digest")
-    if (claimed and claimed != digest) or (":" in reference and reference != digest):
-        log.warning("manifests: upstream's manifest for %s does not match its digest; not keeping it", reference)
-        return None
-    media_type = headers.get("Content-Type", "").split(";")[0].strip()
-    return StoredManifest(digest, media_type, body)
 
 
 def is_what_the_tag_names(accepted: list[str], media_type: str) -> bool:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 from mitmproxy import http
+
+from .oci import error_body
 
 RELAY_DROPS = ("connection", "keep-alive", "transfer-encoding")
 
 
 def oci_error(status: int, code: str, message: str, detail: str = "") -> http.Response:
     """An error as the OCI distribution spec words it: {"errors": [...]}."""
-    error = {"code": code, "message": message}
-    if detail:
-        error["detail"] = detail
-    return http.Response.make(
-        status, json.dumps({"errors": [error]}).encode(), {"Content-Type": "application/json"}
-    )
+    return http.Response.make(status, error_body(code, message, detail), {"Content-Type": "application/json"})
 
 
 def relayed(answer, method: str) -> http.Response:

@@ -37,7 +37,7 @@ from typing import BinaryIO, Protocol
 
 import diskcache
 
-from .layout import FILLS_DIR, CacheLayout
+from .layout import FILLS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -343,11 +343,6 @@ class DiskBlobStore:
         return evicted
 
     # -- administration (scripts/cachectl.py) --------------------------------
-
-    @staticmethod
-    def stored_size_limit(directory: str | os.PathLike) -> int | None:
-        """The size limit an existing store was opened with (see CacheLayout)."""
-        return CacheLayout(Path(directory)).stored_size_limit()
 
     def entries(self) -> list[BlobEntry]:
         """Every committed blob, least recently used first (eviction order).

@@ -16,7 +16,6 @@ timeout before the mirror answered from its store.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import warnings
@@ -28,20 +27,13 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
+from . import oci
+from .oci import ALL_MANIFEST_TYPES  # sent with our own HEADs (also importable from here)
 from .registries import origin_of
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-# Sent with our own HEADs: a registry answers 404 for a manifest whose type the
-# request does not accept (distribution cannot convert OCI manifests).
-ALL_MANIFEST_TYPES = ", ".join([
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "*/*",
-])
 MAX_RELAYED_BODY = 32 << 20  # a manifest answer larger than this is refused
 CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0  # longest silence tolerated mid-body before a fill fails
@@ -163,24 +155,20 @@ class UpstreamClient:
         status = 200 if response.is_redirect else response.status_code
         return status, response.headers
 
-    def anonymous_token(self, challenge: str, repo: str) -> str | None:
-        """A pull token for repo from a Bearer challenge's realm, with no credentials."""
-        scheme, _, params = challenge.partition(" ")
-        if scheme.lower() != "bearer":
+    def anonymous_token(self, challenge: str | list[str], repo: str) -> str | None:
+        """A pull token for repo, with no credentials, from the realm of the
+        Bearer challenge among those in `challenge` (WWW-Authenticate: one
+        value or its lines). None if there is none, or no token was given."""
+        bearer = oci.bearer_challenge(challenge)
+        if bearer is None or not bearer.realm.lower().startswith(("https://", "http://")):
             return None
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
-        if "realm" not in fields:
+        self._refuse_own(bearer.realm)
+        request = oci.TokenRequest.for_challenge(bearer, scopes=[f"repository:{repo}:pull"])
+        try:
+            return oci.fetch_token(self.session, bearer.realm, request, headers={"User-Agent": self.user_agent},
+                                   timeout=self._answer_timeouts()).token
+        except oci.TokenError:
             return None
-        query = {"scope": f"repository:{repo}:pull"}
-        if "service" in fields:
-            query["service"] = fields["service"]
-        self._refuse_own(fields["realm"])
-        response = self.session.get(fields["realm"], params=query, headers={"User-Agent": self.user_agent},
-                                    timeout=self._answer_timeouts())
-        if response.status_code != 200:
-            return None
-        body = response.json()
-        return body.get("token") or body.get("access_token")
 
     def _answer_timeouts(self) -> tuple[float, float]:
         """(connect, read) for small answers: upstream_timeout bounds both."""

@@ -11,7 +11,16 @@
     import  [ROOT ...] [--containerd ROOT] [--distribution ROOT] [--copy]
 
 DIR defaults to the addon's own default (`$XDG_CACHE_HOME/registry-cache`, else
-`~/.cache/registry-cache`); give the mirror's `cache_dir` if it sets one.
+`~/.cache/registry-cache`); give the mirror's `cache_dir` if it sets one. Every
+path in it comes from addon/layout.py, as the mirror's do.
+
+--registries NAME=URL,...: the mirror records a registry by the URL it fetched
+from (the access index's key), not by the name clients used. Given the
+mirror's own mapping (its `registries` option, and its reverse-mode upstream
+as NAME=URL), `ls` shows that name and `purge --repo NAME/repo` matches it.
+Why an option and not a name recorded in the index: the mapping is the
+operator's configuration, which they have at hand, and the index keeps one
+key, the one the access gate needs, for records old and new alike.
 
 Safe while the mirror runs: the store is a diskcache directory (SQLite, shared
 by processes), blobs are committed by an atomic rename, and this tool never
@@ -67,6 +76,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -75,13 +85,12 @@ if str(ROOT) not in sys.path:
 import diskcache  # noqa: E402
 
 from addon.access import SeenIndex  # noqa: E402
-from addon.layout import default_cache_dir, format_size, parse_size  # noqa: E402
-from addon.registries import DOCKER_HUB_NAME, DOCKER_HUB_URL  # noqa: E402
+from addon.layout import DEFAULT_CACHE_SIZE, CacheLayout, default_cache_dir, format_size, parse_size  # noqa: E402
+from addon.registries import DEFAULT_REGISTRIES, DOCKER_HUB_NAME, origin_of, parse_registries  # noqa: E402
 from addon.store import PART_SUFFIX, BlobEntry, DiskBlobStore  # noqa: E402
 
-DEFAULT_NEW_STORE_SIZE = "20g"  # the addon's cache_size default
-ACCESS_DB = "access.sqlite3"
-MANIFESTS_DIR = "manifests"
+DEFAULT_NEW_STORE_SIZE = DEFAULT_CACHE_SIZE  # the addon's cache_size default
+DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 CHUNK = 1 << 20
 HEX = frozenset("0123456789abcdef")
 CONTAINERD_CONTENT = "io.containerd.content.v1.content"
@@ -130,21 +139,59 @@ def parse_days(text: str) -> float:
     return days
 
 
-def registry_name(registry: str) -> str:
-    """'https://registry-1.docker.io' -> 'docker.io'; 'http://h:5000' -> 'h:5000'."""
-    if registry.rstrip("/") == DOCKER_HUB_URL:
-        return DOCKER_HUB_NAME
-    return registry.split("://", 1)[-1].rstrip("/")
+class RegistryNames:
+    """The names a registry recorded in the access index answers to.
 
+    The mirror records a registry by the origin it fetched from
+    (scheme://host:port), not by the name a client used: a mirror whose
+    `registries` option maps docker.io elsewhere (docker.io=https://mirror.example),
+    or a reverse-mode mirror of a Docker Hub mirror, records Docker Hub's
+    blobs under that URL's host. Given the same NAME=URL entries as the
+    mirror (--registries), docker.io/library/x finds them there. A
+    registry always answers to its own host[:port] too, and Docker Hub
+    (registry-1.docker.io) to docker.io whatever the entries say.
+    """
 
-def repo_names(registry: str, repo: str) -> set[str]:
-    """The names --repo accepts for one (registry, repository)."""
-    names = {repo, f"{registry_name(registry)}/{repo}", f"{registry.rstrip('/')}/{repo}"}
-    if registry.rstrip("/") == DOCKER_HUB_URL:
-        names.add(f"registry-1.docker.io/{repo}")
-        if repo.startswith("library/"):
-            names |= {repo[len("library/"):], f"docker.io/{repo[len('library/'):]}"}
-    return names
+    def __init__(self, entries: list[str] = ()):
+        self._names: dict[str, list[str]] = {}  # origin -> names, the operator's first
+        pairs = list(parse_registries(entries).items()) + list(parse_registries(DEFAULT_REGISTRIES).items())
+        for name, url in pairs:
+            names = self._names.setdefault(origin_of(url), [])
+            if name not in names:
+                names.append(name)
+
+    def names_of(self, registry: str) -> list[str]:
+        """Every name of a recorded registry: configured names first, then its host[:port]."""
+        try:
+            origin = origin_of(registry)
+            parts = urlsplit(origin)
+        except ValueError:  # not a URL: no record the mirror made
+            return [registry]
+        if not parts.hostname:
+            return [registry]
+        default_port = parts.port == (443 if parts.scheme == "https" else 80)
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        own = [host] if default_port else []
+        own += [f"{host}:{parts.port}", origin, registry.rstrip("/")]
+        if default_port:
+            own.append(f"{parts.scheme}://{host}")
+        names = list(self._names.get(origin, []))
+        if DOCKER_HUB_NAME in names:
+            names += DOCKER_HUB_ALIASES
+        return list(dict.fromkeys(names + own))
+
+    def name(self, registry: str, repo: str) -> str:
+        """How ls and purge show a (registry, repository): docker.io/library/alpine."""
+        return f"{self.names_of(registry)[0]}/{repo}"
+
+    def repo_names(self, registry: str, repo: str) -> set[str]:
+        """The names --repo accepts for one (registry, repository)."""
+        registries = self.names_of(registry)
+        names = {repo} | {f"{name}/{repo}" for name in registries}
+        if DOCKER_HUB_NAME in registries and repo.startswith("library/"):  # Docker Hub's official images
+            short = repo[len("library/"):]
+            names |= {short} | {f"{name}/{short}" for name in (DOCKER_HUB_NAME, *DOCKER_HUB_ALIASES)}
+        return names
 
 
 _root_ids: tuple[int, int] | None = None  # (euid, egid) of root while it works as the store's owner
@@ -203,28 +250,28 @@ def restore_ids(euid: int, egid: int) -> None:
     os.setegid(egid)
 
 
-def open_store(cache_dir: Path, *, create: bool = False, new_size: int | None = None) -> AdminStore:
-    act_as_owner(cache_dir)
-    limit = DiskBlobStore.stored_size_limit(cache_dir)
+def open_store(layout: CacheLayout, *, create: bool = False, new_size: int | None = None) -> AdminStore:
+    act_as_owner(layout.root)
+    limit = layout.stored_size_limit()
     if limit is None:
         if not create:
-            raise CtlError(f"no registry-cache store at {cache_dir} (no {diskcache.core.DBNAME}); "
+            raise CtlError(f"no registry-cache store at {layout.root} (no {layout.blob_index.name}); "
                            f"give the mirror's cache_dir with --cache-dir")
-        if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())):
-            raise CtlError(f"{cache_dir} is not empty and holds no registry-cache store; "
+        if layout.root.exists() and (not layout.root.is_dir() or any(layout.root.iterdir())):
+            raise CtlError(f"{layout.root} is not empty and holds no registry-cache store; "
                            f"refusing to make one there")
         limit = new_size if new_size is not None else parse_size(DEFAULT_NEW_STORE_SIZE)
     try:
-        return AdminStore(cache_dir, limit)
+        return AdminStore(layout.blobs, limit)
     except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
-        raise CtlError(f"cannot open the store at {cache_dir}: {exc}") from None
+        raise CtlError(f"cannot open the store at {layout.root}: {exc}") from None
 
 
 class Repos:
     """Repositories each digest was seen in (the access index), read-only use."""
 
-    def __init__(self, cache_dir: Path):
-        path = cache_dir / ACCESS_DB
+    def __init__(self, layout: CacheLayout):
+        path = layout.access_db
         self._index = SeenIndex(path) if path.is_file() else None
 
     def of(self, digest: str) -> list[tuple[str, str]]:
@@ -235,9 +282,9 @@ class Repos:
             self._index.close()
 
 
-def manifest_counts(cache_dir: Path) -> tuple[int, int]:
+def manifest_counts(layout: CacheLayout) -> tuple[int, int]:
     """(manifests kept, tags remembered) in the mirror's manifest store."""
-    db = cache_dir / MANIFESTS_DIR / diskcache.core.DBNAME
+    db = layout.manifest_index
     if not db.is_file():
         return 0, 0
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
@@ -262,8 +309,8 @@ def hash_fd(fd: int, algorithm: str) -> tuple[str, int]:
 # -- ls, du --------------------------------------------------------------------
 
 def cmd_ls(args) -> int:
-    store = open_store(args.cache_dir)
-    repos = Repos(args.cache_dir)
+    store = open_store(args.layout)
+    repos = Repos(args.layout)
     try:
         rows = [(entry, repos.of(entry.digest)) for entry in store.entries()]
     finally:
@@ -275,32 +322,32 @@ def cmd_ls(args) -> int:
             "size": entry.size,
             "stored": iso(entry.stored_at),
             "last_access": iso(entry.accessed_at),
-            "repositories": [{"registry": registry, "repository": repo, "name": f"{registry_name(registry)}/{repo}"}
+            "repositories": [{"registry": registry, "repository": repo, "name": args.names.name(registry, repo)}
                              for registry, repo in seen],
         } for entry, seen in rows], sys.stdout, indent=1)
         print()
         return 0
     for entry, seen in rows:
-        names = ",".join(f"{registry_name(registry)}/{repo}" for registry, repo in seen) or "-"
+        names = ",".join(args.names.name(registry, repo) for registry, repo in seen) or "-"
         print(f"{entry.digest}  {entry.size:>12}  {iso(entry.accessed_at)}  {names}")
     return 0
 
 
 def cmd_du(args) -> int:
-    store = open_store(args.cache_dir)
+    store = open_store(args.layout)
     try:
         entries = store.entries()
         used, count = store.usage()
         limit = store.size_limit
         parts = []
-        for path in store.fills_dir.glob("*" + PART_SUFFIX):
+        for path in args.layout.fills.glob("*" + PART_SUFFIX):
             try:
                 parts.append(path.stat().st_size)
             except FileNotFoundError:
                 pass  # committed or discarded meanwhile
     finally:
         store.close()
-    manifests, tags = manifest_counts(args.cache_dir)
+    manifests, tags = manifest_counts(args.layout)
     blob_bytes = sum(entry.size for entry in entries)
     report = {
         "cache_dir": str(args.cache_dir),
@@ -353,7 +400,7 @@ def check_blob(entry: BlobEntry) -> str | None:
 
 
 def cmd_verify(args) -> int:
-    store = open_store(args.cache_dir)
+    store = open_store(args.layout)
     started = time.monotonic()
     checked = intact = changed = 0
     checked_bytes = 0
@@ -407,14 +454,14 @@ def pick_lru(entries: list[BlobEntry], used: int, target: int) -> list[BlobEntry
 def cmd_purge(args) -> int:
     if args.older_than is None and args.to_size is None and args.repo is None:
         raise CtlError("purge: say what to remove: --older-than DAYS, --to-size SIZE and/or --repo NAME")
-    store = open_store(args.cache_dir)
-    repos = Repos(args.cache_dir)
+    store = open_store(args.layout)
+    repos = Repos(args.layout)
     verb = "would remove" if args.dry_run else "removed"
     removed: list[BlobEntry] = []
     seen_in: dict[str, list[tuple[str, str]]] = {}
 
     def report(entry: BlobEntry, why: str) -> None:
-        names = ",".join(f"{registry_name(r)}/{n}" for r, n in seen_in.get(entry.digest, [])) or "-"
+        names = ",".join(args.names.name(r, n) for r, n in seen_in.get(entry.digest, [])) or "-"
         print(f"{verb} {entry.digest}  {entry.size} bytes  last access {iso(entry.accessed_at)}  {names}  ({why})")
         removed.append(entry)
 
@@ -434,7 +481,7 @@ def cmd_purge(args) -> int:
                     continue
                 if args.repo is not None:
                     seen = seen_in[entry.digest]
-                    if not seen or not all(args.repo in repo_names(r, n) for r, n in seen):
+                    if not seen or not all(args.repo in args.names.repo_names(r, n) for r, n in seen):
                         continue
                 if args.dry_run or store.drop(entry, unless_read_since=cutoff is not None):
                     report(entry, ", ".join(why))
@@ -614,8 +661,8 @@ def copy_hashing(source: Path, fd: int) -> tuple[str, int]:
 
 def cmd_import(args) -> int:
     sources = sources_from(args)
-    created_by_root = os.geteuid() == 0 and not Path(args.cache_dir).exists()
-    store = open_store(args.cache_dir, create=True, new_size=args.cache_size)
+    created_by_root = os.geteuid() == 0 and not args.layout.root.exists()
+    store = open_store(args.layout, create=True, new_size=args.cache_size)
     stats = ImportStats()
     started = time.monotonic()
     evictions_before = store.evictions
@@ -662,6 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache-dir", type=Path, default=argparse.SUPPRESS, metavar="DIR",
                         help=f"the mirror's cache_dir (default: {default_cache_dir()})")
+    common.add_argument("--registries", action="append", default=argparse.SUPPRESS, metavar="NAME=URL,...",
+                        help="the mirror's registries option, if it maps a name to another URL (e.g. "
+                             "docker.io=https://mirror.example), and its reverse-mode upstream as NAME=URL: "
+                             "ls shows, and purge --repo matches, a registry by that name; repeatable")
     parser = argparse.ArgumentParser(
         prog="cachectl.py", parents=[common],
         description="Administer a registry-cache store. Safe while the mirror runs.",
@@ -705,8 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evict least recently used blobs until the store is under SIZE (500m, 10g, 0)")
     purge.add_argument("--repo", metavar="NAME",
                        help="blobs seen in repository NAME and in no other (library/alpine, "
-                            "docker.io/library/alpine, ghcr.io/org/app, host:port/repo); "
-                            "blobs seen in no repository (imported) never match")
+                            "docker.io/library/alpine, ghcr.io/org/app, host:port/repo); a registry's "
+                            "name matches wherever the mirror fetched it from, given the mirror's mapping "
+                            "with --registries; blobs seen in no repository (imported) never match")
     purge.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     purge.set_defaults(func=cmd_purge)
 
@@ -743,7 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.cache_dir = Path(getattr(args, "cache_dir", None) or default_cache_dir()).expanduser()
+    args.layout = CacheLayout.at(getattr(args, "cache_dir", None))
+    args.cache_dir = args.layout.root
+    try:
+        args.names = RegistryNames(getattr(args, "registries", None) or [])
+    except ValueError as exc:
+        parser.error(f"--registries: {exc}")
     global _root_ids
     try:
         return args.func(args)

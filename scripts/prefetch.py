@@ -41,10 +41,20 @@ anyway.
 Credentials (``--username`` with ``--password-stdin`` or ``REGISTRY_PASSWORD``)
 are only ever sent to the token realm named in a Bearer challenge (the
 upstream's auth server, fetched directly, never through the mirror), or to the
-mirror itself if the registry asks for Basic auth. The registry token goes to
-the mirror, never to the blob port the mirror redirects to: requests drops the
-Authorization header when a redirect changes host or port, and this script
-keeps it that way (no auth objects on the session, no .netrc).
+mirror itself if the registry asks for Basic auth. One rule for both: the
+password goes over HTTPS, or to this machine (loopback), and over plain HTTP to
+another machine only with ``--insecure-auth``. A mirror on the LAN speaks plain
+HTTP, so a registry that wants Basic auth through it needs that option; token
+servers (Docker Hub's, ghcr.io's, quay.io's) are HTTPS and need nothing. The
+registry token goes to the mirror, never to the blob port the mirror redirects
+to: requests drops the Authorization header when a redirect changes host or
+port, and this script keeps it that way (no auth objects on the session, no
+.netrc).
+
+Network: HTTPS is verified against the system's CAs (``SSL_CERT_FILE``,
+``SSL_CERT_DIR``), requests' own, ``REQUESTS_CA_BUNDLE`` and any ``--ca FILE``,
+all together; ``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY`` apply to every
+request, as curl and containerd read them.
 
 Safe to re-run (cached blobs cost a HEAD each) and to interrupt: Ctrl-C prints
 the partial summary and exits 130 (SIGTERM: 143); a fill the mirror started
@@ -52,7 +62,10 @@ completes on its own even when its client goes away.
 
 A blob the mirror served but did not keep (larger than its cache_size, disk
 full, an unwritable store: its log says which) fails its image, so a nightly
-run that warms nothing does not pass unnoticed.
+run that warms nothing does not pass unnoticed. When the mirror says so with
+the bytes (``X-Registry-Cache: miss, not stored`` from its blob port: a blob
+larger than its cache_size, or a disk already full), that is known at once;
+otherwise the mirror is asked until ``--keep-wait`` passes.
 
 Exit status: 0 every image warmed, 1 at least one failed, 2 bad usage,
 130/143 interrupted.
@@ -68,26 +81,31 @@ import platform as platform_module
 import re
 import shutil
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+import requests.adapters
+import requests.certs
 import urllib3
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from addon import oci  # noqa: E402  (the registry protocol; imports no mitmproxy)
+from addon.oci import (DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED,  # noqa: E402
+                       INDEX_TYPES, MAX_MANIFEST, OCI_INDEX, OCI_MANIFEST)
+
 # ------------------------------------------------------------------ constants
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
-DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 # Everything a runtime accepts, best first. Leaving a type out makes a registry
 # down-convert (Docker Hub: to schema1), and the digest would not be the one
 # containerd or docker resolve, so their pulls would miss the warmed manifest.
 ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1_SIGNED])
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 # Layers that do not live in the registry (Windows base layers) are not fetched.
 FOREIGN_LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
@@ -98,9 +116,9 @@ FOREIGN_LAYER_TYPES = (
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 CACHE_HEADER = "X-Registry-Cache"  # "hit" on blob HEADs the mirror answers from its store
+NOT_STORED = "not stored"  # in it on the blob port's answer: the mirror serves this blob but will not keep it
 
 CHUNK = 1 << 20
-MAX_MANIFEST = 4 << 20  # registries refuse bigger manifests; do not buffer more
 MAX_INDEX_DEPTH = 3  # an index may point at an index; not endlessly
 CONNECT_TIMEOUT = 10.0
 RETRYABLE_STATUS = (429, 500, 502, 503, 504)
@@ -110,7 +128,6 @@ ANY_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 HOST_RE = re.compile(r"^(?:localhost|[A-Za-z0-9.-]*\.[A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+(?=:))(?::\d{1,5})?$")
-_CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
 class PrefetchError(Exception):
@@ -426,14 +443,46 @@ def read_at_most(resp: requests.Response, limit: int) -> bytes:
     return data
 
 
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """``Bearer realm="...",service="...",scope="..."`` -> ("bearer", {...})."""
-    scheme, _, rest = header.strip().partition(" ")
-    return scheme.lower(), dict(_CHALLENGE_PARAM_RE.findall(rest))
-
-
 def is_loopback(host: str | None) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or (host or "").startswith("127.")
+
+
+def trust_context(ca_files: list[str] = ()) -> ssl.SSLContext:
+    """What HTTPS answers are verified against: the system's CAs (OpenSSL's
+    default paths, which SSL_CERT_FILE and SSL_CERT_DIR move), requests' own
+    list (certifi), REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, and every --ca file.
+    Each adds to the others, so trusting a private CA for one registry never
+    stops Docker Hub's auth server from verifying in the same run. Raises
+    ValueError naming an unusable file."""
+    context = ssl.create_default_context()
+    context.load_verify_locations(requests.certs.where())
+    extra = [os.environ[name] for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE") if os.environ.get(name)]
+    for path in [*extra, *ca_files]:
+        try:
+            if os.path.isdir(path):
+                context.load_verify_locations(capath=path)
+            else:
+                context.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot use the CA certificates in {path}: {exc.strerror or exc}") from None
+    return context
+
+
+class TrustingAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, verifying TLS with trust_context() (directly and
+    through a proxy's CONNECT tunnel)."""
+
+    def __init__(self, context: ssl.SSLContext):
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy, **kwargs):
+        kwargs["ssl_context"] = self._context
+        return super().proxy_manager_for(proxy, **kwargs)
 
 
 class MirrorClient:
@@ -442,21 +491,38 @@ class MirrorClient:
     Tokens come from the realm in the mirror's 401 challenge (the upstream's
     auth server, reached directly), are cached per realm, service and scope,
     and are re-fetched when a request is refused with 401 again (expired).
+
+    The password goes over HTTPS, or to this machine (loopback), and over
+    plain HTTP elsewhere only with ``insecure_auth``: the same rule for the
+    token realm and for the mirror (which relays Basic credentials to a
+    registry that asks for them).
     """
 
     def __init__(self, mirror: str, username: str | None = None, password: str | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, trust: ssl.SSLContext | None = None, insecure_auth: bool = False):
         self.mirror = mirror.rstrip("/")
         self.username = username
         self.password = password
+        self.insecure_auth = insecure_auth
         self.timeout = (CONNECT_TIMEOUT, timeout)
         self.session = requests.Session()
-        # No .netrc, no environment proxies for the mirror (it is on the LAN).
-        # .netrc could otherwise put credentials back on a redirected request.
+        # No .netrc: it could put credentials back on a redirected request (to
+        # the blob port). Proxies and CAs come from the environment all the
+        # same, by hand: see _proxies and trust_context.
         self.session.trust_env = False
+        adapter = TrustingAdapter(trust or trust_context())
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
         self.session.headers["User-Agent"] = "registry-cache-prefetch/1"
         self._tokens: dict[tuple, tuple[str, float]] = {}  # (realm, service, scope) -> (token, expiry)
         self._scope_of: dict[tuple[str, str], tuple] = {}  # (registry, repo) -> token key
+
+    @staticmethod
+    def _proxies(url: str) -> dict[str, str]:
+        """HTTPS_PROXY, HTTP_PROXY, ALL_PROXY for url, unless NO_PROXY names it
+        (as curl, docker and containerd read them). A redirect (to the blob
+        port) keeps the answer for the URL it came from."""
+        return requests.utils.get_environ_proxies(url)
 
     # -- auth -----------------------------------------------------------------
     def _token_for(self, ref: Reference) -> str | None:
@@ -466,47 +532,59 @@ class MirrorClient:
             return token[0]
         return None
 
+    def _password_may_go_to(self, url: str, whom: str) -> None:
+        """Refuse (PrefetchError) to send the password over plain HTTP to
+        another machine unless --insecure-auth allows it."""
+        parts = urlsplit(url)
+        if parts.scheme == "https" or is_loopback(parts.hostname) or self.insecure_auth:
+            return
+        raise PrefetchError(f"refusing to send the password over plain HTTP to {whom} ({parts.netloc}), where "
+                            f"anyone on the network can read it; --insecure-auth allows it")
+
     def _answer(self, resp: requests.Response, ref: Reference) -> str | None:
-        """An Authorization value answering a 401's challenge, or None if we cannot."""
-        scheme, params = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
-        if scheme == "basic":
+        """An Authorization value answering a 401's challenges, or None if we cannot."""
+        challenges = resp.headers.get("WWW-Authenticate", "")
+        bearer = oci.bearer_challenge(challenges)
+        if bearer is None:
+            if not any(c.scheme == "basic" for c in oci.parse_challenges(challenges)) or not self.username:
+                return None
             # The registry itself wants a password, and the mirror relays it there.
-            return requests.auth._basic_auth_str(self.username, self.password or "") if self.username else None
-        if scheme != "bearer" or "realm" not in params:
-            return None
-        realm = params["realm"]
+            self._password_may_go_to(resp.url, "the mirror")
+            return self._basic()
+        realm = bearer.realm
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise PrefetchError(f"unusable token realm in the challenge: {realm!r}")
-        auth = None
+        authorization = None
         if self.username:
-            if parts.scheme != "https" and not is_loopback(parts.hostname):
-                raise PrefetchError(f"refusing to send the password to a plain-HTTP token realm: {realm}")
-            auth = (self.username, self.password or "")
-        query = [("service", params["service"])] if params.get("service") else []
-        query += [("scope", s) for s in params.get("scope", "").split()]
+            self._password_may_go_to(realm, "the token realm")
+            authorization = self._basic()
+        request = oci.TokenRequest.for_challenge(bearer)
         try:
-            # The auth server is on the internet: honour the environment's proxy for it.
-            answer = self.session.get(realm, params=query, auth=auth, timeout=self.timeout,
-                                      proxies=requests.utils.get_environ_proxies(realm))
+            answer = oci.request_token(self.session, realm, request, authorization=authorization,
+                                       timeout=self.timeout, proxies=self._proxies(realm))
         except requests.RequestException as exc:
             raise PrefetchError("no token: " + self._unreachable(exc, realm, "the token server")) from None
-        if answer.status_code == 401 and auth:
+        if answer.status_code == 401 and authorization:
+            answer.close()
             raise PrefetchError(f"the token server {realm} refused the credentials of {self.username!r}")
         if answer.status_code != 200:
-            raise PrefetchError(f"token from {realm}: {describe(answer)}")
+            with answer:
+                raise PrefetchError(f"token from {realm}: {describe(answer)}")
         try:
-            body = answer.json()
-            token = body.get("token") or body.get("access_token")
-            ttl = float(body.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token = None
-        if not token:
-            raise PrefetchError(f"the token server {realm} answered without a token")
-        key = (realm, params.get("service"), params.get("scope"))
-        self._tokens[key] = (token, time.time() + max(0.0, ttl - 10))
+            token = oci.read_token_answer(answer)
+        except (oci.TokenError, requests.RequestException, urllib3.exceptions.HTTPError):
+            raise PrefetchError(f"the token server {realm} answered without a token") from None
+        key = (realm, request.service, bearer.params.get("scope"))
+        self._tokens[key] = (token.token, time.time() + max(0.0, token.expires_in - 10))
         self._scope_of[(ref.registry, ref.repo)] = key
-        return "Bearer " + token
+        return token.authorization
+
+    def _basic(self) -> str:
+        try:
+            return oci.basic_authorization(self.username, self.password or "")
+        except ValueError as exc:
+            raise PrefetchError(f"cannot send these credentials: {exc}") from None
 
     # -- requests -------------------------------------------------------------
     def request(self, method: str, ref: Reference, path: str, *, headers: dict | None = None,
@@ -521,7 +599,8 @@ class MirrorClient:
         for attempt in range(2):
             try:
                 resp = self.session.request(method, url, params=params, headers=headers, stream=stream,
-                                            allow_redirects=allow_redirects, timeout=self.timeout)
+                                            allow_redirects=allow_redirects, timeout=self.timeout,
+                                            proxies=self._proxies(url))
             except requests.RequestException as exc:
                 raise PrefetchError(self._unreachable(exc, url)) from None
             if resp.status_code != 401 or attempt:
@@ -545,8 +624,11 @@ class MirrorClient:
             role = "the mirror" if failed == urlsplit(self.mirror).netloc else "the mirror's blob port"
         text = str(exc)
         reason = re.search(r"\[Errno -?\d+\] [^'\")]*", text)
+        untrusted = re.search(r"certificate verify failed: [^'\")(]*", text)
         if isinstance(exc, requests.Timeout):
             why = "timed out"
+        elif untrusted:
+            why = f"TLS {untrusted.group(0).strip()} (CERTIFICATE_VERIFY_FAILED); a private CA: --ca FILE"
         else:
             why = reason.group(0) if reason else text[:300]
         verb = "cannot connect to" if isinstance(exc, requests.ConnectionError) else "request to"
@@ -571,13 +653,13 @@ class MirrorClient:
         if manifest.get("mediaType") and media_type in ("", "application/json", "application/octet-stream",
                                                         "text/plain"):
             media_type = manifest["mediaType"]
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        digest = oci.sha256_digest(body)
         header = resp.headers.get("Docker-Content-Digest")
         if media_type not in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED):  # signed schema1: digest excludes signatures
-            if DIGEST_RE.match(reference) and digest != reference:
-                raise PrefetchError(f"manifest {reference}: the body's digest is {digest}")
-            if header and DIGEST_RE.match(header) and header != digest:
-                raise PrefetchError(f"manifest {reference}: Docker-Content-Digest {header} but the body is {digest}")
+            try:
+                oci.check_manifest(body, resp.headers, reference)
+            except oci.ManifestMismatch as exc:
+                raise PrefetchError(str(exc)) from None
         elif header:
             digest = header
         return manifest, media_type, digest
@@ -723,7 +805,7 @@ class Prefetcher:
             return
         for attempt in range(self.retries + 1):
             try:
-                count, seconds = self._fetch(ref, digest, size, label)
+                count, seconds, said = self._fetch(ref, digest, size, label)
                 break
             except RetryableError as exc:
                 if attempt == self.retries:
@@ -732,6 +814,10 @@ class Prefetcher:
                 time.sleep(min(2 ** attempt, 10))
         self.summary.count(kind, fetched=True, size=count)
         line = f"{label}  fetched {human(count)} in {seconds:.2f} s ({human(count / max(seconds, 1e-6))}/s)"
+        if NOT_STORED in said.lower():  # no use waiting for it to be stored
+            self._not_kept.append(digest)
+            self.out.line(f"{line}, but the mirror did not keep it (it said so: {CACHE_HEADER}: {said})", err=True)
+            return
         if not self._kept(ref, digest):
             self._not_kept.append(digest)
             self.out.line(f"{line}, but the mirror did not keep it", err=True)
@@ -761,8 +847,10 @@ class Prefetcher:
         resp.close()
         return resp.status_code == 200 and resp.headers.get(CACHE_HEADER, "").lower() == "hit"
 
-    def _fetch(self, ref: Reference, digest: str, size: int | None, label: str) -> tuple[int, float]:
-        """GET the blob through the mirror (and its blob port), hash it, discard it."""
+    def _fetch(self, ref: Reference, digest: str, size: int | None, label: str) -> tuple[int, float, str]:
+        """GET the blob through the mirror (and its blob port), hash it, discard it.
+        Returns (bytes, seconds, the answer's X-Registry-Cache: "miss, not
+        stored" when the mirror serves a blob it will not keep)."""
         resp = self.client.request("GET", ref, f"blobs/{digest}", stream=True)
         with resp:
             if resp.status_code in RETRYABLE_STATUS:
@@ -773,6 +861,7 @@ class Prefetcher:
                 raise RetryableError(f"the mirror's blob port answered {describe(resp)}")
             if resp.status_code != 200:
                 raise self.client.refusal(resp, ref, f"blob {digest}")
+            said = resp.headers.get(CACHE_HEADER, "")
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else size
             if size is not None and total is not None and total != size:
@@ -799,7 +888,7 @@ class Prefetcher:
         got = "sha256:" + hasher.hexdigest()
         if got != digest:
             raise PrefetchError(f"blob {digest}: the bytes received have digest {got}")
-        return count, seconds
+        return count, seconds, said
 
 
 class RetryableError(Exception):
@@ -811,7 +900,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="prefetch.py",
         description="Warm a running registry-cache mirror with images, by pulling them through it.",
-        epilog="Exit status: 0 all images warmed, 1 some failed, 2 bad usage, 130 interrupted "
+        epilog="Proxies: HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply to the mirror, its blob port and "
+               "token servers, as for curl and containerd (put the mirror in NO_PROXY if the proxy cannot "
+               "reach it). Exit status: 0 all images warmed, 1 some failed, 2 bad usage, 130 interrupted "
                "(Ctrl-C), 143 stopped (SIGTERM).")
     ap.add_argument("images", nargs="*", metavar="IMAGE",
                     help="image references: alpine, library/alpine:3.20, ghcr.io/org/app:tag, repo@sha256:...")
@@ -826,6 +917,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--username", help="registry user, for private images (token from the upstream's auth server)")
     ap.add_argument("--password-stdin", action="store_true",
                     help="read the password from stdin (default: $REGISTRY_PASSWORD)")
+    ap.add_argument("--insecure-auth", action="store_true",
+                    help="also send the password over plain HTTP to another machine: to a plain-HTTP token "
+                         "server, or to a plain-HTTP mirror for a registry that asks for Basic auth (the "
+                         "mirror relays it). Anyone on the network can then read it. Without it the password "
+                         "goes over HTTPS, or to this machine, only")
+    ap.add_argument("--ca", action="append", default=[], metavar="FILE",
+                    help="also trust the CA certificate(s) in FILE (PEM) for HTTPS: a token server or mirror "
+                         "with a private CA; repeatable. Added to the system's CAs, requests' own, "
+                         "SSL_CERT_FILE/SSL_CERT_DIR and REQUESTS_CA_BUNDLE")
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="seconds to wait for the mirror's next bytes (default 120)")
     ap.add_argument("--retries", type=int, default=2,
@@ -851,6 +951,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.username and not args.password_stdin and "REGISTRY_PASSWORD" not in os.environ:
         ap.error("--username needs --password-stdin or $REGISTRY_PASSWORD")
     try:
+        args.trust = trust_context(args.ca)
+    except ValueError as exc:
+        ap.error(str(exc))
+    try:
         for path in args.file:
             args.images += read_image_list(path)
     except (OSError, ValueError) as exc:
@@ -867,7 +971,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.username:
         password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else os.environ.get("REGISTRY_PASSWORD")
     out = Output()
-    prefetcher = Prefetcher(MirrorClient(args.mirror, args.username, password, args.timeout), out,
+    client = MirrorClient(args.mirror, args.username, password, args.timeout, args.trust, args.insecure_auth)
+    prefetcher = Prefetcher(client, out,
                             args.platforms, retries=max(0, args.retries), keep_wait=max(0.0, args.keep_wait))
 
     def on_sigterm(signum, frame):

@@ -130,3 +130,41 @@ def test_small_blobs_are_not_held_back_by_nagles_algorithm():
     reused connection waited 43 ms for the client's delayed ACK (measured
     with a 2 KB config blob; 1 ms with TCP_NODELAY)."""
     assert _Handler.disable_nagle_algorithm is True
+
+
+def test_the_answer_says_whether_the_blob_will_be_kept(tmp_path):
+    """X-Registry-Cache on the blob port's answer: "hit" from the store, "miss"
+    from a fill, "miss, not stored" from a fill of a blob larger than the
+    store may hold, so a client warming the store learns it at once."""
+    import hashlib
+
+    from addon.upstream import UpstreamClient
+    from tests.test_fill import Upstream, wait_streaming, wait_until
+
+    store = DiskBlobStore(tmp_path / "small", size_limit=1 << 20)
+    upstream = Upstream()
+    fills = Fills(store, max_stored_size=store.size_limit)
+    server = BlobServer(store, fills, "127.0.0.1", 0)
+    server.start()
+    client = UpstreamClient()
+    try:
+        stored = put(store, os.urandom(1000))
+        r = requests.get(url(server, server.signed_path(stored)), timeout=10)
+        assert r.status_code == 200 and r.headers["X-Registry-Cache"] == "hit"
+        for size, state in ((500_000, "miss"), (3_000_000, "miss, not stored")):
+            upstream.body = body = os.urandom(size)
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            upstream.gate.clear()  # half the body, then the upstream waits: the fill is in progress
+            fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+            wait_streaming(fill)
+            with requests.get(url(server, server.signed_path(digest)), stream=True, timeout=10) as r:
+                assert r.status_code == 200 and r.headers["X-Registry-Cache"] == state
+                upstream.gate.set()
+                assert r.raw.read() == body
+            wait_until(fill, lambda: fill.finished)
+        assert store.size_of(digest) is None
+    finally:
+        upstream.stop()
+        client.close()
+        server.stop()
+        store.close()

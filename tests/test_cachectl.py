@@ -24,8 +24,11 @@ from pathlib import Path
 import pytest
 
 from addon.access import SeenIndex
+from addon.layout import CacheLayout
 from addon.manifests import ManifestStore, StoredManifest
+from addon.registries import origin_of
 from addon.store import DiskBlobStore
+from tests.harness.fresh import fresh_image, unique_seed
 from tests.harness.mirror import Mirror
 from tests.harness.upstream import ALICE
 from tests.harness.v2client import RegistryClient
@@ -163,14 +166,14 @@ def test_store_link_part_commits_the_same_inode(store, tmp_path):
         assert f.read() == data
 
 
-def test_store_stored_size_limit(tmp_path):
-    assert DiskBlobStore.stored_size_limit(tmp_path / "none") is None
+def test_stored_size_limit(tmp_path):
+    assert CacheLayout(tmp_path / "none").stored_size_limit() is None
     s = DiskBlobStore(tmp_path / "c", size_limit=123_456_789)
     try:
-        assert DiskBlobStore.stored_size_limit(tmp_path / "c") == 123_456_789  # while open...
+        assert CacheLayout(tmp_path / "c").stored_size_limit() == 123_456_789  # while open...
     finally:
         s.close()
-    assert DiskBlobStore.stored_size_limit(tmp_path / "c") == 123_456_789  # ...and after
+    assert CacheLayout(tmp_path / "c").stored_size_limit() == 123_456_789  # ...and after
 
 
 # -- ls, du ------------------------------------------------------------------------------
@@ -329,6 +332,54 @@ def test_purge_repo_removes_blobs_seen_only_there(capsys, three, cache_dir):
     assert code == 0 and "removed 0 blobs" in out
 
 
+def test_purge_repo_by_registry_name_wherever_the_mirror_fetched_it(capsys, store, seen, cache_dir):
+    """The mirror records a registry by the origin it fetched from (with the
+    port spelled out), so a registry-qualified --repo must be translated:
+    Docker Hub itself is https://registry-1.docker.io:443 in the index, and a
+    mirror whose registries option maps docker.io elsewhere records that URL."""
+    hub, mapped, ghcr, other = (put(store, blob(n)) for n in (90, 91, 92, 93))
+    seen.record(origin_of(REGISTRY), "library/big", hub)  # as the mirror records Docker Hub
+    seen.record(origin_of("http://127.0.0.1:5999"), "library/big", mapped)  # docker.io=http://127.0.0.1:5999
+    seen.record(origin_of("https://ghcr.io"), "org/app", ghcr)
+    seen.record(origin_of("http://127.0.0.1:5998"), "library/big", other)  # another registry's library/big
+
+    def purged(*argv) -> list[str]:
+        code, out, err = ctl(capsys, "--cache-dir", cache_dir, "purge", "--dry-run", *argv)
+        assert code == 0, err
+        return sorted(line.split()[2] for line in out.splitlines()[:-1])
+
+    for name in ("docker.io/library/big", "docker.io/big", "big", "registry-1.docker.io/library/big"):
+        assert purged("--repo", name) == [hub], name
+    mapping = ["--registries", "docker.io=http://127.0.0.1:5999,ghcr.io"]
+    for name in ("docker.io/library/big", "docker.io/big", "index.docker.io/library/big"):
+        assert purged("--repo", name, *mapping) == sorted([hub, mapped]), name
+    assert purged("--repo", "127.0.0.1:5999/library/big", *mapping) == [mapped]  # its host still names it
+    assert purged("--repo", "127.0.0.1:5998/library/big") == [other]
+    assert purged("--repo", "127.0.0.1:5998/big") == []  # library/ is Docker Hub's alone
+    assert purged("--repo", "library/big") == sorted([hub, mapped, other])  # unqualified: any registry
+    assert purged("--repo", "ghcr.io/org/app") == [ghcr]
+    assert purged("--repo", "ghcr.io:443/org/app") == [ghcr]
+
+    code, out, _ = ctl(capsys, "--cache-dir", cache_dir, "ls", "--json", *mapping)
+    names = {row["digest"]: [r["name"] for r in row["repositories"]] for row in json.loads(out)}
+    assert names == {hub: ["docker.io/library/big"], mapped: ["docker.io/library/big"],
+                     ghcr: ["ghcr.io/org/app"], other: ["127.0.0.1:5998/library/big"]}
+    with pytest.raises(SystemExit) as exit_:
+        cachectl.main(["--cache-dir", str(cache_dir), "ls", "--registries", "docker.io=ftp://x"])
+    assert exit_.value.code == 2 and "--registries: not a registry URL" in capsys.readouterr().err
+
+
+def test_reading_a_store_loads_no_mitmproxy(three, cache_dir):
+    """cachectl runs where the mirror's store is, not necessarily where mitmproxy is."""
+    for command in (["ls"], ["du"], ["purge", "--to-size", "1g", "--dry-run"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), "--cache-dir", str(cache_dir),
+                               *command], capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+        assert "addon.layout" in imported and "diskcache" in imported  # the check sees imports at all
+        assert not [name for name in imported if name.split(".")[0] == "mitmproxy"], command
+
+
 def test_purge_needs_a_selection_and_valid_arguments(capsys, three, cache_dir):
     code, _, err = ctl(capsys, "--cache-dir", cache_dir, "purge")
     assert code == 2 and "--older-than DAYS, --to-size SIZE and/or --repo NAME" in err
@@ -440,7 +491,7 @@ def test_import_detects_layouts_skips_stored_blobs_and_makes_a_new_store(capsys,
     # root made it: the operator hears whose it is now (a mirror run as another user needs it)
     assert ("made the new store" in err and "chown -R" in err) == (os.geteuid() == 0)
     assert stored_digests(new) == set(ctrd_digests) | set(dist_digests)
-    assert DiskBlobStore.stored_size_limit(new) == 500 << 20
+    assert CacheLayout(new).stored_size_limit() == 500 << 20
     # the content directory itself is accepted as a containerd root as well
     code, out, _ = ctl(capsys, "--cache-dir", new, "import", ctrd / "io.containerd.content.v1.content")
     assert code == 0 and "import: 0 blobs imported" in out and "2 already stored" in out
@@ -579,3 +630,29 @@ def test_e2e_ls_of_a_running_mirror_then_import_into_another_running_mirror(upst
     # the upstream's files are intact (the store holds links to them, and read them only)
     with open(upstream.blob_path(layer), "rb") as f:
         assert digest_of(f.read()) == layer
+
+
+def test_e2e_purge_a_registry_qualified_repo_of_a_mirror_whose_docker_io_is_elsewhere(upstream, tmp_path):
+    """A Docker Hub mirror in front of another URL (here the harness's
+    upstream): its blobs are recorded under that URL's host, and
+    `purge --repo docker.io/...` finds them given the mirror's mapping."""
+    big = fresh_image(upstream, 400_000, repo=f"library/big{unique_seed()}")
+    small = fresh_image(upstream, 100_000)
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"]) as mirror:
+        for image in (big, small):
+            RegistryClient(mirror.url).pull(image.repo, image.tag)
+        mirror.wait_stored([d for image in (big, small) for d, _ in image.blobs], RUN_TIMEOUT)
+        name = f"docker.io/{big.repo}"
+        done = run_ctl("--cache-dir", mirror.cache_dir, "purge", "--repo", name)
+        assert done.returncode == 0 and "removed 0 blobs" in done.stdout, done.stdout + done.stderr
+        done = run_ctl("--cache-dir", mirror.cache_dir, "purge", "--repo", name,
+                       "--registries", f"docker.io={upstream.url}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"removed {len(big.blobs)} blobs" in done.stdout and f"  {name}  (only seen in {name})" in done.stdout
+        assert stored_digests(mirror.cache_dir) == {d for d, _ in small.blobs}
+        # The mirror goes on: the purged image is fetched again, the other one served from the store.
+        upstream.reset_counters()
+        RegistryClient(mirror.url).pull(small.repo, small.tag)
+        assert upstream.counters.blob_bytes == 0
+        RegistryClient(mirror.url).pull(big.repo, big.tag)
+        assert upstream.counters.blob_bytes == big.blob_bytes

@@ -45,9 +45,11 @@ def _env(**extra) -> dict:
 
 
 def prefetch(mirror_url: str, *args: str, input: str | None = None, env: dict | None = None,
-             expect: int | None = 0) -> subprocess.CompletedProcess:
-    """Run the script to completion (bounded); stdout is a pipe, not a terminal."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--mirror", mirror_url, *args],
+             expect: int | None = 0, netns: str | None = None) -> subprocess.CompletedProcess:
+    """Run the script to completion (bounded); stdout is a pipe, not a terminal.
+    `netns`: run it in that network namespace (another machine on the LAN)."""
+    where = ["ip", "netns", "exec", netns] if netns else []
+    proc = subprocess.run([*where, sys.executable, str(SCRIPT), "--mirror", mirror_url, *args],
                           input=input or "", capture_output=True, text=True, timeout=WAIT * 2,
                           env=env or _env(), cwd=ROOT)
     if expect is not None:
@@ -173,19 +175,41 @@ def test_failed_images_are_reported_and_the_others_still_warmed(upstream, mirror
         assert line in proc.stdout  # listed again in the summary
 
 
-def test_a_blob_the_mirror_did_not_keep_fails_its_image(upstream, tmp_path):
+def test_a_blob_the_mirror_did_not_keep_fails_its_image_at_once(upstream, tmp_path):
     """A layer larger than the store is served but not stored: a nightly
-    warm-up that warms nothing must not report success."""
+    warm-up that warms nothing must not report success. The blob port says so
+    with the bytes (X-Registry-Cache: miss, not stored), so the run does not
+    wait --keep-wait for a commit that will not come."""
     image = fresh_image(upstream, 3_000_000)
     layer, _ = image.layers[0]
     with Mirror(tmp_path / "mirror", [f"reverse:{upstream.url}"], options={"cache_size": "2m"}) as mirror:
-        # --keep-wait: how long the layer (never kept) holds the run up; the config is kept at once.
-        proc = prefetch(mirror.url, "--keep-wait", "5", image.ref, expect=1)
+        # --keep-wait longer than prefetch() waits for the script: only the mirror's word ends it.
+        proc = prefetch(mirror.url, "--keep-wait", "600", image.ref, expect=1)
         mirror.wait_for_log(rf"fill: served {layer} .* did not store it", WAIT)
+        mirror.wait_for_log(rf"registry-cache: GET {image.repo} blob {layer} miss ", WAIT)
+        heads = re.findall(rf"registry-cache: HEAD {image.repo} blob {layer} ", mirror.log_text())
+    assert len(heads) == 1  # the one before the download; none asking whether it was stored
     assert summary_line(proc, "images") == "0 ok, 1 failed"
     assert f"FAILED {image.ref}: the mirror served but did not keep 1 blob(s) ({layer[:19]})" in proc.stderr, \
         proc.stderr
-    assert "but the mirror did not keep it" in proc.stderr
+    assert "but the mirror did not keep it (it said so: X-Registry-Cache: miss, not stored)" in proc.stderr
+
+
+def test_a_blob_the_mirror_never_confirms_fails_after_keep_wait():
+    """A mirror that says nothing about keeping a blob (an older one, or a disk
+    that filled mid-download) is asked until --keep-wait passes."""
+    recorder = _Recorder(confirm=False)
+    for server in recorder.servers.values():
+        server.start()
+    try:
+        proc = prefetch(recorder.servers["mirror"].url, "--keep-wait", "1", "acme/app:v1", expect=1)
+    finally:
+        for server in recorder.servers.values():
+            server.stop()
+    assert "FAILED acme/app:v1: the mirror served but did not keep 2 blob(s)" in proc.stderr, proc.stderr
+    assert "but the mirror did not keep it\n" in proc.stderr and "it said so" not in proc.stderr
+    heads = [r for r in recorder.seen["mirror"] if r["method"] == "HEAD"]
+    assert len(heads) > 2 * 2  # asked again and again, for each of the two blobs
 
 
 def test_another_registry_goes_through_the_mirror_with_ns(upstream, second, tmp_path):
@@ -312,18 +336,23 @@ def test_terminal_output_has_a_progress_bar(upstream, mirror):
 
 
 # ---------------------------------------------------------------------------- credentials
+CAROL = b"carol:carol-secret"
+
+
 class _Recorder:
     """Three loopback servers in the roles the real ones play: the mirror, its
     blob port (where the mirror's 307s point) and the upstream's token realm."""
 
-    def __init__(self):
+    def __init__(self, confirm: bool = True, host: str = "127.0.0.1", basic: bool = False):
+        self.confirm = confirm  # the mirror's HEADs say "hit" once the blob port served a blob
+        self.basic = basic  # the registry behind the mirror asks for Basic auth, not for a token
         self.layer = os.urandom(300_000)
         self.config = b"{}"
         self.digest = "sha256:" + hashlib.sha256(self.layer).hexdigest()
         self.config_digest = "sha256:" + hashlib.sha256(self.config).hexdigest()
         self.seen: dict[str, list[dict]] = {"mirror": [], "blobport": [], "realm": []}
         self.served: set[str] = set()  # digests the blob port sent
-        self.servers = {name: LoopbackHTTPServer(self._handler(name), name=name) for name in self.seen}
+        self.servers = {name: LoopbackHTTPServer(self._handler(name), name=name, host=host) for name in self.seen}
 
     def _handler(self, role: str):
         recorder = self
@@ -347,13 +376,16 @@ class _Recorder:
                 self.do_GET()
 
             def do_GET(self):
-                recorder.seen[role].append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+                recorder.seen[role].append({"path": self.path, "method": self.command,
+                                            **{k.lower(): v for k, v in self.headers.items()}})
                 getattr(recorder, role)(self)
 
         return Handler
 
     def mirror(self, h):
-        if h.headers.get("Authorization") != "Bearer good-token":
+        if self.basic and h.headers.get("Authorization") != "Basic " + base64.b64encode(CAROL).decode():
+            return h._send(401, b"{}", {"WWW-Authenticate": 'Basic realm="registry"'})
+        if not self.basic and h.headers.get("Authorization") != "Bearer good-token":
             realm = self.servers["realm"].url + "/token"
             return h._send(401, b"{}", {"WWW-Authenticate": f'Bearer realm="{realm}",service="fake",'
                                                             f'scope="repository:acme/app:pull"'})
@@ -368,7 +400,7 @@ class _Recorder:
             return h._send(200, manifest, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
         digest = h.path.rsplit("/", 1)[1]
         if h.command == "HEAD":  # a hit once the blob port has served it, as the real mirror does
-            hit = {"X-Registry-Cache": "hit"} if digest in self.served else {}
+            hit = {"X-Registry-Cache": "hit"} if self.confirm and digest in self.served else {}
             return h._send(200, b"", {"Docker-Content-Digest": digest, **hit})
         h._send(307, b"", {"Location": f"{self.servers['blobport'].url}/blobs/{digest}?sig=x"})
 
@@ -419,3 +451,123 @@ def test_an_unreachable_blob_port_is_named(upstream, upstream_session, tmp_path,
         proc = prefetch(mirror.url, pushed_images.schema2.ref, expect=1)
     assert f"cannot connect to {closed_port} (the mirror's blob port): [Errno 111] Connection refused" \
         in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------- the network
+@pytest.fixture
+def office():
+    """Another machine on the LAN: a network namespace joined to this one by a
+    veth pair, with addresses of its own (198.18.0.0/15 is for tests like this
+    one; one /30 per process). Servers listen on `office.lan`, this side's
+    address: plain HTTP to it crosses the "network", not loopback."""
+    pid = os.getpid()
+    name, here, there = f"rcoci-{pid}", f"rcoci{pid}a", f"rcoci{pid}b"
+    base = (198 << 24) | (18 << 16) | ((pid % 32768) * 4)
+    lan, peer = (".".join(str((base + n) >> s & 255) for s in (24, 16, 8, 0)) for n in (1, 2))
+
+    def ip(*args, ns=None):
+        subprocess.run(["ip", *(["-n", ns] if ns else []), *args], check=True, capture_output=True, timeout=30)
+
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", here, "type", "veth", "peer", "name", there)
+        ip("link", "set", there, "netns", name)
+        ip("addr", "add", f"{lan}/30", "dev", here)
+        ip("link", "set", here, "up")
+        ip("addr", "add", f"{peer}/30", "dev", there, ns=name)
+        ip("link", "set", there, "up", ns=name)
+        ip("link", "set", "lo", "up", ns=name)
+        yield type("Office", (), {"name": name, "lan": lan})
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def _started(recorder: _Recorder) -> _Recorder:
+    for server in recorder.servers.values():
+        server.start()
+    return recorder
+
+
+def _stopped(recorder: _Recorder) -> None:
+    for server in recorder.servers.values():
+        server.stop()
+
+
+def test_a_password_crosses_plain_http_to_another_machine_only_with_insecure_auth(office):
+    """One rule for the mirror and the token realm: the password goes over
+    HTTPS, or to this machine, and over plain HTTP to another one (a mirror on
+    the LAN) only when --insecure-auth says so."""
+    password = _env(REGISTRY_PASSWORD="carol-secret")
+    basic = "Basic " + base64.b64encode(CAROL).decode()
+    # A registry that asks for Basic auth, behind a plain-HTTP mirror on the LAN
+    recorder = _started(_Recorder(host=office.lan, basic=True))
+    try:
+        mirror = recorder.servers["mirror"]
+        proc = prefetch(mirror.url, "--username", "carol", "acme/app:v1", env=password, netns=office.name, expect=1)
+        assert (f"FAILED acme/app:v1: refusing to send the password over plain HTTP to the mirror "
+                f"({mirror.host_port}), where anyone on the network can read it; --insecure-auth allows it") \
+            in proc.stderr, proc.stderr
+        assert recorder.seen["mirror"] and not any("authorization" in r for r in recorder.seen["mirror"])
+        proc = prefetch(mirror.url, "--username", "carol", "--insecure-auth", "acme/app:v1", env=password,
+                        netns=office.name)
+        assert summary_line(proc, "layers") == "1 fetched, 0 already cached"
+        assert {r.get("authorization") for r in recorder.seen["mirror"]} == {None, basic}
+        assert not any("authorization" in r for r in recorder.seen["blobport"])
+    finally:
+        _stopped(recorder)
+    # A plain-HTTP token realm on the LAN
+    recorder = _started(_Recorder(host=office.lan))
+    try:
+        mirror, realm = recorder.servers["mirror"], recorder.servers["realm"]
+        proc = prefetch(mirror.url, "--username", "carol", "acme/app:v1", env=password, netns=office.name, expect=1)
+        assert (f"refusing to send the password over plain HTTP to the token realm ({realm.host_port})"
+                in proc.stderr), proc.stderr
+        assert recorder.seen["realm"] == []
+        proc = prefetch(mirror.url, "--username", "carol", "--insecure-auth", "acme/app:v1", env=password,
+                        netns=office.name)
+        assert summary_line(proc, "layers") == "1 fetched, 0 already cached"
+        assert [r.get("authorization") for r in recorder.seen["realm"]] == [basic]
+        # Anonymous pulls were never affected: no password, nothing to refuse.
+        prefetch(mirror.url, "acme/app:v1", netns=office.name)
+    finally:
+        _stopped(recorder)
+
+
+@pytest.fixture
+def https_upstream(upstream_https):
+    """The HTTPS upstream (its token server too), behind a CA of its own."""
+    upstream_https.set_down(False)
+    upstream_https.clear_faults()
+    upstream_https.redirect_blobs = False
+    upstream_https.reset_counters()
+    return upstream_https
+
+
+def test_a_token_server_with_a_private_ca_given_by_ca_or_the_environment(https_upstream, tmp_path):
+    """The README's registry.internal:5000=https://... case: the token realm's
+    certificate comes from a CA only the options or the environment name."""
+    ca = str(https_upstream.ca_cert_path)
+    image = fresh_image(https_upstream, 300_000, verify=ca)
+    token_host = https_upstream.token_realm.split("/")[2]
+    with Mirror(tmp_path / "mirror", [f"reverse:{https_upstream.url}"],
+                options={"ssl_verify_upstream_trusted_ca": ca}) as mirror:
+        proc = prefetch(mirror.url, image.ref, expect=1)
+        assert f"no token: cannot connect to {token_host} (the token server): TLS certificate verify failed" \
+            in proc.stderr, proc.stderr
+        assert "--ca FILE" in proc.stderr
+        proc = prefetch(mirror.url, "--ca", ca, image.ref)
+        assert summary_line(proc, "images") == "1 ok, 0 failed"
+        assert https_upstream.counters.blob_bytes == image.blob_bytes
+        for variable in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+            proc = prefetch(mirror.url, image.ref, env=_env(**{variable: ca}))
+            assert summary_line(proc, "images") == "1 ok, 0 failed", variable
+        # Behind an HTTPS proxy (mitmproxy passing TLS through untouched, as a CONNECT proxy does).
+        with Mirror(tmp_path / "proxy", ["regular"], options={"ignore_hosts": ".*"}) as proxy:
+            before = https_upstream.tokens_issued
+            proc = prefetch(mirror.url, "--ca", ca, image.ref, env=_env(HTTPS_PROXY=proxy.url))
+            assert summary_line(proc, "images") == "1 ok, 0 failed"
+            proxy.wait_for_log(rf"server connect {re.escape(token_host)}\b", WAIT)
+            assert https_upstream.tokens_issued > before
+    proc = prefetch("http://127.0.0.1:1", "--ca", "/nonexistent", "alpine", expect=2)
+    assert "cannot use the CA certificates in /nonexistent: No such file or directory" in proc.stderr

@@ -40,14 +40,18 @@ def reset_socket(sock: socket.socket) -> None:
 
 
 class LoopbackHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer on 127.0.0.1:<random port> that tracks its connections."""
+    """ThreadingHTTPServer on 127.0.0.1:<random port> that tracks its connections.
+
+    `host`: another address to listen on, for a test that made one for its
+    own network namespace (a veth pair); never a shared interface's."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, handler_class, *, ssl_context: ssl.SSLContext | None = None, name: str = "http"):
-        super().__init__(("127.0.0.1", 0), handler_class)
+    def __init__(self, handler_class, *, ssl_context: ssl.SSLContext | None = None, name: str = "http",
+                 host: str = "127.0.0.1"):
+        super().__init__((host, 0), handler_class)
         self.name = name
         self.ssl_context = ssl_context
         self.down = False
@@ -66,7 +70,7 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
 
     @property
     def host_port(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.server_address[0]}:{self.port}"
 
     @property
     def url(self) -> str:
