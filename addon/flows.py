@@ -29,6 +29,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .metrics import METRICS_PATH, STATS_PATH, Metrics
 from .routes import Route
+from .tokens import TOKEN_PATH
 from .workers import UNLISTED
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ def passes_through(flow: http.HTTPFlow) -> bool:
     registry's or the mirror's own metrics paths."""
     state = state_of(flow)
     if state is None:
-        return metrics_path(flow.request) is None
+        return own_path(flow.request) is None
     return state.passes_through
 
 
@@ -164,6 +165,14 @@ def host_port(request: http.Request) -> str:
 
 def is_reverse(flow: http.HTTPFlow) -> bool:
     return isinstance(flow.client_conn.proxy_mode, ReverseMode)
+
+
+def client_base_url(flow: http.HTTPFlow) -> str:
+    """The mirror as the client reached it: scheme, and the address and port it connected to."""
+    host, port = (flow.client_conn.sockname or ("127.0.0.1", 0))[:2]
+    host = host.removeprefix("::ffff:")
+    scheme = "https" if flow.client_conn.tls_established else "http"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def registry_request(flow: http.HTTPFlow, route: Route, trusted: bool) -> RegistryRequest:
@@ -260,6 +269,13 @@ def log_request(flow: http.HTTPFlow, metrics: Metrics) -> None:
     log.info("registry-cache: %s %s %s %s %s %s %d bytes %.0f ms",
              flow.request.method, name, kind, route.reference if route and route.reference else "-",
              outcome, status, size or 0, (time.monotonic() - state.started) * 1000)
+
+
+def own_path(request: http.Request) -> str | None:
+    """A path the mirror answers itself, whatever host the request names:
+    the metrics, and the token endpoint (tokens.py)."""
+    path = request.path.split("?", 1)[0]
+    return path if path in (METRICS_PATH, STATS_PATH) or path.startswith(TOKEN_PATH) else None
 
 
 def metrics_path(request: http.Request) -> str | None:

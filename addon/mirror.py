@@ -4,10 +4,13 @@ A request meets, in order (README, "How it works"):
 - `requestheaders`: not /v2/: untouched. Malformed, oversized or an `?ns=`
   not served: refused at once, before any body is read. Uploads, tags,
   catalog and the rest of /v2/: passed through (passthrough.py streams them).
-- `request`: a request aimed at the mirror itself is refused (own_addresses.py);
+- `request`: the mirror's own paths (metrics, the token relay: tokens.py) are
+  answered; a request aimed at the mirror itself is refused (own_addresses.py);
   a blob GET/HEAD goes to the blob path (blobs.py), a ping or manifest
   GET/HEAD to the manifest relay (manifest_relay.py). Each returns an
   Outcome, which flows.apply carries out on the flow.
+- `request`, `responseheaders`: in reverse mode, a registry's token challenge
+  is passed on naming the mirror's token relay as its realm.
 - `response` / `error`: one log line and the metrics (flows.py).
 
 Hooks never block the event loop: disk work and registry calls run in the
@@ -19,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 
+import requests
 from mitmproxy import ctx, exceptions, hooks, http
 
 from . import flows, routes, settings
@@ -32,11 +37,12 @@ from .manifest_relay import ManifestRelay
 from .metrics import Metrics
 from .own_addresses import OwnAddresses
 from .registries import base_url_for, origin_of
-from .responses import oci_error
+from .responses import oci_error, relayed
 from .routes import Kind, RouteError
 from .settings import Settings
 from .storage import Storage
-from .upstream import UpstreamClient
+from .tokens import MAX_FORM, TOKEN_PATH, NoRealm, TokenRelay, rewritten
+from .upstream import AnswerTooLarge, UpstreamClient
 from .workers import ClientGone, Workers
 
 log = logging.getLogger("registry_cache")
@@ -56,6 +62,7 @@ class RegistryCache:
         self.blob_server: BlobServer | None = None
         self.blobs: BlobPath | None = None
         self.manifests: ManifestRelay | None = None
+        self.tokens: TokenRelay | None = None
         self._running = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -83,6 +90,7 @@ class RegistryCache:
         if self.upstream is None:
             self.upstream = UpstreamClient(verify=new.upstream_verify, answer_timeout=new.upstream_timeout,
                                            is_own=self.own.is_own)
+            self.tokens = TokenRelay(self.upstream)
         else:
             self.upstream.answer_timeout = new.upstream_timeout
             if new.upstream_verify != old.upstream_verify:
@@ -170,8 +178,11 @@ class RegistryCache:
         state.passes_through = not (request.method in ("GET", "HEAD") and route.kind in ANSWERED_HERE)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if path := flows.metrics_path(flow.request):
-            flow.response = await self.workers.local(self._metrics_response, path)
+        if path := flows.own_path(flow.request):
+            if path.startswith(TOKEN_PATH):
+                flow.response = await self._token(flow, path.removeprefix(TOKEN_PATH))
+            else:
+                flow.response = await self.workers.local(self._metrics_response, path)
             return
         state = flows.state_of(flow)
         if state is None or state.route is None or flow.response is not None:
@@ -204,12 +215,60 @@ class RegistryCache:
         flows.apply(flow, state, outcome)
         if outcome.fill is not None:
             self._background(self._watch_fill(flow, outcome.fill))
+        if flow.response is not None:
+            self._pass_on_challenge(flow, req.trusted)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = flows.state_of(flow)
+        if state is not None and (state.outcome is None or state.outcome.response is None):  # passed through
+            self._pass_on_challenge(flow, self._trusted(flow))
 
     def response(self, flow: http.HTTPFlow) -> None:
         flows.log_request(flow, self.metrics)
 
     def error(self, flow: http.HTTPFlow) -> None:
         flows.log_request(flow, self.metrics)
+
+    # -- tokens ----------------------------------------------------------------------
+
+    def _pass_on_challenge(self, flow: http.HTTPFlow, trusted: bool) -> None:
+        """A registry the operator chose asked for a token: learn its realm,
+        and in reverse mode name the mirror's token relay instead (tokens.py)."""
+        challenges = flow.response.headers.get_all("WWW-Authenticate")
+        if not challenges or not trusted:
+            return
+        self.tokens.learn(flows.registry_of(flow.request), challenges)
+        if flows.is_reverse(flow):
+            realm = flows.client_base_url(flow) + TOKEN_PATH + flows.host_port(flow.request)
+            flow.response.headers.set_all("WWW-Authenticate", rewritten(challenges, realm))
+
+    async def _token(self, flow: http.HTTPFlow, name: str) -> http.Response:
+        """Forward a token request to the realm of the registry it names (tokens.py)."""
+        started, request = time.monotonic(), flow.request
+        origin = self.settings.origin_named(name)
+        if origin is None:
+            response = oci_error(404, "NAME_UNKNOWN", "no registry of that name is mirrored here", name[:100])
+        elif request.method not in ("GET", "POST"):
+            response = oci_error(405, "UNSUPPORTED", "token requests are GET or POST")
+        elif len(request.raw_content or b"") > MAX_FORM:
+            response = oci_error(413, "UNSUPPORTED", "token request too large")
+        else:
+            try:
+                answer = await self.workers.upstream(
+                    origin, self.tokens.forward, origin, request.method, request.path.partition("?")[2],
+                    flows.end_to_end_headers(request), request.raw_content or b"",
+                    wanted=lambda: flow.client_conn.timestamp_end is None)
+                response = relayed(answer, request.method)
+            except NoRealm as exc:
+                response = oci_error(404, "UNSUPPORTED", "this registry asks for no token", str(exc))
+            except (requests.RequestException, AnswerTooLarge, ClientGone) as exc:
+                response = oci_error(502, "UNAVAILABLE", "token server unreachable", str(exc)[:300])
+        outcome = Mark.PASS if response.status_code < 500 else Mark.ERROR
+        self.metrics.count("requests_total", 1, "token", str(outcome))
+        # The query and body (scopes, user names, passwords) are not logged.
+        log.info("registry-cache: %s token %s %s %d %.0f ms", request.method, name[:100], outcome,
+                 response.status_code, (time.monotonic() - started) * 1000)
+        return response
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -140,6 +140,16 @@ class Settings:
             blob_url=options.blob_url.rstrip("/"),
         )
 
+    def origin_named(self, name: str) -> str | None:
+        """The origin of the registry the operator chose (the reverse-mode
+        upstream or one on `registries`) spelled host[:port], as the mirror
+        writes it into the realms it hands out; None for any other name."""
+        name = name.lower()
+        for origin in sorted(self.reverse_upstreams | self.listed_origins):
+            if host_port_of(origin) == name:
+                return origin
+        return None
+
     def ns_docker_io_note(self) -> str:
         """A trap for operators, for the start-up line: with a reverse-mode
         upstream other than Docker Hub, containerd's ?ns=docker.io still goes
@@ -150,6 +160,13 @@ class Settings:
         where = "Docker Hub" if hub == DOCKER_HUB_URL else hub
         return (f"; containerd's ?ns=docker.io goes to {where}, not to the reverse-mode upstream"
                 " (set registries=docker.io=<its URL>,... if it mirrors Docker Hub)")
+
+
+def host_port_of(origin: str) -> str:
+    """"https://ghcr.io:443" -> "ghcr.io"; "http://10.0.0.1:5000" -> "10.0.0.1:5000"."""
+    scheme, _, rest = origin.partition("://")
+    host, _, port = rest.rpartition(":")
+    return host if port == ("443" if scheme == "https" else "80") else rest
 
 
 def _upstream_verify(options) -> bool | str:

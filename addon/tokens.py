@@ -56,7 +56,8 @@ class TokenRelay:
         """Remember the realm of a Bearer challenge the registry itself sent."""
         for challenge in parse_challenges(list(challenges)):
             realm = challenge.realm if challenge.scheme == "bearer" else None
-            if realm and urlsplit(realm).scheme in ("http", "https") and urlsplit(realm).hostname:
+            parts = urlsplit(realm or "")
+            if realm and parts.scheme in ("http", "https") and parts.hostname and not parts.path.startswith(TOKEN_PATH):
                 with self._lock:
                     self._realms[registry] = realm
                 return

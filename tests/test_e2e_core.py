@@ -142,10 +142,16 @@ def test_manifest_accept_lines_reach_the_upstream(upstream, mirror, pushed_image
 def test_token_flow_and_non_blob_requests_pass_through(upstream, mirror):
     r = requests.get(mirror.url + "/v2/", timeout=WAIT)
     assert r.status_code == 401
-    assert upstream.token_realm in r.headers["WWW-Authenticate"]
+    # The challenge names the mirror's token relay (issue #13: clients may
+    # reach only the mirror), with the upstream's own service.
+    challenge = r.headers["WWW-Authenticate"]
+    assert f'realm="{mirror.url}/_registry_cache/token/{upstream.host_port}"' in challenge, challenge
+    assert 'service="registry.harness.test"' in challenge
     r = requests.get(mirror.url + "/not-a-registry-path?x=1", timeout=WAIT)
     assert any(rec.path == "/not-a-registry-path?x=1" for rec in upstream.counters.requests)
+    issued = upstream.tokens_issued
     assert RegistryClient(mirror.url).ping() == 200
+    assert upstream.tokens_issued == issued + 1  # by the upstream's token server, through the mirror
 
 
 def test_head_and_range_are_answered_from_the_store(upstream, mirror):
