@@ -148,7 +148,7 @@ class Docker(Service):
                "--data-root", str(self.dir / "root"), "--exec-root", str(self.dir / "exec"),
                "-H", f"unix://{self.socket}", "--pidfile", str(self.dir / "dockerd.pid")]
         if self.netns is not None:
-            cmd = self.netns.command(cmd)
+            cmd = self.netns.command(cmd, keep_mounts=True)  # dockerd needs the host's cgroup mounts
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         self._log_file = open(self.dir / "dockerd.log", "ab")
         started = time.monotonic()
@@ -283,6 +283,13 @@ class Docker(Service):
             "auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
         path.write_text(json.dumps(config))
         path.chmod(0o600)
+
+    def forget_credentials(self, key: str = DOCKER_HUB_AUTH_KEY) -> None:
+        """Remove stored credentials, as ``docker logout`` would."""
+        path = self.dir / "client" / "config.json"
+        config = json.loads(path.read_text())
+        config.get("auths", {}).pop(key, None)
+        path.write_text(json.dumps(config))
 
     def stored_credentials(self) -> dict:
         return json.loads((self.dir / "client" / "config.json").read_text()).get("auths", {})

@@ -10,7 +10,8 @@ the host address (the mirror, see ``Mirror(listen_host=...)``) is reached. There
 is no default route: nothing else is reachable either.
 
 Processes run inside with ``ip netns exec`` (:meth:`Office.run`,
-:meth:`Office.popen`, :meth:`Office.command`); :meth:`Office.connect` opens a
+:meth:`Office.popen`, :meth:`Office.command`; ``nsenter --net`` for daemons
+that need the host's /sys mounts, such as dockerd's cgroups); :meth:`Office.connect` opens a
 socket from inside without a process (a thread joins the namespace, makes
 the socket and ends; the socket stays in the namespace), which is how
 :class:`tests.harness.canary.Canary` listens inside it too.
@@ -37,6 +38,7 @@ import threading
 from .lifecycle import Service
 
 IP = "ip"
+NSENTER = "nsenter"
 NETNS_DIR = "/var/run/netns"
 # A private /16 of which each office takes one /24: .1 the host end, .2 the office end.
 # (Not 10.231.0.0/24, which the notes' manual recipe uses.)
@@ -54,6 +56,8 @@ def available() -> str | None:
     """Why office tests cannot run here (None: they can)."""
     if shutil.which(IP) is None:
         return "ip not installed (apt-get install iproute2)"
+    if shutil.which(NSENTER) is None:
+        return "nsenter not installed (apt-get install util-linux)"
     if os.geteuid() != 0:
         return "network namespaces need root"
     return None
@@ -196,8 +200,14 @@ class Office(Service):
         return str(self.subnet.network_address + 2)
 
     # ------------------------------------------------------------------ running inside
-    def command(self, cmd: list[str]) -> list[str]:
-        """``cmd`` prefixed to run inside the namespace."""
+    def command(self, cmd: list[str], *, keep_mounts: bool = False) -> list[str]:
+        """``cmd`` prefixed to run inside the namespace: with ``ip netns exec``,
+        which also mounts a /sys of the namespace's own (its /sys/class/net
+        shows the office's interfaces) and so hides the host's cgroup mounts
+        under /sys/fs/cgroup; with ``keep_mounts``, with ``nsenter --net``,
+        which changes nothing but the network (dockerd needs the cgroups)."""
+        if keep_mounts:
+            return [NSENTER, f"--net={os.path.join(NETNS_DIR, self.name)}", "--", *cmd]
         return [IP, "netns", "exec", self.name, *cmd]
 
     def _inside(self, *cmd: str) -> subprocess.CompletedProcess:
