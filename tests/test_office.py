@@ -90,9 +90,20 @@ def hosts_dir(tmp_path, mirror, closed_port):
 
 
 @pytest.fixture
-def docker(office, mirror):
-    with Docker(mirrors=[mirror.url], netns=office) as d:
-        yield d
+def new_docker(office, mirror):
+    """Start a fresh dockerd in the office (a new machine: dockerd keeps manifests
+    after `docker rmi`); all are stopped at teardown."""
+    daemons = []
+
+    def start() -> Docker:
+        daemons.append(Docker(mirrors=[mirror.url], netns=office).start())
+        return daemons[-1]
+
+    try:
+        yield start
+    finally:
+        for daemon in daemons:
+            daemon.stop()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -288,9 +299,10 @@ def test_cri_pull_by_a_daemon_in_the_office(office, mirror, closed_port, upstrea
 
 
 # ----------------------------------------------------------------------------- Docker
-def test_docker_cold_and_warm_pull(office, docker, mirror, upstream_redirect, pushed_images, record_figure):
+def test_docker_cold_and_warm_pull(office, new_docker, mirror, upstream_redirect, pushed_images, record_figure):
     image = pushed_images.alpine
     ref = "alpine:latest"  # docker.io/library/alpine: the mirror answers for Docker Hub
+    docker = new_docker()
     started = time.monotonic()
     docker.pull(ref)
     cold = time.monotonic() - started
@@ -300,7 +312,7 @@ def test_docker_cold_and_warm_pull(office, docker, mirror, upstream_redirect, pu
     assert_token_relayed(upstream_redirect, None, image.repo)
     mirror.wait_stored([d for d, _ in image.blobs], WAIT)
 
-    docker.remove(ref)
+    docker = new_docker()
     upstream_redirect.reset_counters()
     started = time.monotonic()
     docker.pull(ref)
@@ -311,13 +323,14 @@ def test_docker_cold_and_warm_pull(office, docker, mirror, upstream_redirect, pu
     assert_warm(upstream_redirect)
 
 
-def test_docker_private_image_with_and_without_credentials(office, docker, mirror, upstream_redirect,
+def test_docker_private_image_with_and_without_credentials(office, new_docker, mirror, upstream_redirect,
                                                            pushed_images):
     """Docker sends what it stores for Docker Hub (docker login cannot reach Docker
     Hub from the office, and never logs in through a mirror: see
     tests/test_e2e_docker.py) to the realm the mirror names."""
     image = pushed_images.private
     ref = f"{image.repo}:{image.tag}"
+    docker = new_docker()
     with pytest.raises(DockerError):
         docker.pull(ref)
     docker.store_credentials(*ALICE)
@@ -325,11 +338,9 @@ def test_docker_private_image_with_and_without_credentials(office, docker, mirro
     assert docker.repo_digests(ref) == [f"{image.repo}@{image.digest}"]
     assert_token_relayed(upstream_redirect, ALICE[0], image.repo)
     mirror.wait_stored([d for d, _ in image.blobs], WAIT)
-    docker.remove(ref)
     for user in (None, BOB):
-        if user is None:
-            docker.forget_credentials()
-        else:
+        docker = new_docker()
+        if user is not None:
             docker.store_credentials(*user)
         with pytest.raises(DockerError):
             docker.pull(ref)
