@@ -102,6 +102,7 @@ class Office(Service):
         self.subnet: ipaddress.IPv4Network | None = None
         self._created_netns = False
         self._created_veth = False
+        self._started: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -167,6 +168,7 @@ class Office(Service):
     def _remove(self) -> None:
         """Kill what runs inside, delete the veth pair and the namespace (each step
         runs even if an earlier one failed)."""
+        self._kill_started()
         if self._created_netns and self.name:
             self.kill_processes()
         if self._created_veth and self.host_veth:
@@ -175,6 +177,19 @@ class Office(Service):
         if self._created_netns and self.name:
             _ip("netns", "del", self.name, check=False)
             self._created_netns = False
+
+    def _kill_started(self) -> None:
+        """Kill and reap what popen() started. Asking the namespace for its pids
+        is not enough: a process started a moment ago may still be `ip netns
+        exec` on its way in, and would then outlive the namespace's name."""
+        started, self._started = self._started, []
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
 
     def kill_processes(self) -> list[int]:
         """SIGKILL every process still in the namespace (only ours can be there);
@@ -224,8 +239,11 @@ class Office(Service):
 
     def popen(self, cmd: list[str], **kw) -> subprocess.Popen:
         """subprocess.Popen of ``cmd`` inside the namespace. ``ip netns exec``
-        execs the command, so the Popen's pid is the command's own."""
-        return subprocess.Popen(self.command(cmd), **kw)
+        execs the command, so the Popen's pid is the command's own. Whatever
+        still runs when the office closes is killed."""
+        proc = subprocess.Popen(self.command(cmd), **kw)
+        self._started.append(proc)
+        return proc
 
     def in_namespace(self, fn, timeout: float = 30.0):
         """Call ``fn()`` in a thread that has joined the namespace; sockets it
