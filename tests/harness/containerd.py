@@ -228,12 +228,17 @@ class Containerd(Service):
     ``cri=True`` loads the CRI plugin (see the module docstring);
     ``extra_config`` (parsed TOML, e.g. a config.toml snippet) is merged into
     the generated config last, so it can set CRI registry options.
+
+    ``netns`` (a :class:`tests.harness.netns.Office`): the daemon AND every
+    ``ctr`` run inside that network namespace (ctr is the registry client of
+    ``ctr images pull``, the daemon that of CRI pulls).
     """
 
     def __init__(self, workdir: str | os.PathLike | None = None, *,
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
                  log_level: str = "info", content_sharing_policy: str = "isolated",
-                 cri: bool = False, extra_config: dict | None = None):
+                 cri: bool = False, extra_config: dict | None = None, netns=None):
+        self.netns = netns
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -270,8 +275,11 @@ class Containerd(Service):
         self.log_path = self.workdir / "containerd.log"
         self._log_file = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        cmd = [CONTAINERD, "--config", str(config), "--log-level", self.log_level]
+        if self.netns is not None:
+            cmd = self.netns.command(cmd)
         self.proc = subprocess.Popen(
-            [CONTAINERD, "--config", str(config), "--log-level", self.log_level],
+            cmd,
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
             env=env, cwd=self.workdir, start_new_session=True,
         )
@@ -368,6 +376,8 @@ class Containerd(Service):
         if namespace is not None:
             cmd += ["--namespace", namespace]
         cmd += args
+        if self.netns is not None:
+            cmd = self.netns.command(cmd)
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env.pop("CONTAINERD_SNAPSHOTTER", None)
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,

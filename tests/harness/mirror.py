@@ -28,15 +28,22 @@ _LISTEN_FAILED = re.compile(r"failed to listen on [^ ]*:(\d+)\b")
 
 
 class Mirror:
-    """mitmdump with the addon, listening on 127.0.0.1 only.
+    """mitmdump with the addon, listening on 127.0.0.1 only (or on `listen_host`).
 
     `modes` are mitmproxy mode specs without the listen part, e.g.
     ["reverse:http://127.0.0.1:5000"] or ["regular"]; each gets its own port
-    (see `ports`). `url` is the first listener's http://127.0.0.1:PORT.
+    (see `ports`). `url` is the first listener's http://HOST:PORT.
+
+    `listen_host` is the one address every listener binds: a test's office
+    (tests/harness/netns.py) reaches the mirror at its `host_address`. The
+    addon's blob server follows the proxy's listen address, and its 307s name
+    the address the client connected to, so office clients reach it too.
     """
 
     def __init__(self, workdir: Path, modes: list[str], cache_dir: Path | None = None,
-                 options: dict[str, str] | None = None, scripts: list[Path] = ()):
+                 options: dict[str, str] | None = None, scripts: list[Path] = (),
+                 listen_host: str = "127.0.0.1"):
+        self.listen_host = listen_host
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.modes = modes
@@ -53,14 +60,14 @@ class Mirror:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.ports[0]}"
+        return f"http://{self.host_port}"
 
     @property
     def host_port(self) -> str:
-        return f"127.0.0.1:{self.ports[0]}"
+        return f"{self.listen_host}:{self.ports[0]}"
 
     def url_of(self, index: int) -> str:
-        return f"http://127.0.0.1:{self.ports[index]}"
+        return f"http://{self.listen_host}:{self.ports[index]}"
 
     @property
     def ca_cert(self) -> Path:
@@ -72,7 +79,7 @@ class Mirror:
         for script in self.scripts:
             cmd += ["-s", str(script)]
         for mode, port in zip(self.modes, self.ports):
-            cmd += ["--mode", f"{mode}@127.0.0.1:{port}"]
+            cmd += ["--mode", f"{mode}@{self.listen_host}:{port}"]
         options = {
             "cache_dir": str(self.cache_dir),
             "confdir": str(self.workdir / "mitmproxy-conf"),

@@ -7,7 +7,8 @@ the machine's configuration. When a mirror fails, skopeo silently falls back
 to the primary location; tests make the primary a closed loopback port (see
 :class:`ClosedPort`) so that a pull can only succeed through the mirror.
 Credentials for a mirror must be in the auth file under the MIRROR's host:port
-(skopeo never sends --src-creds to a mirror).
+(skopeo never sends --src-creds to a mirror). ``netns=`` (an Office, see
+netns.py) runs skopeo inside that network namespace.
 """
 
 from __future__ import annotations
@@ -133,8 +134,10 @@ def _docker_ref(image_ref: str) -> str:
 
 
 def _run(args: list[str], home: SkopeoHome, timeout: float, env_extra: dict | None,
-         check: bool) -> subprocess.CompletedProcess:
+         check: bool, netns=None) -> subprocess.CompletedProcess:
     cmd = [SKOPEO, "--policy", home.policy] + args
+    if netns is not None:
+        cmd = netns.command(cmd)
     proc = subprocess.run(cmd, env=home.env(env_extra), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout, cwd=home.home)
     if check and proc.returncode != 0:
@@ -147,7 +150,7 @@ def skopeo_copy(image_ref: str, dest_dir: str, home: SkopeoHome, *, authfile: st
                 override_os: str | None = None, override_variant: str | None = None,
                 all: bool = False, dest_format: str = "dir", timeout: float = 120,
                 extra_args: list[str] | tuple = (), env_extra: dict | None = None,
-                check: bool = True) -> subprocess.CompletedProcess:
+                check: bool = True, netns=None) -> subprocess.CompletedProcess:
     """``skopeo copy --src-tls-verify=false docker://IMAGE dir:DEST`` (or ``oci:DEST``).
 
     ``authfile`` defaults to the home's auth file. ``src_creds`` is only used
@@ -170,12 +173,12 @@ def skopeo_copy(image_ref: str, dest_dir: str, home: SkopeoHome, *, authfile: st
         args.append("--all")
     args += list(extra_args)
     args += [_docker_ref(image_ref), f"{dest_format}:{dest_dir}"]
-    return _run(args, home, timeout, env_extra, check)
+    return _run(args, home, timeout, env_extra, check, netns)
 
 
 def skopeo_inspect(image_ref: str, home: SkopeoHome, *, raw: bool = True, authfile: str | None = None,
                    src_creds: tuple[str, str] | None = None, timeout: float = 60,
-                   env_extra: dict | None = None) -> str:
+                   env_extra: dict | None = None, netns=None) -> str:
     """``skopeo inspect [--raw]``: the manifest as served (raw) or skopeo's summary JSON."""
     args = ["inspect", "--tls-verify=false", "--authfile", authfile or home.authfile]
     if raw:
@@ -183,7 +186,7 @@ def skopeo_inspect(image_ref: str, home: SkopeoHome, *, raw: bool = True, authfi
     if src_creds:
         args += ["--creds", f"{src_creds[0]}:{src_creds[1]}"]
     args.append(_docker_ref(image_ref))
-    return _run(args, home, timeout, env_extra, True).stdout
+    return _run(args, home, timeout, env_extra, True, netns).stdout
 
 
 _HEX = re.compile(r"^([0-9a-f]{64})(\.manifest\.json)?$")
