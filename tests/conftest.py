@@ -39,7 +39,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", f"allow_skip: this test may skip even with {STRICT_ENV}=1")
     config.addinivalue_line(
-        "markers", f"{OFFICE_MARK}: issue #13 office tests; deselected unless -m names them (see below)")
+        "markers", "office: clients in a network namespace that reaches only the mirror (scripts/test -m office)")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -227,23 +227,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("figures measured")
         for line in figures:
             terminalreporter.write_line(line)
-
-
-# =============================================================================
-# Issue #13's office tests (tests/test_office.py, marker `office`): clients in
-# a network namespace that reaches only the mirror. They need the mirror to
-# relay tokens and answer manifests from its store, so until that lands they
-# are deselected (not skipped) unless -m names them: `scripts/test -m office`.
-# Once the addon work is in, set OFFICE_TESTS_RUN_BY_DEFAULT = True.
-# =============================================================================
-OFFICE_MARK = "office"
-OFFICE_TESTS_RUN_BY_DEFAULT = False
-
-
-def pytest_collection_modifyitems(config, items):
-    if OFFICE_TESTS_RUN_BY_DEFAULT or OFFICE_MARK in (config.option.markexpr or ""):
-        return
-    office = [item for item in items if item.get_closest_marker(OFFICE_MARK) is not None]
-    if office:
-        config.hook.pytest_deselected(items=office)
-        items[:] = [item for item in items if item.get_closest_marker(OFFICE_MARK) is None]

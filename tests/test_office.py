@@ -19,9 +19,7 @@ and its CDN listen on the host's 127.0.0.1, out of the office's reach
    image in its store (no credentials, or bob's);
 5. never connects to a host taken from a client's request: the tamper test.
 
-Marked ``office`` and deselected by default until the addon work lands
-(tests/conftest.py, OFFICE_TESTS_RUN_BY_DEFAULT); run them with
-``scripts/test -m office``.
+Marked ``office``: ``scripts/test -m office`` runs only these.
 """
 
 from __future__ import annotations
