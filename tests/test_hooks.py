@@ -6,6 +6,7 @@ end, in a real mitmdump against distribution, in the test_e2e_* modules."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -320,3 +321,73 @@ def test_the_start_line_says_where_containerds_docker_io_goes(tmp_path, registry
     line = next(r.getMessage() for r in caplog.records if "blob server on" in r.getMessage())
     assert "?ns=docker.io goes to Docker Hub, not to the reverse-mode upstream" in line
 
+
+
+def test_a_challenge_names_the_token_relay_which_reaches_the_registrys_own_realm(tmp_path, registry):
+    """Issue #13: a machine that reaches only the mirror gets its token
+    through it, from the token server the registry itself named."""
+    registry.auth = True
+    name = registry.server.host_port
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            ping = await hall.get("/v2/")
+            assert ping.response.status_code == 401
+            challenge = ping.response.headers["WWW-Authenticate"]
+            assert challenge == f'Bearer realm="http://127.0.0.1:5999/_registry_cache/token/{name}",service="canned"'
+            basic = "Basic " + base64.b64encode(b"alice:secret").decode()
+            token = hall.flow(f"/_registry_cache/token/{name}?service=canned&scope=repository:acme/private:pull")
+            token.request.headers["Authorization"] = basic
+            await hall.send(token)
+            assert token.response.status_code == 200 and token.response.json()["token"] == "alice"
+            forwarded = registry.token_requests[-1]
+            assert forwarded["query"] == "service=canned&scope=repository:acme/private:pull"
+            assert forwarded["authorization"] == basic
+            form = hall.flow(f"/_registry_cache/token/{name}", method="POST")
+            form.request.headers["Content-Type"] = "application/x-www-form-urlencoded"
+            form.request.content = b"grant_type=password&username=alice&password=secret&service=canned"
+            await hall.send(form)
+            assert form.response.status_code == 200
+            assert registry.token_requests[-1]["body"] == form.request.content
+            assert registry.token_requests[-1]["content_type"] == "application/x-www-form-urlencoded"
+
+    run(scenario())
+
+
+def test_a_token_request_never_goes_where_the_client_says(tmp_path, registry):
+    registry.auth = True
+    canary = CannedRegistry().start()
+    try:
+        async def scenario():
+            async with hall_for(tmp_path, registry) as hall:
+                await hall.get("/v2/")  # the registry's challenge: its realm is learned
+                for path in (f"/_registry_cache/token/{canary.server.host_port}?service=canned",
+                             f"/_registry_cache/token/{registry.server.host_port}?realm={canary.url}/token"
+                             f"&url={canary.url}&service=canned",
+                             f"/_registry_cache/token/{registry.server.host_port}/..%2f{canary.server.host_port}"):
+                    flow = await hall.get(path)
+                    assert flow.response.status_code in (200, 404), (path, flow.response)
+                assert canary.requests == [] and canary.token_requests == []
+                assert len(registry.token_requests) == 1  # the added realm= went to the registry's own realm
+
+        run(scenario())
+    finally:
+        canary.stop()
+
+
+def test_the_registrys_rate_limit_is_in_the_metrics_with_a_warning_when_little_is_left(tmp_path, registry, caplog):
+    config = os.urandom(100)
+    registry.add_blob("library/alpine", config)
+    registry.add_manifest("library/alpine", "3.20", image_manifest(config, []))
+    registry.ratelimit = (100, 7)
+
+    async def scenario():
+        with caplog.at_level(logging.WARNING):
+            async with hall_for(tmp_path, registry) as hall:
+                await hall.get("/v2/library/alpine/manifests/3.20")
+                stats = hall.addon.metrics.stats({"fills_in_flight": 0, "store_bytes": 0, "store_blobs": 0,
+                                                  "store_limit_bytes": 0, "evictions_total": 0})
+                assert stats["upstream_rate_limits"] == {registry.url: {"limit": 100, "remaining": 7}}
+
+    run(scenario())
+    assert any("allows 7 more pulls of 100" in r.getMessage() for r in caplog.records)

@@ -7,12 +7,18 @@ mirror's own calls: /v2/ pings, manifests and blobs by GET and HEAD, with
 Bearer challenges. Tokens are plain strings: `Bearer <user>` for a user in
 `users`, and no header at all for anonymous.
 
+With `auth` on, /v2/ asks for a token (Bearer realm=<its /token>), and
+/token answers {"token": <user>} (Basic credentials) or "anonymous"; token
+requests, GET or POST, are recorded in `token_requests`. `ratelimit`
+(limit, remaining) adds Docker Hub's ratelimit headers to manifest answers.
+
 Every request is recorded; `down` makes it answer 503; `stall` holds blob
 bodies after their first half until `release()`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -43,6 +49,9 @@ class CannedRegistry:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
         self.down = False
+        self.auth = False
+        self.ratelimit: tuple[int, int] | None = None
+        self.token_requests: list[dict] = []
         self._stall = threading.Event()
         self._stall.set()
         self._stalled = threading.Semaphore(0)
@@ -54,6 +63,9 @@ class CannedRegistry:
 
             def do_HEAD(self):
                 registry._serve(self, head=True)
+
+            def do_POST(self):
+                registry._serve(self, head=False)
 
         self.server = LoopbackHTTPServer(Handler, name="canned-registry")
 
@@ -106,7 +118,12 @@ class CannedRegistry:
         self.requests.append((h.command, path, authorization))
         if self.down:
             return self._send(h, 503, b'{"errors":[{"code":"UNAVAILABLE"}]}', head=head)
+        if path == "/token":
+            return self._token(h)
         if path in ("/v2", "/v2/"):
+            if self.auth and not authorization:
+                return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', head=head,
+                                  headers=self.challenge())
             return self._send(h, 200, b"{}", head=head)
         match = _BLOB.fullmatch(path) or _MANIFEST.fullmatch(path)
         repo = self.repos.get(match.group("repo")) if match else None
@@ -114,8 +131,7 @@ class CannedRegistry:
             return self._send(h, 404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}', head=head)
         user = authorization.split(" ", 1)[1] if authorization else None
         if repo.readers is not None and user not in repo.readers:
-            return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', head=head, headers={
-                "WWW-Authenticate": f'Bearer realm="{self.url}/token",service="canned"'})
+            return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', head=head, headers=self.challenge())
         if "digest" in match.groupdict():
             data = repo.blobs.get(match.group("digest"))
             if data is None:
@@ -125,8 +141,26 @@ class CannedRegistry:
         body = repo.manifests.get(match.group("ref"))
         if body is None:
             return self._send(h, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}', head=head)
-        return self._send(h, 200, body, head=head, headers={"Docker-Content-Digest": digest_of(body)},
-                          content_type=MANIFEST_TYPE)
+        headers = {"Docker-Content-Digest": digest_of(body)}
+        if self.ratelimit:
+            headers["ratelimit-limit"] = f"{self.ratelimit[0]};w=21600"
+            headers["ratelimit-remaining"] = f"{self.ratelimit[1]};w=21600"
+        return self._send(h, 200, body, head=head, headers=headers, content_type=MANIFEST_TYPE)
+
+    def challenge(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Bearer realm="{self.url}/token",service="canned"'}
+
+    def _token(self, h) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        authorization = h.headers.get("Authorization") or ""
+        self.token_requests.append({"method": h.command, "query": h.path.partition("?")[2],
+                                    "authorization": authorization, "body": body,
+                                    "content_type": h.headers.get("Content-Type")})
+        user = "anonymous"
+        if authorization.startswith("Basic "):
+            user = base64.b64decode(authorization[6:]).decode().split(":", 1)[0]
+        self._send(h, 200, json.dumps({"token": user, "expires_in": 300}).encode(), head=False)
 
     def _send(self, h, status: int, body: bytes, head: bool, headers: dict[str, str] | None = None,
               content_type: str = "application/json", stall: bool = False) -> None:
