@@ -255,6 +255,18 @@ class AccessGate:
                 with self._lock:
                     self._probing.discard((registry, repo))
 
+    def public_now(self, registry: str, repo: str, path: str) -> bool:
+        """Is repo public? Asked now (with an anonymous token, as the
+        background check does) when not known lately (blocking). `path`:
+        something in repo to ask about, e.g. "manifests/latest"."""
+        with self._lock:
+            state = self._public_state(registry, repo, time.time())
+        if state is None:
+            self._probe_public(registry, repo, path)
+            with self._lock:
+                state = self._public_state(registry, repo, time.time())
+        return bool(state)
+
     def close(self) -> None:
         self._probes.shutdown(wait=False, cancel_futures=True)
         self.index.close()

@@ -33,14 +33,16 @@ from dataclasses import dataclass
 import requests
 from mitmproxy import http
 
-from . import manifests
+from . import manifests, oci
 from .access import UNREACHABLE
+from .credentials import MirrorAccounts
 from .flows import Mark, Outcome, RegistryRequest
 from .metrics import Metrics
 from .responses import oci_error, relayed
 from .routes import Kind
 from .settings import Settings
 from .storage import Storage
+from .tokens import NoRealm
 from .upstream import MAX_RELAYED_BODY, QUIET_FOR, AnswerTooLarge, UpstreamClient
 from .workers import Workers
 
@@ -61,8 +63,9 @@ class Unreachable:
 
 class ManifestRelay:
     def __init__(self, storage: Storage, upstream: UpstreamClient, workers: Workers, metrics: Metrics,
-                 settings: Settings):
+                 settings: Settings, accounts: MirrorAccounts | None = None):
         self.storage = storage
+        self.accounts = accounts
         self.upstream = upstream
         self.workers = workers
         self.metrics = metrics
@@ -142,8 +145,9 @@ class ManifestRelay:
         """Ask the registry, relay its answer; stale answers when it cannot."""
         kind = req.route.kind.value
         try:
+            headers = await self._pull_headers(req)
             answer = await self.workers.upstream(req.slot_key, self.upstream.fetch, req.method, req.url,
-                                                 req.headers, wanted=req.wanted)
+                                                 headers, wanted=req.wanted)
         except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
             log.warning("registry-cache: refused %s %s: %s", req.method, req.path[:200], exc)
             return Outcome(Mark.ERROR, response=oci_error(400, "UNSUPPORTED", "malformed request header",
@@ -165,6 +169,27 @@ class ManifestRelay:
         if answer.status == 200 and req.route.kind is Kind.MANIFEST:
             await self.workers.local(self._remember, req, answer)
         return Outcome(Mark.PASS, response=relayed(answer, req.method), detail=kind)
+
+    async def _pull_headers(self, req: RegistryRequest) -> dict[str, bytes]:
+        """The headers for a request upstream: the client's, but a manifest GET
+        (a pull, to Docker Hub) of a public repository is made with the
+        mirror's own account where it has one (credentials.py)."""
+        if not (self.accounts and req.trusted and req.method == "GET" and req.route.kind is Kind.MANIFEST
+                and self.accounts.has(req.registry)):
+            return req.headers
+        route, access = req.route, self.storage.access
+        try:
+            if not await self.workers.upstream(req.slot_key, access.public_now, req.registry, route.name,
+                                               f"manifests/{route.reference}", wanted=req.wanted):
+                return req.headers
+            authorization = await self.workers.upstream(req.slot_key, self.accounts.authorization, req.registry,
+                                                        route.name, wanted=req.wanted)
+        except (requests.RequestException, oci.TokenError, NoRealm) as exc:
+            log.warning("registry-cache: no token of the mirror's own account for %s: %s", route.name, exc)
+            return req.headers
+        headers = {k: v for k, v in req.headers.items() if k.lower() != "authorization"}
+        headers["Authorization"] = authorization.encode()
+        return headers
 
     async def _unreachable(self, req: RegistryRequest, failure: Unreachable) -> Outcome:
         """The store's answer (stale), else the registry's own error, else a 502."""

@@ -30,6 +30,7 @@ from mitmproxy import ctx, exceptions, hooks, http
 from . import flows, routes, settings
 from .blobs import BlobPath
 from .blobserver import BlobServer
+from .credentials import MirrorAccounts, read_accounts
 from .fill import Fill, State
 from .flows import Mark, Outcome
 from .layout import format_size
@@ -63,6 +64,7 @@ class RegistryCache:
         self.blobs: BlobPath | None = None
         self.manifests: ManifestRelay | None = None
         self.tokens: TokenRelay | None = None
+        self.accounts: MirrorAccounts | None = None
         self._running = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -117,8 +119,11 @@ class RegistryCache:
             announce = True
         else:
             self.blob_server.serve_from(storage.store, storage.fills, storage.access.index.served_by)
+        if old is None or (new.upstream_credentials, new.registries) != (old.upstream_credentials, old.registries):
+            self.accounts = MirrorAccounts(read_accounts(new.upstream_credentials, new.chosen_origin),
+                                           self.upstream, self.tokens) if new.upstream_credentials else None
         self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new)
-        self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new)
+        self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts)
         if announce:
             used, count = storage.store.usage()
             log.info("registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d%s",

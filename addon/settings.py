@@ -53,6 +53,12 @@ def declare(loader) -> None:
         "that registry (one request asks again).",
     )
     loader.add_option(
+        "upstream_credentials", str, "",
+        "A file in Docker's config.json format ({\"auths\": {\"docker.io\": {\"auth\": ...}}}) with accounts of "
+        "the mirror's own: manifest GETs of public repositories are then made with them, so pulls count "
+        "against those accounts' quotas, not the mirror's address.",
+    )
+    loader.add_option(
         "blob_redirect", bool, True,
         "Send plain-HTTP clients a 307 to the blob port for blob bytes (fastest). "
         "When off, and always for TLS clients, mitmproxy streams the bytes itself.",
@@ -104,6 +110,7 @@ class Settings:
     serve_stale: bool
     upstream_timeout: int
     upstream_verify: bool | str
+    upstream_credentials: str  # path of the accounts file, or ""
     blob_redirect: bool
     blob_host: str  # where the blob server listens
     blob_port: int
@@ -134,6 +141,7 @@ class Settings:
             serve_stale=options.serve_stale,
             upstream_timeout=options.upstream_timeout,
             upstream_verify=_upstream_verify(options),
+            upstream_credentials=options.upstream_credentials,
             blob_redirect=options.blob_redirect,
             blob_host=options.blob_host or _proxy_listen_host(modes, options.listen_host),
             blob_port=port,
@@ -149,6 +157,12 @@ class Settings:
             if host_port_of(origin) == name:
                 return origin
         return None
+
+    def chosen_origin(self, name: str) -> str | None:
+        """A registry the operator chose, by its name on `registries`
+        (docker.io) or by host[:port] (origin_named)."""
+        url = self.registries.get(name.lower())
+        return origin_of(url) if url else self.origin_named(name)
 
     def ns_docker_io_note(self) -> str:
         """A trap for operators, for the start-up line: with a reverse-mode

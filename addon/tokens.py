@@ -49,32 +49,35 @@ class NoRealm(Exception):
 class TokenRelay:
     def __init__(self, upstream: UpstreamClient):
         self.upstream = upstream
-        self._realms: dict[str, str] = {}  # registry origin -> the realm its challenge named
+        self._challenges: dict[str, Challenge] = {}  # registry origin -> the Bearer challenge it sent
         self._lock = threading.Lock()
 
     def learn(self, registry: str, challenges: Iterable[str]) -> None:
-        """Remember the realm of a Bearer challenge the registry itself sent."""
+        """Remember a Bearer challenge the registry itself sent (its realm)."""
         for challenge in parse_challenges(list(challenges)):
             realm = challenge.realm if challenge.scheme == "bearer" else None
             parts = urlsplit(realm or "")
             if realm and parts.scheme in ("http", "https") and parts.hostname and not parts.path.startswith(TOKEN_PATH):
                 with self._lock:
-                    self._realms[registry] = realm
+                    self._challenges[registry] = challenge
                 return
 
-    def realm_of(self, registry: str) -> str:
-        """The realm a registry named; asked of its /v2/ when not yet seen
-        (blocking). Raises NoRealm, or requests' errors."""
+    def challenge_of(self, registry: str) -> Challenge:
+        """The Bearer challenge a registry sent; asked of its /v2/ when not
+        yet seen (blocking). Raises NoRealm, or requests' errors."""
         with self._lock:
-            realm = self._realms.get(registry)
-        if realm is None:
+            challenge = self._challenges.get(registry)
+        if challenge is None:
             answer = self.upstream.fetch("GET", f"{registry}/v2/", {})
             self.learn(registry, [answer.headers.get("WWW-Authenticate", "")])  # several: joined by ", "
             with self._lock:
-                realm = self._realms.get(registry)
-        if realm is None:
+                challenge = self._challenges.get(registry)
+        if challenge is None:
             raise NoRealm(f"{registry} asks for no token")
-        return realm
+        return challenge
+
+    def realm_of(self, registry: str) -> str:
+        return self.challenge_of(registry).realm
 
     def forward(self, registry: str, method: str, query: str, headers: dict[str, bytes], body: bytes) -> Answer:
         """The client's token request, sent to the realm the registry named (blocking)."""

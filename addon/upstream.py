@@ -86,7 +86,7 @@ class UpstreamClient:
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
             log.warning("upstream: TLS certificates of upstream registries are not checked (ssl_insecure)")
 
-    def _refuse_own(self, url: str) -> None:
+    def refuse_own(self, url: str) -> None:
         if self.is_own is None:
             return
         parts = urlsplit(url)
@@ -99,7 +99,7 @@ class UpstreamClient:
         if authorization:
             headers["Authorization"] = authorization
         for hops in range(MAX_REDIRECTS + 1):
-            self._refuse_own(url)
+            self.refuse_own(url)
             response = self.session.get(
                 url,
                 headers=headers,
@@ -162,7 +162,7 @@ class UpstreamClient:
         bearer = oci.bearer_challenge(challenge)
         if bearer is None or not bearer.realm.lower().startswith(("https://", "http://")):
             return None
-        self._refuse_own(bearer.realm)
+        self.refuse_own(bearer.realm)
         request = oci.TokenRequest.for_challenge(bearer, scopes=[f"repository:{repo}:pull"])
         try:
             return oci.fetch_token(self.session, bearer.realm, request, headers={"User-Agent": self.user_agent},
@@ -177,7 +177,7 @@ class UpstreamClient:
     def _answered(self, url: str, send) -> requests.Response:
         """send(timeout), remembering whether the registry answered at all."""
         registry = origin_of(url)
-        self._refuse_own(url)
+        self.refuse_own(url)
         try:
             response = send(self._answer_timeouts())
         except requests.Timeout:

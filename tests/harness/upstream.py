@@ -49,7 +49,7 @@ from ._http import LoopbackHTTPServer, QuietHandler
 from .certs import make_tls_files
 from .lifecycle import Service
 from .registryproc import RegistryWorkdir, registry_config, start_registry, stop_process
-from .tokenserver import TokenServer
+from .tokenserver import TokenServer, decode_jwt
 
 CHUNK = 1 << 20
 BLOB_RE = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>sha256:[0-9a-f]{64})$")
@@ -82,6 +82,7 @@ class RequestRecord:
     status: int = 0  # 0: no response was sent (fault "close", client went away)
     bytes: int = 0  # response body bytes actually sent
     authorization: bool = False  # the request carried an Authorization header
+    token_subject: str | None = None  # the user a Bearer token of the token server was issued to ("": anonymous)
     range: str | None = None
     fault: str | None = None
 
@@ -181,6 +182,17 @@ class _Abort(Exception):
 def _error_body(status: int, message: str) -> bytes:
     code = ERROR_CODES.get(status, "UNKNOWN")
     return json.dumps({"errors": [{"code": code, "message": message, "detail": None}]}).encode()
+
+
+def _token_subject(authorization: str) -> str | None:
+    """The `sub` of a Bearer JWT (the user it was issued to), else None."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    try:
+        return decode_jwt(token)[1].get("sub")
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
 
 
 def _parse_range(value: str | None, size: int) -> tuple[int, int] | None | str:
@@ -551,7 +563,8 @@ auth:
             target = parts.path + ("?" + parts.query if parts.query else "")
         route = urlsplit(target).path
         rec = RequestRecord("frontdoor", h.command, target,
-                            authorization="Authorization" in h.headers, range=h.headers.get("Range"))
+                            authorization="Authorization" in h.headers, range=h.headers.get("Range"),
+                            token_subject=_token_subject(h.headers.get("Authorization", "")))
         c = self.counters
         c.add_record(rec)
         try:
