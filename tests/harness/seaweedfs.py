@@ -23,10 +23,12 @@ so tests can make the store fail without touching weed:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +42,16 @@ from .lifecycle import Service
 from .registryproc import free_port, stop_process
 
 READY_TIMEOUT = 60.0
+PR_SET_PDEATHSIG = 1
 # The processes weed mini starts, each with an HTTP port and a gRPC port.
 _COMPONENTS = ("master", "volume", "filer", "s3", "admin")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM weed when the process that started it
+    dies, so a test run that is killed (no teardown) leaves no weed behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def weed_binary() -> str:
@@ -138,7 +148,8 @@ class SeaweedFS(Service):
         for name in _COMPONENTS:
             args += [f"-{name}.port={p[name]}", f"-{name}.port.grpc={p[name + '.grpc']}"]
         self._proc = subprocess.Popen(args, cwd=w, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         if self._wait_ready(READY_TIMEOUT):
             return True
         stop_process(self._proc)
