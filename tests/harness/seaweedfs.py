@@ -186,14 +186,19 @@ class SeaweedFS(Service):
             self._proc.wait(10)
 
     def stop(self) -> None:
-        if self.front is not None:
-            self.front.stop()
-        stop_process(self._proc)
-        self._remove_grpc_sockets()
-        if self._log is not None:
-            self._log.close()
-        if self.workdir and not self._keep:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        """Each step runs even if one before it failed: no weed, port or temp dir is left."""
+        try:
+            if self.front is not None:
+                self.front.stop()
+        finally:
+            try:
+                stop_process(self._proc)
+            finally:
+                self._remove_grpc_sockets()
+                if self._log is not None:
+                    self._log.close()
+                if self.workdir and not self._keep:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _remove_grpc_sockets(self) -> None:
         """weed puts a unix socket per gRPC port in /tmp (no flag moves them)
