@@ -32,7 +32,7 @@ on every run, 16 threads racing, 10 rounds of creates and 6 of swaps):
 | PUT If-None-Match: *, 16 racing | exactly one 200, the rest 412 PreconditionFailed; the object is the winner's; losers answered in 10-30 ms (a few 1 s on new connections) |
 | PUT If-Match: <etag>, 16 racing | exactly one 200, the rest 412; If-Match on a missing key: 412 (AWS: 404) |
 | DELETE If-Match: <old etag> | 412, object kept; the current ETag deletes (204) |
-| CompleteMultipartUpload If-None-Match: *, 8 racing | NOT exclusive: in 2 of 3 probe rounds 3 of 8 got 200 (sometimes only one does); the object is always one uploader's whole body |
+| CompleteMultipartUpload If-None-Match: *, 8 racing (5 MiB parts) | NOT exclusive: up to 6 of 8 got 200 in one round; the object is always one uploader's whole body |
 | reader during a half-sent PUT | 404 (new key) or the old object whole; a cut PUT leaves no object |
 | x-amz-checksum-sha256 wrong (PUT, UploadPart) | 400 BadDigest, nothing stored |
 | Range bytes=a-b, a-, past the end | 206 with Content-Range; 206; 416 InvalidRange |
