@@ -227,3 +227,38 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("figures measured")
         for line in figures:
             terminalreporter.write_line(line)
+
+
+# =============================================================================
+# Object store fixtures
+#
+#   seaweedfs_session  session   a real S3 object store (SeaweedFS weed mini,
+#                                tests/harness/seaweedfs.py) with one bucket
+#   seaweedfs          function  the same, its front door up and moving;
+#                                tests keep to keys under their own prefix
+#   s3_prefix          function  a key prefix no other test uses
+# =============================================================================
+from tests.harness.seaweedfs import SeaweedFS
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_session():
+    with SeaweedFS() as store:
+        yield store
+
+
+@pytest.fixture
+def seaweedfs(seaweedfs_session):
+    seaweedfs_session.set_down(False)
+    seaweedfs_session.set_stalled(False)
+    try:
+        yield seaweedfs_session
+    finally:
+        seaweedfs_session.set_down(False)
+        seaweedfs_session.set_stalled(False)
+
+
+@pytest.fixture
+def s3_prefix(request):
+    import secrets
+    return f"t/{request.node.name[:40]}-{secrets.token_hex(4)}/"
