@@ -54,6 +54,7 @@ UNREACHABLE = (429, 500, 502, 503, 504)
 # offline decisions, so they are not dropped at expiry; past this many, the
 # older half goes (every pull brings a new token, so they would pile up).
 MAX_GRANTS = 20_000
+MAX_RECORDED_REMEMBERED = 100_000  # triples known to be in the index already
 PROBE_THREADS = 4  # "is R public?" checks run in the background, this many at a time
 
 
@@ -91,6 +92,7 @@ class SeenIndex:
     def __init__(self, path: Path):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._recorded: set[tuple[str, str, str]] = set()  # written by this process already
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
@@ -125,10 +127,17 @@ class SeenIndex:
         return row is not None
 
     def record(self, registry: str, repo: str, digest: str) -> None:
+        """Once per triple and process: every pull vouches again, and a write
+        per pull was most of the disk pool's time under load."""
         with self._lock:
+            if (registry, repo, digest) in self._recorded:
+                return
             self._db.execute(
                 "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (registry, repo, digest, time.time())
             )
+            if len(self._recorded) >= MAX_RECORDED_REMEMBERED:
+                self._recorded.clear()
+            self._recorded.add((registry, repo, digest))
 
     def public_states(self) -> dict[tuple[str, str], tuple[bool, float]]:
         with self._lock:

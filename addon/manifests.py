@@ -46,8 +46,11 @@ class ManifestStore:
     """Manifests by digest, and the last digest seen for each tag."""
 
     def __init__(self, directory: str | os.PathLike, size_limit: int = 256 << 20):
+        # Least recently STORED: with LRU every read is a write (a transaction
+        # per pull, measured as most of the disk pool's time under load), and
+        # manifests are small enough that the limit is rarely reached.
         self._cache = diskcache.Cache(str(directory), size_limit=size_limit,
-                                      eviction_policy="least-recently-used", timeout=60)
+                                      eviction_policy="least-recently-stored", timeout=60)
 
     def put(self, manifest: StoredManifest) -> None:
         self._cache.set(f"manifest:{manifest.digest}", (manifest.media_type, manifest.body))
@@ -57,7 +60,9 @@ class ManifestStore:
         return StoredManifest(digest, *found) if found else None
 
     def remember_tag(self, registry: str, repo: str, tag: str, digest: str) -> None:
-        self._cache.set(f"tag:{registry}/{repo}:{tag}", digest)
+        key = f"tag:{registry}/{repo}:{tag}"
+        if self._cache.get(key) != digest:  # a read; every pull asks about the tag, few move it
+            self._cache.set(key, digest)
 
     def digest_of_tag(self, registry: str, repo: str, tag: str) -> str | None:
         return self._cache.get(f"tag:{registry}/{repo}:{tag}")

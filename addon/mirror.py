@@ -122,6 +122,7 @@ class RegistryCache:
         if old is None or (new.upstream_credentials, new.registries) != (old.upstream_credentials, old.registries):
             self.accounts = MirrorAccounts(read_accounts(new.upstream_credentials, new.chosen_origin),
                                            self.upstream, self.tokens) if new.upstream_credentials else None
+        self.own.forget()
         self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new)
         self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts)
         if announce:
@@ -132,6 +133,7 @@ class RegistryCache:
 
     def running(self) -> None:
         self._running = True
+        self.own.forget()  # the proxy listens now
         # With the default eager strategy mitmproxy connects upstream before
         # any hook runs, so even blobs we hold would fail while it is down.
         if ctx.options.connection_strategy != "lazy":

@@ -26,16 +26,32 @@ import time
 from collections.abc import Callable, Iterable
 
 RESOLVED_FOR = 60.0  # seconds a name's addresses are remembered
+LISTENING_FOR = 5.0  # seconds the listening addresses are reused (asking costs a getsockname per listener)
 WILDCARDS = ("", "0.0.0.0", "::")
 
 
 class OwnAddresses:
     def __init__(self, listening: Callable[[], Iterable[tuple[str, int]]]):
         """`listening()`: the (host, port) pairs the mirror listens on now."""
-        self._listening = listening
+        self._ask_listening = listening
+        self._listening_cache: tuple[float, list[tuple[str, int]]] = (-LISTENING_FOR, [])
         self._lock = threading.Lock()
         self._resolved: dict[str, tuple[float, frozenset[str]]] = {}
         self._local: dict[str, bool] = {}
+
+    def _listening(self) -> list[tuple[str, int]]:
+        """The listening addresses; asked again every LISTENING_FOR seconds
+        (a proxy mode or the blob port can change at run time)."""
+        now = time.monotonic()
+        since, addresses = self._listening_cache
+        if now - since >= LISTENING_FOR:
+            addresses = list(self._ask_listening())
+            self._listening_cache = (now, addresses)
+        return addresses
+
+    def forget(self) -> None:
+        """The listeners changed (a rebuild, the proxy started): ask again."""
+        self._listening_cache = (-LISTENING_FOR, [])
 
     def on_own_port(self, port: int) -> bool:
         """Cheap first check (no lookups): is port one the mirror listens on?"""

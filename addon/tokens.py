@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from .oci import Challenge, parse_challenges
+from .oci import Challenge, TokenError, parse_challenges, parse_token_answer
 from .upstream import Answer, UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 TOKEN_PATH = "/_registry_cache/token/"
 FORWARDED_HEADERS = ("authorization", "content-type", "accept", "user-agent")
 MAX_FORM = 64 * 1024  # an OAuth2 form is a few hundred bytes
+ANONYMOUS_REUSE = 60.0  # seconds at most an anonymous token answer is given again (and half its lifetime)
 
 
 class NoRealm(Exception):
@@ -50,6 +52,9 @@ class TokenRelay:
     def __init__(self, upstream: UpstreamClient):
         self.upstream = upstream
         self._challenges: dict[str, Challenge] = {}  # registry origin -> the Bearer challenge it sent
+        # (registry, query) -> (until, answer): anonymous tokens, the same for
+        # every client that asks for the same scopes (none of them sends credentials)
+        self._anonymous: dict[tuple[str, str], tuple[float, Answer]] = {}
         self._lock = threading.Lock()
 
     def learn(self, registry: str, challenges: Iterable[str]) -> None:
@@ -80,11 +85,31 @@ class TokenRelay:
         return self.challenge_of(registry).realm
 
     def forward(self, registry: str, method: str, query: str, headers: dict[str, bytes], body: bytes) -> Answer:
-        """The client's token request, sent to the realm the registry named (blocking)."""
+        """The client's token request, sent to the realm the registry named
+        (blocking). An anonymous GET (no credentials) whose scopes were asked
+        for moments ago gets that answer again: each new client of a rollout
+        asks for the same anonymous token."""
+        anonymous = method == "GET" and not any(name.lower() == "authorization" for name in headers)
+        now = time.monotonic()
+        if anonymous:
+            with self._lock:
+                until, answer = self._anonymous.get((registry, query), (0.0, None))
+            if answer is not None and now < until:
+                return answer
         realm = self.realm_of(registry)
         url = realm + ("&" if "?" in realm else "?") + query if query else realm
         kept = {name: value for name, value in headers.items() if name.lower() in FORWARDED_HEADERS}
-        return self.upstream.fetch(method, url, kept, body=body or None)
+        answer = self.upstream.fetch(method, url, kept, body=body or None)
+        if anonymous and answer.status == 200:
+            try:
+                lifetime = parse_token_answer(answer.body).expires_in
+            except TokenError:
+                return answer
+            with self._lock:
+                if len(self._anonymous) > 10_000:
+                    self._anonymous.clear()
+                self._anonymous[(registry, query)] = (now + min(ANONYMOUS_REUSE, lifetime / 2), answer)
+        return answer
 
 
 def rewritten(values: Iterable[str], realm: str) -> list[str]:
