@@ -73,6 +73,8 @@ class ManifestRelay:
         self.settings = settings
         self._quota_warned: dict[str, float] = {}
         self._pings: dict[tuple[str, str], tuple[float, object]] = {}  # (registry, method) -> (when, answer)
+        # (registry, repo, tag) -> (when, digest): when the registry last named the tag's kept digest
+        self._checked: dict[tuple[str, str, str], tuple[float, str]] = {}
 
     async def handle(self, req: RegistryRequest) -> Outcome:
         if self.settings.serve_stale and self.upstream.hung(req.registry):
@@ -85,17 +87,37 @@ class ManifestRelay:
             asked_at, answer = self._pings.get((req.registry, req.method), (0.0, None))
             if answer is not None and time.monotonic() - asked_at < PING_REUSE:
                 return Outcome(Mark.PASS, response=relayed(answer, req.method), detail="ping")
-        if req.method == "GET" and req.route.kind is Kind.MANIFEST and req.trusted:
-            found = await (self._by_digest(req) if ":" in req.route.reference else self._by_tag(req))
-            if isinstance(found, Outcome):
-                return found
-            if isinstance(found, Unreachable):
-                return await self._unreachable(req, found)
+        found = None
+        if req.route.kind is Kind.MANIFEST and req.trusted:
+            if digest := self._checked_lately(req):
+                found = await self._kept(req, digest)
+            elif req.method == "GET":
+                found = await (self._kept(req, req.route.reference) if ":" in req.route.reference
+                               else self._by_tag(req))
+        if isinstance(found, Outcome):
+            return found
+        if isinstance(found, Unreachable):
+            return await self._unreachable(req, found)
         return await self._relay(req)
 
-    async def _by_digest(self, req: RegistryRequest) -> Outcome | Unreachable | None:
+    def _checked_lately(self, req: RegistryRequest) -> str | None:
+        """With tag_check_interval set: the digest the registry named for this
+        tag less than that many seconds ago (None: ask it again)."""
+        interval, route = self.settings.tag_check_interval, req.route
+        if not interval or ":" in route.reference:
+            return None
+        checked_at, digest = self._checked.get((req.registry, route.name, route.reference), (0.0, ""))
+        return digest if digest and time.monotonic() - checked_at < interval else None
+
+    def _note_checked(self, req: RegistryRequest, digest: str) -> None:
+        """The registry named digest for this tag just now (and it is kept)."""
+        if len(self._checked) > 100_000:
+            self._checked.clear()
+        self._checked[(req.registry, req.route.name, req.route.reference)] = (time.monotonic(), digest)
+
+    async def _kept(self, req: RegistryRequest, digest: str) -> Outcome | Unreachable | None:
         """A kept manifest, for a client the gate lets read it; None: not kept."""
-        manifest = await self.workers.local(self.storage.manifests.get, req.route.reference)
+        manifest = await self.workers.local(self.storage.manifests.get, digest)
         if manifest is None or not manifests.accepts(list(req.accept), manifest.media_type):
             return None
         access, repo = self.storage.access, req.route.name
@@ -106,7 +128,7 @@ class ManifestRelay:
                                                    manifest.digest, req.authorization, True, "manifests",
                                                    wanted=req.wanted)
         if decision.allowed:
-            return _from_store(manifest, req.route.reference)
+            return _from_store(manifest, req.route.reference, req.method)
         if decision.status in UNREACHABLE:
             return Unreachable(decision.reason)
         return _refused(decision.status, decision.headers, decision.reason, req.route.reference)
@@ -131,7 +153,7 @@ class ManifestRelay:
         if answer.status != 200 or not digest:
             return None
         manifest = await self.workers.local(self._kept_for_tag, req, digest)
-        return _from_store(manifest, req.route.reference) if manifest is not None else None
+        return _from_store(manifest, req.route.reference, req.method) if manifest is not None else None
 
     def _kept_for_tag(self, req: RegistryRequest, digest: str):
         """The kept manifest the registry's HEAD named for the tag, if the
@@ -145,6 +167,8 @@ class ManifestRelay:
                                         {"Content-Type": manifest.media_type, "Docker-Content-Digest": digest},
                                         list(req.accept))
         self.storage.access.vouch(req.registry, route.name, digest, req.authorization, kind="manifests")
+        if self.storage.manifests.digest_of_tag(req.registry, route.name, route.reference) == digest:
+            self._note_checked(req, digest)
         return manifest
 
     async def _relay(self, req: RegistryRequest) -> Outcome:
@@ -246,6 +270,8 @@ class ManifestRelay:
         if digest is not None:  # the upstream served this manifest under this repository to this client
             self.storage.access.vouch(req.registry, route.name, digest, req.authorization, kind="manifests",
                                       trusted=req.trusted)
+            if req.trusted and self.storage.manifests.digest_of_tag(req.registry, route.name, route.reference) == digest:
+                self._note_checked(req, digest)
 
     def _stale_answer(self, req: RegistryRequest) -> http.Response | None:
         """What the store can say while the upstream cannot (blocking)."""
@@ -270,14 +296,17 @@ class ManifestRelay:
         return response
 
 
-def _from_store(manifest, reference: str) -> Outcome:
-    """A kept manifest as the registry would answer a GET for it."""
+def _from_store(manifest, reference: str, method: str = "GET") -> Outcome:
+    """A kept manifest as the registry would answer a GET (or HEAD) for it."""
     response = http.Response.make(200, manifest.body, {
         "Content-Type": manifest.media_type,
         "Docker-Content-Digest": manifest.digest,
         "Docker-Distribution-Api-Version": "registry/2.0",
         "X-Registry-Cache": "hit",
     })
+    if method == "HEAD":
+        response.content = b""
+        response.headers["Content-Length"] = str(len(manifest.body))
     return Outcome(Mark.HIT, response=response, digest=reference, size=len(manifest.body))
 
 

@@ -53,6 +53,11 @@ def declare(loader) -> None:
         "that registry (one request asks again).",
     )
     loader.add_option(
+        "tag_check_interval", int, 0,
+        "Seconds a tag's answer from the registry may be reused for later pulls without asking it "
+        "again (0: every pull checks its tags, with a HEAD). A tag moved upstream is seen up to this late.",
+    )
+    loader.add_option(
         "upstream_credentials", str, "",
         "A file in Docker's config.json format ({\"auths\": {\"docker.io\": {\"auth\": ...}}}) with accounts of "
         "the mirror's own: manifest GETs of public repositories are then made with them, so pulls count "
@@ -109,6 +114,7 @@ class Settings:
     reverse_upstreams: frozenset[str]  # origins of the reverse-mode upstreams
     serve_stale: bool
     upstream_timeout: int
+    tag_check_interval: int
     upstream_verify: bool | str
     upstream_credentials: str  # path of the accounts file, or ""
     blob_redirect: bool
@@ -121,6 +127,8 @@ class Settings:
         """Settings from mitmproxy's options; ValueError names what is wrong."""
         if options.upstream_timeout <= 0:
             raise ValueError("upstream_timeout must be a number of seconds > 0")
+        if options.tag_check_interval < 0:
+            raise ValueError("tag_check_interval must be a number of seconds >= 0")
         try:
             registries = parse_registries(options.registries)
         except ValueError as exc:
@@ -140,6 +148,7 @@ class Settings:
             reverse_upstreams=frozenset(origin_of(mode.data) for mode in modes if isinstance(mode, ReverseMode)),
             serve_stale=options.serve_stale,
             upstream_timeout=options.upstream_timeout,
+            tag_check_interval=options.tag_check_interval,
             upstream_verify=_upstream_verify(options),
             upstream_credentials=options.upstream_credentials,
             blob_redirect=options.blob_redirect,

@@ -391,3 +391,26 @@ def test_the_registrys_rate_limit_is_in_the_metrics_with_a_warning_when_little_i
 
     run(scenario())
     assert any("allows 7 more pulls of 100" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("interval", [0, 60])
+def test_a_tag_is_asked_again_on_every_pull_unless_the_operator_lets_it_be_reused(tmp_path, registry, interval):
+    config = os.urandom(100)
+    registry.add_blob("library/alpine", config)
+    registry.add_manifest("library/alpine", "3.20", image_manifest(config, []))
+
+    async def scenario():
+        async with hall_for(tmp_path, registry, tag_check_interval=interval) as hall:
+            cold = await hall.get("/v2/library/alpine/manifests/3.20")
+            assert hall.outcome(cold).mark is Mark.PASS
+            asked = len(registry.requests)
+            for method in ("GET", "HEAD"):
+                warm = await hall.get("/v2/library/alpine/manifests/3.20", method=method)
+                assert warm.response.status_code == 200
+                assert warm.response.headers["Docker-Content-Digest"] == cold.response.headers["Docker-Content-Digest"]
+            # 0: each pull asks the registry with a HEAD; 60: nobody asks it for a minute
+            assert [(m, "manifests" in p) for m, p, _ in registry.requests[asked:]] == \
+                ([] if interval else [("HEAD", True), ("HEAD", True)])
+            assert registry.count("GET", "/manifests/") == 1  # the cold pull's only
+
+    run(scenario())
