@@ -24,26 +24,19 @@ import logging
 import sqlite3
 import time
 
-import requests
 from mitmproxy import ctx, exceptions, hooks, http
 
 from . import flows, routes, settings
-from .blobs import BlobPath
-from .blobserver import BlobServer
-from .credentials import MirrorAccounts, read_accounts
 from .fill import Fill, State
 from .flows import Mark, Outcome
-from .layout import format_size
-from .manifest_relay import ManifestRelay
 from .metrics import Metrics
 from .own_addresses import OwnAddresses
 from .registries import base_url_for, origin_of
-from .responses import oci_error, relayed
+from .responses import oci_error
 from .routes import Kind, RouteError
+from .services import Services
 from .settings import Settings
-from .storage import Storage
-from .tokens import MAX_FORM, TOKEN_PATH, NoRealm, TokenRelay, rewritten
-from .upstream import AnswerTooLarge, UpstreamClient
+from .tokens import TOKEN_PATH
 from .workers import ClientGone, Workers
 
 log = logging.getLogger("registry_cache")
@@ -54,17 +47,11 @@ ANSWERED_HERE = (Kind.BLOB, Kind.MANIFEST, Kind.PING)  # for GET and HEAD
 
 class RegistryCache:
     def __init__(self) -> None:
-        self.settings: Settings | None = None
         self.metrics = Metrics()
         self.workers = Workers()
         self.own = OwnAddresses(self._listening)
-        self.upstream: UpstreamClient | None = None
-        self.storage: Storage | None = None
-        self.blob_server: BlobServer | None = None
-        self.blobs: BlobPath | None = None
-        self.manifests: ManifestRelay | None = None
-        self.tokens: TokenRelay | None = None
-        self.accounts: MirrorAccounts | None = None
+        self.services = Services(self.metrics, self.workers, self.own, self._fill_finished,
+                                 lambda storage: self._background(storage.retire()))
         self._running = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -78,58 +65,12 @@ class RegistryCache:
     def configure(self, updated: set[str]) -> None:
         try:
             new = Settings.read(ctx.options)
-            if new != self.settings:
-                self._rebuild(self.settings, new)
+            if new != self.services.settings:
+                self.services.apply(new)
         except (ValueError, OSError, sqlite3.Error) as exc:
             if self._running:  # a change in mitmweb: refused, the options roll back
                 raise exceptions.OptionsError(f"registry-cache: {exc}") from None
             log.error("registry-cache: %s", exc)  # at start: mitmdump exits, with no traceback
-
-    def _rebuild(self, old: Settings | None, new: Settings) -> None:
-        """Rebuild only what a change touches; requests and fills already
-        running finish on what they started with."""
-        self.settings = new
-        if self.upstream is None:
-            self.upstream = UpstreamClient(verify=new.upstream_verify, answer_timeout=new.upstream_timeout,
-                                           is_own=self.own.is_own)
-            self.tokens = TokenRelay(self.upstream)
-        else:
-            self.upstream.answer_timeout = new.upstream_timeout
-            if new.upstream_verify != old.upstream_verify:
-                self.upstream.set_verify(new.upstream_verify)
-        announce = old is None or new.layout != old.layout
-        if announce:
-            retired, self.storage = self.storage, Storage(new.layout, new.cache_size, self.upstream,
-                                                          self._fill_finished)
-            if retired is not None:
-                self._background(retired.retire())
-        elif new.cache_size != old.cache_size:
-            self.storage.resize(new.cache_size)
-        storage = self.storage
-        if self.blob_server is None or (new.blob_host, new.blob_port) != (old.blob_host, old.blob_port):
-            if self.blob_server is not None:
-                self.blob_server.stop()
-            self.blob_server = None
-            try:
-                self.blob_server = BlobServer(storage.store, storage.fills, new.blob_host, new.blob_port,
-                                              metrics=self.metrics, proven=storage.access.index.served_by)
-            except OSError as exc:
-                raise OSError(f"blob server cannot listen on {new.blob_host}:{new.blob_port}: {exc}") from None
-            self.blob_server.start()
-            announce = True
-        else:
-            self.blob_server.serve_from(storage.store, storage.fills, storage.access.index.served_by)
-        if old is None or (new.upstream_credentials, new.registries) != (old.upstream_credentials, old.registries):
-            self.accounts = MirrorAccounts(read_accounts(new.upstream_credentials, new.chosen_origin),
-                                           self.upstream, self.tokens) if new.upstream_credentials else None
-        self.own.forget()
-        self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new)
-        self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts)
-        if announce:
-            used, count = storage.store.usage()
-            log.info("registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d%s",
-                     new.layout.root, count, format_size(used), format_size(new.cache_size),
-                     self.blob_server.host, self.blob_server.port, new.ns_docker_io_note())
 
     def running(self) -> None:
         self._running = True
@@ -150,12 +91,7 @@ class RegistryCache:
     def done(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self.blob_server is not None:
-            self.blob_server.stop()
-        if self.upstream is not None:
-            self.upstream.close()
-        if self.storage is not None:
-            self.storage.close()
+        self.services.close()
         self.workers.shutdown()
 
     # -- requests ------------------------------------------------------------------
@@ -205,7 +141,7 @@ class RegistryCache:
             flows.mark(flow, Mark.PASS, detail=route.kind.value)
             return
         req = flows.registry_request(flow, route, self._trusted(flow))
-        service = self.blobs if route.kind is Kind.BLOB else self.manifests
+        service = self.services.blobs if route.kind is Kind.BLOB else self.services.manifests
         try:
             outcome = await service.handle(req)
         except ClientGone:
@@ -239,37 +175,17 @@ class RegistryCache:
     # -- tokens ----------------------------------------------------------------------
 
     def _pass_on_challenge(self, flow: http.HTTPFlow, trusted: bool) -> None:
-        """A registry the operator chose asked for a token: learn its realm,
-        and in reverse mode name the mirror's token relay instead (tokens.py)."""
-        challenges = flow.response.headers.get_all("WWW-Authenticate")
-        if not challenges or not trusted:
-            return
-        self.tokens.learn(flows.registry_of(flow.request), challenges)
-        if flows.is_reverse(flow):
-            realm = flows.client_base_url(flow) + TOKEN_PATH + flows.host_port(flow.request)
-            flow.response.headers.set_all("WWW-Authenticate", rewritten(challenges, realm))
+        """Learn a chosen registry's token realm; in reverse mode, name the mirror's (tokens.py)."""
+        if trusted:
+            realm = flows.client_base_url(flow) + TOKEN_PATH + flows.host_port(flow.request) \
+                if flows.is_reverse(flow) else None
+            self.services.token_endpoint.pass_on_challenge(flow.response, flows.registry_of(flow.request), realm)
 
     async def _token(self, flow: http.HTTPFlow, name: str) -> http.Response:
-        """Forward a token request to the realm of the registry it names (tokens.py)."""
-        started, request = time.monotonic(), flow.request
-        origin = self.settings.origin_named(name)
-        if origin is None:
-            response = oci_error(404, "NAME_UNKNOWN", "no registry of that name is mirrored here", name[:100])
-        elif request.method not in ("GET", "POST"):
-            response = oci_error(405, "UNSUPPORTED", "token requests are GET or POST")
-        elif len(request.raw_content or b"") > MAX_FORM:
-            response = oci_error(413, "UNSUPPORTED", "token request too large")
-        else:
-            try:
-                answer = await self.workers.upstream(
-                    origin, self.tokens.forward, origin, request.method, request.path.partition("?")[2],
-                    flows.end_to_end_headers(request), request.raw_content or b"",
-                    wanted=lambda: flow.client_conn.timestamp_end is None)
-                response = relayed(answer, request.method)
-            except NoRealm as exc:
-                response = oci_error(404, "UNSUPPORTED", "this registry asks for no token", str(exc))
-            except (requests.RequestException, AnswerTooLarge, ClientGone) as exc:
-                response = oci_error(502, "UNAVAILABLE", "token server unreachable", str(exc)[:300])
+        request, started = flow.request, time.monotonic()
+        response = await self.services.token_endpoint.answer(
+            name, request.method, request.path.partition("?")[2], flows.end_to_end_headers(request),
+            request.raw_content or b"", wanted=lambda: flow.client_conn.timestamp_end is None)
         outcome = Mark.PASS if response.status_code < 500 else Mark.ERROR
         self.metrics.count("requests_total", 1, "token", str(outcome))
         # The query and body (scopes, user names, passwords) are not logged.
@@ -289,7 +205,7 @@ class RegistryCache:
         """Send a request to the registry containerd named with ?ns=, if served."""
         request = flow.request
         del request.query["ns"]  # meant for the mirror, not the registry
-        target = base_url_for(ns, self.settings.registries)
+        target = base_url_for(ns, self.services.settings.registries)
         if target is None and ns.strip().lower() == flows.host_port(request):
             return True  # the registry it goes to anyway: a reverse-mode mirror of that registry
         if target is None:
@@ -306,10 +222,10 @@ class RegistryCache:
         """Did the operator choose the registry this flow goes to? In reverse
         mode: the upstream, or an ns= from the registries list. In regular
         mode the client names the host: only the registries list counts."""
-        return flows.is_reverse(flow) or flows.registry_of(flow.request) in self.settings.listed_origins
+        return flows.is_reverse(flow) or flows.registry_of(flow.request) in self.services.settings.listed_origins
 
     def _metrics_response(self, path: str) -> http.Response:
-        return flows.metrics_response(path, self.metrics, self.storage.gauges())
+        return flows.metrics_response(path, self.metrics, self.services.gauges())
 
     def _fill_finished(self, fill: Fill) -> None:
         """Called by each fill as it ends (in its thread)."""
@@ -332,8 +248,8 @@ class RegistryCache:
         """Where the mirror listens: its proxy ports and its blob server."""
         proxy = ctx.master.addons.get("proxyserver") if getattr(ctx, "master", None) else None
         addresses = [(host, port) for host, port, *_ in proxy.listen_addrs()] if proxy else []
-        if self.blob_server is not None:
-            addresses.append((self.blob_server.host, self.blob_server.port))
+        if self.services.blob_server is not None:
+            addresses.append((self.services.blob_server.host, self.services.blob_server.port))
         return addresses
 
 

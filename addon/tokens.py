@@ -33,8 +33,12 @@ import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+import requests
+
 from .oci import Challenge, TokenError, parse_challenges, parse_token_answer
-from .upstream import Answer, UpstreamClient
+from .responses import oci_error, relayed
+from .upstream import Answer, AnswerTooLarge, UpstreamClient
+from .workers import ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +142,41 @@ def _format(challenge: Challenge, realm: str | None) -> str:
 
 def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class TokenEndpoint:
+    """The mirror's /_registry_cache/token/<registry> path: a token request
+    from a client, forwarded by the relay to that registry's realm."""
+
+    def __init__(self, relay: TokenRelay, workers, settings):
+        self.relay, self.workers, self.settings = relay, workers, settings
+
+    async def answer(self, name: str, method: str, query: str, headers: dict[str, bytes], body: bytes,
+                     wanted):
+        """The answer (a mitmproxy response) to a client's token request for
+        the registry `name`; wanted(): does the client still wait?"""
+        origin = self.settings.origin_named(name)
+        if origin is None:
+            return oci_error(404, "NAME_UNKNOWN", "no registry of that name is mirrored here", name[:100])
+        if method not in ("GET", "POST"):
+            return oci_error(405, "UNSUPPORTED", "token requests are GET or POST")
+        if len(body) > MAX_FORM:
+            return oci_error(413, "UNSUPPORTED", "token request too large")
+        try:
+            answer = await self.workers.upstream(origin, self.relay.forward, origin, method, query, headers, body,
+                                                 wanted=wanted)
+        except NoRealm as exc:
+            return oci_error(404, "UNSUPPORTED", "this registry asks for no token", str(exc))
+        except (requests.RequestException, AnswerTooLarge, ClientGone) as exc:
+            return oci_error(502, "UNAVAILABLE", "token server unreachable", str(exc)[:300])
+        return relayed(answer, method)
+
+    def pass_on_challenge(self, response, registry: str, realm: str | None) -> None:
+        """A registry the operator chose asked for a token: learn its realm,
+        and name `realm` (the mirror's own, in reverse mode) instead."""
+        challenges = response.headers.get_all("WWW-Authenticate")
+        if not challenges:
+            return
+        self.relay.learn(registry, challenges)
+        if realm is not None:
+            response.headers.set_all("WWW-Authenticate", rewritten(challenges, realm))

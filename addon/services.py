@@ -1,0 +1,110 @@
+"""The services the hooks hand requests to, built from the Settings.
+
+A change of options at run time (mitmweb lets operators make one) rebuilds
+only what it touches, and what is running goes on with what it started with:
+a new cache_dir opens a new Storage while the old one is retired once its
+fills end (storage.py); a new cache_size resizes the store in place; the
+blob server is started again only when its address changes. Services are
+cheap objects built again on every change; a request in flight keeps the
+ones it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .blobs import BlobPath
+from .blobserver import BlobServer
+from .credentials import MirrorAccounts, read_accounts
+from .fill import Fill
+from .layout import format_size
+from .manifest_relay import ManifestRelay
+from .metrics import Metrics
+from .own_addresses import OwnAddresses
+from .settings import Settings
+from .storage import Storage
+from .tokens import TokenEndpoint, TokenRelay
+from .upstream import UpstreamClient
+from .workers import Workers
+
+log = logging.getLogger("registry_cache")
+
+
+class Services:
+    def __init__(self, metrics: Metrics, workers: Workers, own: OwnAddresses,
+                 on_fill_finished: Callable[[Fill], None], retire: Callable[[Storage], None]):
+        self.metrics, self.workers, self.own = metrics, workers, own
+        self._on_fill_finished = on_fill_finished
+        self._retire = retire  # runs a retired Storage's retire() in the background
+        self.settings: Settings | None = None
+        self.upstream: UpstreamClient | None = None
+        self.tokens: TokenRelay | None = None
+        self.accounts: MirrorAccounts | None = None
+        self.storage: Storage | None = None
+        self.blob_server: BlobServer | None = None
+        self.blobs: BlobPath | None = None
+        self.manifests: ManifestRelay | None = None
+        self.token_endpoint: TokenEndpoint | None = None
+
+    def apply(self, new: Settings) -> None:
+        """Build what `new` needs that the current settings did not give.
+        Raises ValueError or OSError (the options cannot be used)."""
+        old, self.settings = self.settings, new
+        if self.upstream is None:
+            self.upstream = UpstreamClient(verify=new.upstream_verify, answer_timeout=new.upstream_timeout,
+                                           is_own=self.own.is_own)
+            self.tokens = TokenRelay(self.upstream)
+        else:
+            self.upstream.answer_timeout = new.upstream_timeout
+            if new.upstream_verify != old.upstream_verify:
+                self.upstream.set_verify(new.upstream_verify)
+        announce = old is None or new.layout != old.layout
+        if announce:
+            retired, self.storage = self.storage, Storage(new.layout, new.cache_size, self.upstream,
+                                                          self._on_fill_finished)
+            if retired is not None:
+                self._retire(retired)
+        elif new.cache_size != old.cache_size:
+            self.storage.resize(new.cache_size)
+        storage = self.storage
+        if self.blob_server is None or (new.blob_host, new.blob_port) != (old.blob_host, old.blob_port):
+            self._start_blob_server(new)
+            announce = True
+        else:
+            self.blob_server.serve_from(storage.store, storage.fills, storage.access.index.served_by)
+        if old is None or (new.upstream_credentials, new.registries) != (old.upstream_credentials, old.registries):
+            self.accounts = MirrorAccounts(read_accounts(new.upstream_credentials, new.chosen_origin),
+                                           self.upstream, self.tokens) if new.upstream_credentials else None
+        self.own.forget()
+        self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new)
+        self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts)
+        self.token_endpoint = TokenEndpoint(self.tokens, self.workers, new)
+        if announce:
+            used, count = storage.store.usage()
+            log.info("registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d%s",
+                     new.layout.root, count, format_size(used), format_size(new.cache_size),
+                     self.blob_server.host, self.blob_server.port, new.ns_docker_io_note())
+
+    def _start_blob_server(self, new: Settings) -> None:
+        if self.blob_server is not None:
+            self.blob_server.stop()
+        self.blob_server = None
+        storage = self.storage
+        try:
+            self.blob_server = BlobServer(storage.store, storage.fills, new.blob_host, new.blob_port,
+                                          metrics=self.metrics, proven=storage.access.index.served_by)
+        except OSError as exc:
+            raise OSError(f"blob server cannot listen on {new.blob_host}:{new.blob_port}: {exc}") from None
+        self.blob_server.start()
+
+    def gauges(self) -> dict[str, float]:
+        return self.storage.gauges()
+
+    def close(self) -> None:
+        if self.blob_server is not None:
+            self.blob_server.stop()
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.storage is not None:
+            self.storage.close()
