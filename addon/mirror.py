@@ -38,7 +38,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from . import manifests, routes
 from .access import UNREACHABLE, AccessGate, SeenIndex
 from .blobserver import BlobServer
-from .fill import Fills, State
+from .fill import FetchPolicy, Fills, State, failure_labels
 from .manifests import ManifestStore
 from .metrics import METRICS_PATH, STATS_PATH, Metrics
 from .passthrough import BodyStreaming
@@ -131,6 +131,21 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _fetch_policy() -> FetchPolicy:
+    """The fill_* options, checked (a bad value stops mitmdump at start)."""
+    try:
+        threshold = parse_size(ctx.options.fill_chunk_threshold)
+        chunk = parse_size(ctx.options.fill_chunk_size)
+    except ValueError as exc:
+        raise exceptions.OptionsError(f"registry-cache: {exc}") from None
+    connections = ctx.options.fill_connections
+    if not 1 <= connections <= 64:
+        raise exceptions.OptionsError(f"registry-cache: fill_connections must be 1 to 64, not {connections}")
+    if min(threshold, chunk) < 1 << 20:
+        raise exceptions.OptionsError("registry-cache: fill_chunk_threshold and fill_chunk_size must be 1m or more")
+    return FetchPolicy(first_request=threshold, chunk_size=chunk, connections=connections)
+
+
 class Verdict(enum.Enum):
     """What the access gate lets a request do with a stored blob."""
 
@@ -161,6 +176,7 @@ class RegistryCache:
         self.registries: dict[str, str] = {}
         self._listed_origins: set[str] = set()
         self._size_limit = 0
+        self._fetch_policy = FetchPolicy()
         self.workers = Workers()
         self._tasks: set[asyncio.Task] = set()
 
@@ -192,6 +208,19 @@ class RegistryCache:
             "that registry (one request asks again).",
         )
         loader.add_option(
+            "fill_chunk_threshold", str, "16m",
+            "Blobs up to this size are fetched from the upstream in one request; the first request for a "
+            "larger one asks for this much (a Range), and tells its size.",
+        )
+        loader.add_option(
+            "fill_chunk_size", str, "16m",
+            "Size of the ranges the rest of a larger blob is fetched in, over fill_connections connections.",
+        )
+        loader.add_option(
+            "fill_connections", int, 8,
+            "Upstream connections one fill uses at once (1: one connection, as a direct pull does).",
+        )
+        loader.add_option(
             "blob_redirect", bool, True,
             "Send plain-HTTP clients a 307 to the blob port for blob bytes (fastest). "
             "When off, and always for TLS clients, mitmproxy streams the bytes itself.",
@@ -217,6 +246,10 @@ class RegistryCache:
                 raise exceptions.OptionsError("registry-cache: upstream_timeout must be a number of seconds > 0")
             if self.upstream is not None:
                 self.upstream.answer_timeout = ctx.options.upstream_timeout
+        if updated & {"fill_chunk_threshold", "fill_chunk_size", "fill_connections"} or self.fills is None:
+            self._fetch_policy = _fetch_policy()
+            if self.fills is not None:
+                self.fills.policy = self._fetch_policy
         if "registries" in updated:
             try:
                 self.registries = parse_registries(ctx.options.registries)
@@ -237,7 +270,8 @@ class RegistryCache:
         cache_dir = Path(ctx.options.cache_dir or default_cache_dir()).expanduser()
         self._size_limit = size_limit
         self.store = DiskBlobStore(cache_dir, size_limit)
-        self.fills = Fills(self.store, max_stored_size=size_limit, on_finished=self._count_fill)
+        self.fills = Fills(self.store, max_stored_size=size_limit, on_finished=self._count_fill,
+                           policy=self._fetch_policy)
         self.upstream = UpstreamClient(verify=self._upstream_verify(), answer_timeout=ctx.options.upstream_timeout)
         self.access = AccessGate(SeenIndex(cache_dir / "access.sqlite3"), self.upstream)
         self.manifests = ManifestStore(cache_dir / "manifests")
@@ -412,21 +446,12 @@ class RegistryCache:
     def _count_fill(self, fill) -> None:
         """Called by each fill as it ends (in its thread)."""
         if not fill.already_stored:
-            self.metrics.count("upstream_blob_bytes_total", fill.written)
-        if fill.state is not State.FAILED or fill.refused:  # a refusal is the upstream's answer, not a failure
-            return
-        if fill.answer is not None:
-            reason = f"upstream {fill.answer.status}"
-            if fill.answer.status in UNREACHABLE:
-                self.metrics.count("upstream_errors_total", 1, str(fill.answer.status))
-        elif fill.error.startswith(("digest mismatch", "truncated", "upstream sent more")):
-            reason = "verification"
-        elif fill.error.startswith("could not start"):
-            reason = "local"  # out of threads: not the upstream's fault
-        else:
-            reason = "connection"
-            self.metrics.count("upstream_errors_total", 1, "connection")
-        self.metrics.count("fill_failures_total", 1, reason)
+            self.metrics.count("upstream_blob_bytes_total", fill.fetched)
+        if fill.failure is not None:  # a refusal is the upstream's answer, not a failure
+            failed, upstream_error = failure_labels(fill.failure, fill.failure_status)
+            self.metrics.count("fill_failures_total", 1, failed)
+            if upstream_error is not None:
+                self.metrics.count("upstream_errors_total", 1, upstream_error)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._log_request(flow)
@@ -688,8 +713,7 @@ class RegistryCache:
         authorization = flow.request.headers.get("Authorization")
         trusted = self._trusted(flow)
 
-        def opener():
-            return self.upstream.get_blob(url, authorization)
+        opener = self.upstream.blob_source(url, authorization)
 
         def vouch():
             # The upstream served these verified bytes under this repository

@@ -6,6 +6,7 @@ The upstream here is a tiny local HTTP server that can misbehave on purpose
 
 import hashlib
 import os
+import re
 import socket
 import threading
 import time
@@ -14,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from addon.fill import ArrivedBytes, Fill, FillFailed, Fills, State
+from addon import fill as fill_module
+from addon.fill import ArrivedBytes, FailureReason, FetchPolicy, Fill, FillFailed, Fills, State, failure_labels
 from addon.store import DiskBlobStore
 from addon.upstream import UpstreamClient
 from tests.test_store import put
@@ -24,14 +26,23 @@ WAIT = 30  # bound on every wait in this file
 
 
 class Upstream:
-    """Serves `body` for any GET; `mode` picks how it misbehaves."""
+    """Serves `body` for any GET, honouring a single Range (206) unless
+    `ranges` is off; `mode` picks how it misbehaves, and `cuts`, `holds` and
+    `statuses` break chosen requests (see each)."""
 
     def __init__(self):
         self.body = b""
         self.mode = "good"
-        self.gate = threading.Event()  # for "pause": second half waits for this
+        self.ranges = True  # False: answer every GET with the whole body (200)
+        self.odd_ranges_after = None  # int: from this many range requests on, a wrong Content-Range
+        self.cuts: list[int] = []  # the next response covering offset N sends bytes before N, then closes
+        self.holds: list[int] = []  # responses covering offset N stop there until `gate` is set
+        self.statuses: list[int] = []  # the next range requests (not the first) get these statuses
+        self.gate = threading.Event()  # for "pause" and holds: bytes past the middle wait for this
         self.gate.set()
         self.requests = []
+        self.connections = set()
+        self._lock = threading.Lock()
         parent = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,15 +52,15 @@ class Upstream:
                 pass
 
             def do_GET(self):
-                parent.requests.append(dict(self.headers))
+                with parent._lock:
+                    parent.requests.append(dict(self.headers))
+                    parent.connections.add(self.client_address)
+                    ranged = len([r for r in parent.requests if "Range" in r])
                 body, mode = parent.body, parent.mode
                 if mode == "404":
-                    payload = b'{"errors":[{"code":"BLOB_UNKNOWN"}]}'
-                    self.send_response(404)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                    return self._status(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
+                if "Range" in self.headers and ranged > 1 and parent.statuses:
+                    return self._status(parent.statuses.pop(0), b"{}")
                 if mode == "corrupt":
                     middle = len(body) // 2
                     body = body[:middle] + bytes([body[middle] ^ 1]) + body[middle + 1:]
@@ -62,31 +73,72 @@ class Upstream:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                     self.wfile.write(b"0\r\n\r\n")
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                start, end = 0, len(body)
+                match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if match and parent.ranges:
+                    start = int(match[1])
+                    end = min(len(body), int(match[2]) + 1) if match[2] else len(body)
+                    if start >= len(body):
+                        return self._status(416, b"")
+                    shown = start
+                    if parent.odd_ranges_after is not None and ranged > parent.odd_ranges_after:
+                        shown = start + 1
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {shown}-{shown + end - start - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(end - start))
                 self.end_headers()
-                if mode == "truncate":
-                    self.wfile.write(body[: len(body) // 2])
+                if mode == "truncate":  # every response: half its bytes, then the connection closes
+                    self.wfile.write(body[start: start + (end - start) // 2])
+                    return self._cut()
+                with parent._lock:
+                    cut = next((n for n in parent.cuts if start <= n < end), None)
+                    if cut is not None:
+                        parent.cuts.remove(cut)
+                    hold = next((n for n in parent.holds if start <= n < end), None)
+                if cut is not None:
+                    self.wfile.write(body[start:cut])
+                    return self._cut()
+                if hold is not None:
+                    self.wfile.write(body[start:hold])
                     self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    self.close_connection = True
+                    parent.gate.wait(WAIT)
+                    self.wfile.write(body[hold:end])
                     return
                 if mode == "slow":  # a slow line: never silent for long, slow overall
-                    for i in range(0, len(body), len(body) // 12):
-                        self.wfile.write(body[i:i + len(body) // 12])
+                    step = max(1, (end - start) // 12)
+                    for i in range(start, end, step):
+                        self.wfile.write(body[i:min(end, i + step)])
                         self.wfile.flush()
                         time.sleep(0.25)
                     return
                 half = len(body) // 2
-                self.wfile.write(body[:half])
+                if start < half:
+                    self.wfile.write(body[start:min(half, end)])
+                    self.wfile.flush()
+                if end > half:
+                    parent.gate.wait(WAIT)
+                    self.wfile.write(body[max(half, start):end])
+
+            def _status(self, status, payload):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _cut(self):
                 self.wfile.flush()
-                parent.gate.wait(WAIT)
-                self.wfile.write(body[half:])
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v2/x/blobs/"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def ranges_asked(self) -> list[str]:
+        return [r["Range"] for r in self.requests if "Range" in r]
 
     def stop(self):
         self.gate.set()
@@ -108,13 +160,24 @@ def store(tmp_path):
     s.close()
 
 
-def run_fill(store, upstream, body, digest=None, auth=None, on_verified=None):
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch):
+    """Resumes wait milliseconds here, not seconds."""
+    monkeypatch.setattr(fill_module, "BACKOFF_FIRST", 0.01)
+    monkeypatch.setattr(fill_module, "BACKOFF_MAX", 0.05)
+
+
+CHUNKED = FetchPolicy(first_request=1 << 20, chunk_size=1 << 20, connections=4)
+ONE_CONNECTION = FetchPolicy(connections=1)
+
+
+def run_fill(store, upstream, body, digest=None, auth=None, on_verified=None, policy=FetchPolicy()):
     upstream.body = body
     digest = digest or "sha256:" + hashlib.sha256(body).hexdigest()
     client = UpstreamClient()
     finished = threading.Event()
-    fill = Fill(digest, store, lambda: client.get_blob(upstream.url + digest, auth),
-                on_finished=lambda f: finished.set(), on_verified=on_verified)
+    fill = Fill(digest, store, client.blob_source(upstream.url + digest, auth),
+                on_finished=lambda f: finished.set(), on_verified=on_verified, policy=policy)
     fill.start()
     return fill, finished
 
@@ -261,7 +324,7 @@ def _fail_to_connect(store, port):
     client = UpstreamClient()
     finished = threading.Event()
     digest = "sha256:" + "0" * 64
-    fill = Fill(digest, store, lambda: client.get_blob(f"http://127.0.0.1:{port}/v2/x/blobs/{digest}", None),
+    fill = Fill(digest, store, client.blob_source(f"http://127.0.0.1:{port}/v2/x/blobs/{digest}", None),
                 on_finished=lambda f: finished.set())
     fill.start()
     assert finished.wait(WAIT)
@@ -275,7 +338,7 @@ def test_registry_coalesces_and_restarts_after_failure(store, upstream):
     upstream.gate.clear()
     fills = Fills(store)
     client = UpstreamClient()
-    opener = lambda: client.get_blob(upstream.url + digest, None)  # noqa: E731
+    opener = client.blob_source(upstream.url + digest, None)  # noqa: E731
     first, started = fills.start_or_join(digest, opener)
     second, started_again = fills.start_or_join(digest, opener)
     assert started and not started_again and first is second
@@ -297,7 +360,7 @@ def test_a_fill_started_after_the_blob_was_committed_does_not_fetch(store):
     digest = put(store, body)
     calls = []
     finished = threading.Event()
-    fill = Fill(digest, store, lambda: calls.append(1), on_finished=lambda f: finished.set())
+    fill = Fill(digest, store, lambda *range_: calls.append(1), on_finished=lambda f: finished.set())
     fill.start()
     assert finished.wait(WAIT)
     assert calls == [] and fill.already_stored and fill.state is State.VERIFIED and fill.size == len(body)
@@ -310,7 +373,7 @@ def test_a_fill_from_a_registry_nobody_chose_never_takes_the_stores_copy(store):
     calls = []
     finished = threading.Event()
 
-    def opener():
+    def opener(*range_):
         calls.append(1)
         raise requests.ConnectionError("the named host is down")
 
@@ -383,7 +446,7 @@ def test_a_blob_larger_than_the_store_is_streamed_not_stored_and_late_clients_to
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         fills = Fills(small, max_stored_size=small.size_limit)
         client = UpstreamClient()
-        fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+        fill, _ = fills.start_or_join(digest, client.blob_source(upstream.url + digest, None))
         wait_streaming(fill)
         assert follow(fill) == body
         wait_until(fill, lambda: fill.finished)
@@ -483,9 +546,9 @@ def test_a_fill_whose_thread_cannot_start_fails_and_does_not_block_the_digest(st
 
     with monkeypatch.context() as patch:
         patch.setattr(Fill, "start", no_threads)
-        fill, started = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+        fill, started = fills.start_or_join(digest, client.blob_source(upstream.url + digest, None))
     assert started and fill.state is State.FAILED and fill.finished and fills.in_flight() == 0
-    fill, started = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+    fill, started = fills.start_or_join(digest, client.blob_source(upstream.url + digest, None))
     assert started
     wait_streaming(fill)
     assert follow(fill) == body
@@ -505,22 +568,21 @@ class _ShortResponse:
     def read1(self, n, decode_content=False):
         return self._chunks.pop(0) if self._chunks else b""
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    def close(self):
+        pass
 
 
 def test_a_body_shorter_than_its_content_length_is_never_stored(store):
-    """Even when its bytes hash to the digest: the upstream said there was more."""
+    """Even when its bytes hash to the digest: the upstream said there was
+    more. Each resume ends as short, and once they run out the fill fails."""
     body = os.urandom(50_000)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     finished = threading.Event()
-    fill = Fill(digest, store, lambda: _ShortResponse(body, 100_000), on_finished=lambda f: finished.set())
+    fill = Fill(digest, store, lambda *range_: _ShortResponse(body, 100_000), on_finished=lambda f: finished.set())
     fill.start()
     assert finished.wait(WAIT)
-    assert fill.state is State.FAILED and fill.error.startswith("truncated body")
+    assert fill.state is State.FAILED and "cut short" in fill.error
+    assert fill.failure is FailureReason.CONNECTION and fill.resumes == fill_module.RESUMES
     assert store.open(digest) is None
 
 
@@ -539,7 +601,7 @@ def test_a_follower_dropped_while_it_waits_is_told_at_once(tmp_path, upstream, m
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         fills = Fills(small, max_stored_size=small.size_limit)
         client = UpstreamClient()
-        fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+        fill, _ = fills.start_or_join(digest, client.blob_source(upstream.url + digest, None))
         wait_streaming(fill)
         cursor = fill.follow(0)
         assert cursor.readable_until(0, WAIT, 10) == 9  # bytes 0-8; byte 9 is held until verified
