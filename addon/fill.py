@@ -1021,6 +1021,7 @@ class ArrivedBytes:
 
     def __init__(self, raw):
         self._raw = raw
+        self._error: Exception | None = None
         self._poll: select.poll | None = None
         try:
             fd = raw.fileno()
@@ -1030,13 +1031,20 @@ class ArrivedBytes:
         self._poll.register(fd, select.POLLIN)
 
     def read(self, limit: int) -> bytes:
+        if self._error is not None:  # after the bytes that came before it
+            error, self._error = self._error, None
+            raise error
         piece = self._raw.read1(limit, decode_content=False)
         if not piece or len(piece) >= limit or self._poll is None:
             return piece
         pieces, size = [piece], len(piece)
         until = time.monotonic() + self.GATHER_FOR
         while size < limit and time.monotonic() < until and self._poll.poll(0):
-            piece = self._raw.read1(limit - size, decode_content=False)
+            try:
+                piece = self._raw.read1(limit - size, decode_content=False)
+            except Exception as exc:  # noqa: BLE001 - raised on the next call: a resume starts after these bytes
+                self._error = exc
+                break
             if not piece:
                 break
             pieces.append(piece)
