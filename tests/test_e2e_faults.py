@@ -24,7 +24,8 @@ WAIT = 60
 
 def successful_fetches(upstream, digest) -> int:
     hexdigest = digest.split(":", 1)[1]
-    return sum(1 for r in upstream.counters.requests if r.method == "GET" and hexdigest in r.path and r.status == 200)
+    return sum(1 for r in upstream.counters.requests
+               if r.method == "GET" and hexdigest in r.path and r.status in (200, 206))
 
 
 def store_of(mirror: Mirror) -> DiskBlobStore:
