@@ -384,12 +384,20 @@ class Fill:
         """Every byte into the part file (or the window), hashed in order."""
         first = _content_length(response)
         if (response.status_code == 206 and part is not None and self.size is not None
-                and first is not None and first < self.size):
+                and first is not None and first < self.size and self._room_for(self.size)):
             if self._fetch_in_chunks(response, first, part, hasher):
                 return
             response = None  # fell back: the rest over one connection, from `written`
         self._receive(self.written, self.size, response,
                       lambda offset, data: self._append(data, part, hasher), whole_ok=True)
+
+    def _room_for(self, size: int) -> bool:
+        """Chunks land all over the part file: only a blob the disk has room
+        for is fetched in chunks. One that does not fit goes over one
+        connection and spills where the disk fills up, as it would anyway."""
+        if self.store.disk_space_left() >= size:
+            return True
+        return self._make_room() and self.store.disk_space_left() >= size
 
     # -- one stream of bytes, resumed after breaks -----------------------------
 
