@@ -618,8 +618,6 @@ class Fill:
             run.fall_back("disk full", disk_full=True)
         except BaseException as exc:  # noqa: BLE001 - handed to the fill's thread
             run.fail(exc)
-        finally:
-            run.leave()
 
     def _make_room(self) -> bool:
         """Disk full: evict old blobs once, as much as this one still needs."""
@@ -897,9 +895,6 @@ class _ChunkRun:
         if first is not None:
             first.close()
 
-    def leave(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
 
 
 class _Body:
