@@ -666,6 +666,8 @@ class Bench:
                 entry["lifetime"] = life
             self.results.setdefault("mitmdump_lifetime_vmhwm_mb", []).append(life["vmhwm_mb"])
 
+        if self.args.no_peer:
+            return
         self.say(f"{tag}: pull through a fresh peer")
         p = self.new_peer()
         try:
@@ -1222,6 +1224,7 @@ def main(argv=None) -> int:
                     help="comma-separated phases to run (default: all): cold, resume, warm, rates, copies, manifest")
     ap.add_argument("--mirror-option", action="append", default=[], metavar="NAME=VALUE",
                     help="a --set option for the mirror under test (repeatable), e.g. fill_connections=4")
+    ap.add_argument("--no-peer", action="store_true", help="skip the cold pulls through the peer")
     ap.add_argument("--no-pretouch", action="store_true",
                     help="skip the second set of cold pulls made with memory pre-touched")
     args = ap.parse_args(argv)
