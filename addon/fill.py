@@ -41,6 +41,7 @@ each reason is counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import hashlib
@@ -259,19 +260,19 @@ class Fill:
             if not self.refetch and not self.source and self._found_in_store():
                 return
             response, size = self._first_answer()
-            if response.status_code not in (200, 206):
-                with response:
+            with contextlib.closing(response):
+                if response.status_code not in (200, 206):
                     self.answer = UpstreamAnswer.from_response(response)
-                status = response.status_code
-                if not self.refused:
-                    self.failure, self.failure_status = _status_reason(status), status
-                self._finish(State.FAILED, f"upstream answered {status}")
-                last_words = (logging.INFO, "fill: %s %s: upstream answered %d", self.digest,
-                              "refused" if self.refused else "failed", status)
-                return
-            part = self._begin_streaming(size)
-            with PipelinedSha256() as hasher:
-                self._fetch(response, part, hasher)
+                    status = response.status_code
+                    if not self.refused:
+                        self.failure, self.failure_status = _status_reason(status), status
+                    self._finish(State.FAILED, f"upstream answered {status}")
+                    last_words = (logging.INFO, "fill: %s %s: upstream answered %d", self.digest,
+                                  "refused" if self.refused else "failed", status)
+                    return
+                part = self._begin_streaming(size)
+                with PipelinedSha256() as hasher:
+                    self._fetch(response, part, hasher)
             self._verify(hasher)
             if self.on_verified is not None:
                 try:
