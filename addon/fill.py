@@ -155,8 +155,8 @@ class _Stopped(Exception):
 class FetchPolicy:
     """How a fill fetches a blob (the fill_* options; see the module docstring)."""
 
-    first_request: int = 16 << 20  # fill_chunk_threshold: smaller blobs come in one request
-    chunk_size: int = 16 << 20  # fill_chunk_size
+    first_request: int = 8 << 20  # fill_chunk_threshold: smaller blobs come in one request
+    chunk_size: int = 8 << 20  # fill_chunk_size
     connections: int = 8  # fill_connections; 1: one connection, no Range but to resume
 
     @property

@@ -208,12 +208,12 @@ class RegistryCache:
             "that registry (one request asks again).",
         )
         loader.add_option(
-            "fill_chunk_threshold", str, "16m",
+            "fill_chunk_threshold", str, "8m",
             "Blobs up to this size are fetched from the upstream in one request; the first request for a "
             "larger one asks for this much (a Range), and tells its size.",
         )
         loader.add_option(
-            "fill_chunk_size", str, "16m",
+            "fill_chunk_size", str, "8m",
             "Size of the ranges the rest of a larger blob is fetched in, over fill_connections connections.",
         )
         loader.add_option(
