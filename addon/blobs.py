@@ -151,8 +151,7 @@ class BlobPath:
         url = req.url.split("?", 1)[0]
         access = self.storage.access
 
-        def opener():
-            return self.upstream.get_blob(url, req.authorization)
+        opener = self.upstream.blob_source(url, req.authorization)
 
         def vouch():
             # The upstream served these verified bytes under this repository

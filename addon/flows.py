@@ -32,6 +32,8 @@ from .routes import Route
 from .tokens import TOKEN_PATH
 from .workers import UNLISTED
 
+from .fill import failure_labels
+
 if TYPE_CHECKING:
     from .fill import Fill
 
@@ -295,22 +297,10 @@ def metrics_response(path: str, metrics: Metrics, gauges: dict[str, float]) -> h
 
 def count_fill(metrics: Metrics, fill: "Fill") -> None:
     """A fill's bytes and failure in the metrics (called in the fill's thread as it ends)."""
-    from .access import UNREACHABLE
-    from .fill import State
-
     if not fill.already_stored:
-        metrics.count("upstream_blob_bytes_total", fill.written)
-    if fill.state is not State.FAILED or fill.refused:  # a refusal is the upstream's answer, not a failure
-        return
-    if fill.answer is not None:
-        reason = f"upstream {fill.answer.status}"
-        if fill.answer.status in UNREACHABLE:
-            metrics.count("upstream_errors_total", 1, str(fill.answer.status))
-    elif fill.error.startswith(("digest mismatch", "truncated", "upstream sent more")):
-        reason = "verification"
-    elif fill.error.startswith("could not start"):
-        reason = "local"  # out of threads: not the upstream's fault
-    else:
-        reason = "connection"
-        metrics.count("upstream_errors_total", 1, "connection")
-    metrics.count("fill_failures_total", 1, reason)
+        metrics.count("upstream_blob_bytes_total", fill.fetched)
+    if fill.failure is not None:  # a refusal is the upstream's answer, not a failure
+        failed, upstream_error = failure_labels(fill.failure, fill.failure_status)
+        metrics.count("fill_failures_total", 1, failed)
+        if upstream_error is not None:
+            metrics.count("upstream_errors_total", 1, upstream_error)

@@ -62,11 +62,13 @@ class Services:
         announce = old is None or new.layout != old.layout
         if announce:
             retired, self.storage = self.storage, Storage(new.layout, new.cache_size, self.upstream,
-                                                          self._on_fill_finished)
+                                                          self._on_fill_finished, new.fetch_policy)
             if retired is not None:
                 self._retire(retired)
-        elif new.cache_size != old.cache_size:
-            self.storage.resize(new.cache_size)
+        else:
+            if new.cache_size != old.cache_size:
+                self.storage.resize(new.cache_size)
+            self.storage.fills.policy = new.fetch_policy  # for fills started from now on
         storage = self.storage
         if self.blob_server is None or (new.blob_host, new.blob_port) != (old.blob_host, old.blob_port):
             self._start_blob_server(new)

@@ -17,6 +17,7 @@ from typing import Any
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
+from .fill import FetchPolicy
 from .layout import DEFAULT_CACHE_SIZE, CacheLayout, default_cache_dir, parse_size
 from .registries import DEFAULT_REGISTRIES, DOCKER_HUB_NAME, DOCKER_HUB_URL, origin_of, parse_registries
 from .upstream import ANSWER_TIMEOUT, QUIET_FOR
@@ -62,6 +63,19 @@ def declare(loader) -> None:
         "A file in Docker's config.json format ({\"auths\": {\"docker.io\": {\"auth\": ...}}}) with accounts of "
         "the mirror's own: manifest GETs of public repositories are then made with them, so pulls count "
         "against those accounts' quotas, not the mirror's address.",
+    )
+    loader.add_option(
+        "fill_chunk_threshold", str, "8m",
+        "A fill's first request asks for this much of a blob (a Range); a blob up to this size comes in "
+        "that one request, a larger one in ranges over fill_connections connections.",
+    )
+    loader.add_option(
+        "fill_chunk_size", str, "8m",
+        "Size of the ranges the rest of a larger blob is fetched in.",
+    )
+    loader.add_option(
+        "fill_connections", int, 8,
+        "Upstream connections one fill uses at once (1: one connection, as a direct pull does).",
     )
     loader.add_option(
         "blob_redirect", bool, True,
@@ -117,6 +131,7 @@ class Settings:
     tag_check_interval: int
     upstream_verify: bool | str
     upstream_credentials: str  # path of the accounts file, or ""
+    fetch_policy: FetchPolicy  # the fill_* options
     blob_redirect: bool
     blob_host: str  # where the blob server listens
     blob_port: int
@@ -151,6 +166,7 @@ class Settings:
             tag_check_interval=options.tag_check_interval,
             upstream_verify=_upstream_verify(options),
             upstream_credentials=options.upstream_credentials,
+            fetch_policy=_fetch_policy(options),
             blob_redirect=options.blob_redirect,
             blob_host=options.blob_host or _proxy_listen_host(modes, options.listen_host),
             blob_port=port,
@@ -190,6 +206,16 @@ def host_port_of(origin: str) -> str:
     scheme, _, rest = origin.partition("://")
     host, _, port = rest.rpartition(":")
     return host if port == ("443" if scheme == "https" else "80") else rest
+
+
+def _fetch_policy(options) -> FetchPolicy:
+    """The fill_* options, checked."""
+    threshold, chunk = parse_size(options.fill_chunk_threshold), parse_size(options.fill_chunk_size)
+    if not 1 <= options.fill_connections <= 64:
+        raise ValueError(f"fill_connections must be 1 to 64, not {options.fill_connections}")
+    if min(threshold, chunk) < 1 << 20:
+        raise ValueError("fill_chunk_threshold and fill_chunk_size must be 1m or more")
+    return FetchPolicy(first_request=threshold, chunk_size=chunk, connections=options.fill_connections)
 
 
 def _upstream_verify(options) -> bool | str:

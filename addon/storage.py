@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from .access import AccessGate, SeenIndex
-from .fill import Fill, Fills
+from .fill import FetchPolicy, Fill, Fills
 from .layout import CacheLayout
 from .manifests import ManifestStore
 from .store import DiskBlobStore
@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 class Storage:
     def __init__(self, layout: CacheLayout, size_limit: int, upstream: UpstreamClient,
-                 on_fill_finished: Callable[[Fill], None]):
+                 on_fill_finished: Callable[[Fill], None], policy: FetchPolicy):
         self.layout = layout
         self.store = DiskBlobStore(layout.blobs, size_limit)
-        self.fills = Fills(self.store, max_stored_size=size_limit, on_finished=on_fill_finished)
+        self.fills = Fills(self.store, max_stored_size=size_limit, on_finished=on_fill_finished, policy=policy)
         self.access = AccessGate(SeenIndex(layout.access_db), upstream)
         self.manifests = ManifestStore(layout.manifests)
         self.closed = False

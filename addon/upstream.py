@@ -61,6 +61,42 @@ class Answer:
     body: bytes
 
 
+class BlobSource:
+    """One blob's bytes at the upstream, for a fill: `source(start, end)` GETs
+    bytes [start, end), `source()` the whole blob.
+
+    The first GET goes to the registry with the client's credentials, and
+    follows its redirect (Docker Hub's: a signed CDN URL). Later ranges (a
+    resume, the chunks of a large blob) go straight to the URL that answered,
+    without the credentials if that is a CDN's: one redirect, not one per
+    chunk. When that URL has expired (the CDN answers 401, 403 or 410), the
+    registry is asked once more for a fresh one.
+    """
+
+    EXPIRED = (401, 403, 410)
+
+    def __init__(self, client: "UpstreamClient", url: str, authorization: str | None):
+        self.client = client
+        self.url = url
+        self.authorization = authorization
+        self._redirected_to: str | None = None  # where the registry last sent us
+
+    def __call__(self, start: int = 0, end: int | None = None) -> requests.Response:
+        target = self._redirected_to
+        if target is not None:
+            response = self.client.get_blob(target, None, start, end)
+            if response.status_code not in self.EXPIRED:
+                response.redirected = True
+                return response
+            response.close()
+            log.info("upstream: %s answered %d; asking the registry for a fresh redirect",
+                     target.split("?", 1)[0], response.status_code)
+        response = self.client.get_blob(self.url, self.authorization, start, end)
+        if response.redirected:
+            self._redirected_to = response.url
+        return response
+
+
 class UpstreamClient:
     def __init__(self, verify: bool | str = True, user_agent: str = "registry-cache",
                  answer_timeout: float = ANSWER_TIMEOUT, is_own: Callable[[str, int], bool] | None = None):
@@ -93,11 +129,16 @@ class UpstreamClient:
         if parts.hostname and self.is_own(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)):
             raise OwnAddress(f"{parts.scheme}://{parts.netloc} is the mirror itself; not asking it")
 
-    def get_blob(self, url: str, authorization: str | None) -> requests.Response:
-        """GET a blob, following redirects; the body is left unread (stream)."""
+    def get_blob(self, url: str, authorization: str | None, start: int = 0,
+                 end: int | None = None) -> requests.Response:
+        """GET a blob, following redirects; the body is left unread (stream).
+        With start or end, only bytes [start, end) are asked for (a Range;
+        end None: to the last byte). The caller checks what came back."""
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
         if authorization:
             headers["Authorization"] = authorization
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         for hops in range(MAX_REDIRECTS + 1):
             self.refuse_own(url)
             response = self.session.get(
@@ -118,6 +159,10 @@ class UpstreamClient:
             headers.pop("Authorization", None)
             log.debug("upstream: blob redirected to %s", url.split("?", 1)[0])
         raise requests.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects for a blob")
+
+    def blob_source(self, url: str, authorization: str | None) -> "BlobSource":
+        """What a fill fetches one blob's bytes with (see BlobSource)."""
+        return BlobSource(self, url, authorization)
 
     def fetch(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> Answer:
         """Relay a small request (manifest, ping) with the client's headers.

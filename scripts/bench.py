@@ -3,6 +3,7 @@
 distribution's own pull-through cache, in ONE run on this machine.
 
     .venv/bin/python scripts/bench.py [--layer-mb 500] [--json out.json] [--quick] [--redirect]
+        [--link-mbit 800 --conn-mbit 100 --rtt-ms 50] [--phases cold,resume] [--mirror-option NAME=VALUE]
 
 Everything runs on 127.0.0.1: the harness upstream (distribution behind the
 token server and the counting front door, relay mode unless --redirect), the
@@ -32,6 +33,17 @@ host, and writing a new file into them costs 0.4-1.5 s per 500 MB instead of
 0.1 s. The mirror's fill and the peer's store write a new file; the direct
 pull writes nothing. The pre-touched figure is the one that transfers to a
 machine without that balloon.
+
+A slow line is modelled with --link-mbit (one shared line for all blob bytes
+of the upstream and its CDN), --conn-mbit (a cap per upstream connection, as a
+long lossy path or a CDN's per-connection shaping gives one TCP stream) and
+--rtt-ms (each upstream request waits that long before its answer starts).
+A direct pull uses one connection per blob, as Docker and containerd 1.x do;
+the mirror's fill fetches a large blob in ranges over several.
+
+The resume phase cuts the upstream's connection once, half-way through the
+layer, and reports the upstream bytes the cold pull cost: through the mirror
+(which resumes) and direct (a client that retries downloads it from byte 0).
 
 Results: a table on stdout and JSON (default bench-results/latest.json).
 """
@@ -100,6 +112,22 @@ def task_pull(url: str, repo: str, tag: str, start_at: float) -> dict:
     t1 = time.monotonic()
     return {"pid": os.getpid(), "start": t0, "end": t1, "seconds": t1 - t0, "bytes": result.bytes_fetched,
             "manifest_digest": result.manifest_digest, "cpu": time.process_time() - cpu0}
+
+
+def task_pull_retrying(url: str, repo: str, tag: str, start_at: float) -> dict:
+    """A pull that starts over once after a failure (as a client does with a
+    broken layer download)."""
+    _sleep_until(start_at)
+    t0 = time.monotonic()
+    try:
+        result = task_pull(url, repo, tag, 0.0)
+        result["retried"] = False
+    except Exception:  # noqa: BLE001 - the cut is the point: pull again
+        result = task_pull(url, repo, tag, 0.0)
+        result["retried"] = True
+    result["start"] = t0  # the wall time includes the broken attempt
+    result["seconds"] = result["end"] - t0
+    return result
 
 
 def _verify() -> bool | str:
@@ -484,6 +512,7 @@ class Bench:
     def new_mirror(self, label: str) -> Mirror:
         self._mirrors += 1
         options = {"ssl_verify_upstream_trusted_ca": self.upstream.ca_cert_path} if self.args.https else {}
+        options.update(option.split("=", 1) for option in self.args.mirror_option)
         m = PinnedMirror(self.tmp / f"mirror-{self._mirrors}-{label}", [f"reverse:{self.upstream.url}"],
                          options=options)
         m.script = self.script
@@ -536,8 +565,10 @@ class Bench:
         self.say(f"probing sha256 / write / fsync speed in {self.tmp}")
         self.results["probe"] = probe_components(self.tmp, self.size)
         link_rate = a.link_mbit * 1e6 / 8 if a.link_mbit else None
+        conn_rate = a.conn_mbit * 1e6 / 8 if a.conn_mbit else None
         self.upstream = Upstream(redirect_blobs=a.redirect, workdir=str(self.tmp / "upstream"),
-                                 link_rate=link_rate, https=a.https).start()
+                                 link_rate=link_rate, conn_rate=conn_rate, request_delay=a.rtt_ms / 1000,
+                                 https=a.https).start()
         if a.https:
             os.environ["SSL_CERT_FILE"] = self.upstream.ca_cert_path  # before any client process starts
         self.say(f"upstream at {self.upstream.url} ({'CDN redirect' if a.redirect else 'relay'} mode); "
@@ -639,6 +670,8 @@ class Bench:
                 entry["lifetime"] = life
             self.results.setdefault("mitmdump_lifetime_vmhwm_mb", []).append(life["vmhwm_mb"])
 
+        if self.args.no_peer:
+            return
         self.say(f"{tag}: pull through a fresh peer")
         p = self.new_peer()
         try:
@@ -781,6 +814,41 @@ class Bench:
             except Exception as exc:  # noqa: BLE001
                 self.error(f"{n} concurrent cold pulls: {name}", exc, self.mirror if name == "mirror" else None)
 
+    def phase_resume(self) -> None:
+        """A cold pull whose upstream connection is cut once, half-way through
+        the layer: the mirror resumes; a direct client starts over."""
+        image = self.image
+        out = self.results.setdefault("resume", {"direct": [], "mirror": []})
+        for rep in range(self.reps):
+            self.say(f"resume rep {rep + 1}/{self.reps}: direct pull cut at 50% (retried), then through a fresh mirror")
+            settle()
+            self.upstream.reset_counters()
+            self.upstream.set_fault(self.layer_digest, "cut", at=self.layer_size // 2, times=1)
+            try:
+                r = run_clients(self.pool, task_pull_retrying, [(self.upstream.url, image.repo, image.tag)])
+                out["direct"].append({"seconds": r["wall_s"], "retried": r["per_client"][0]["retried"],
+                                      "upstream_copies": self.upstream.counters.blob_bytes / image.blob_bytes})
+            except Exception as exc:  # noqa: BLE001
+                self.error(f"resume rep {rep + 1}: direct", exc)
+            finally:
+                self.upstream.clear_faults()
+            m = self.new_mirror("resume")
+            try:
+                settle()
+                self.upstream.reset_counters()
+                self.upstream.set_fault(self.layer_digest, "cut", at=self.layer_size // 2, times=1)
+                line0 = len(m.lines)
+                r = run_clients(self.pool, task_pull, [(m.url, image.repo, image.tag)])
+                fills = wait_fills(m, [d for d, _ in image.blobs], line0)
+                resumed = any("resuming at byte" in line for line in m.lines[line0:])
+                out["mirror"].append({"seconds": r["wall_s"], "fill_s": fills[self.layer_digest], "resumed": resumed,
+                                      "upstream_copies": self.upstream.counters.blob_bytes / image.blob_bytes})
+            except Exception as exc:  # noqa: BLE001
+                self.error(f"resume rep {rep + 1}: mirror", exc, m)
+            finally:
+                self.upstream.clear_faults()
+                self.stop_mirror(m)
+
     def phase_manifest_latency(self) -> None:
         image = self.image
         n = self.args.manifest_gets
@@ -829,6 +897,7 @@ class Bench:
             "layer_mb": a.layer_mb, "layer_bytes": self.size, "reps": self.reps, "quick": a.quick,
             "rate_reps": a.rate_reps, "redirect": a.redirect, "https": a.https, "clients": a.clients, "cold_clients": a.cold_clients,
             "manifest_gets": a.manifest_gets, "pretouch": not a.no_pretouch, "link_mbit": a.link_mbit,
+            "conn_mbit": a.conn_mbit, "rtt_ms": a.rtt_ms, "phases": a.phases, "mirror_options": a.mirror_option,
         }
         self.results["machine"] = {
             "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
@@ -839,8 +908,15 @@ class Bench:
         }
         try:
             self.setup()
-            for phase in (self.phase_cold, self.start_main, self.phase_warm, self.phase_rates,
-                          self.phase_copies, self.phase_manifest_latency):
+            phases = {"cold": [self.phase_cold], "resume": [self.phase_resume], "warm": [self.phase_warm],
+                      "rates": [self.phase_rates], "copies": [self.phase_copies],
+                      "manifest": [self.phase_manifest_latency]}
+            wanted = [name for name in phases if name in a.phases]
+            if set(wanted) & {"warm", "rates", "copies", "manifest"}:
+                wanted.insert(wanted.index(next(n for n in wanted if n in ("warm", "rates", "copies", "manifest"))),
+                              "main")
+                phases["main"] = [self.start_main]
+            for phase in [p for name in wanted for p in phases[name]]:
                 try:
                     phase()
                 except Exception as exc:  # noqa: BLE001 - one broken phase must not hide the others
@@ -924,6 +1000,13 @@ def summarize(res: dict) -> dict:
         if mk in rates and pk in rates:
             s[f"rate_ratio_{n}"], s[f"rate_ratios_{n}"] = paired_ratio(
                 [r["aggregate_mb_s"] for r in rates[mk]], [r["aggregate_mb_s"] for r in rates[pk]])
+    resume = res.get("resume", {})
+    if resume.get("mirror"):
+        s["resume_copies_mirror"] = [e["upstream_copies"] for e in resume["mirror"]]
+        s["resume_mirror_s"] = median(secs(resume["mirror"]))
+    if resume.get("direct"):
+        s["resume_copies_direct"] = [e["upstream_copies"] for e in resume["direct"]]
+        s["resume_direct_s"] = median(secs(resume["direct"]))
     c8 = res.get("copies8", {})
     for name in ("mirror", "peer"):
         if name in c8:
@@ -1090,6 +1173,10 @@ def table(res: dict, s: dict) -> str:
             f"{min(values):.2f}..{max(values):.2f}"
     row("upstream copies, 1 cold pull", copies(c1m), f"peer {copies(c1p)}",
         f"(upstream blob bytes / image bytes; {len(c1m)} pulls each)")
+    if "resume_copies_mirror" in s or "resume_copies_direct" in s:
+        row("upstream copies, cold pull cut at 50% once", copies(s.get("resume_copies_mirror", [])),
+            f"direct, retried {copies(s.get('resume_copies_direct', []))}",
+            f"pull {fmt(s.get('resume_mirror_s'))}s vs direct {fmt(s.get('resume_direct_s'))}s")
     row(f"upstream copies, {n8} concurrent cold pulls", fmt(s.get("copies_8_mirror")),
         f"peer {fmt(s.get('copies_8_peer'))}",
         f"wall {fmt(s.get('cold8_mirror_s'))}s vs peer {fmt(s.get('cold8_peer_s'))}s")
@@ -1101,6 +1188,7 @@ def table(res: dict, s: dict) -> str:
     row(f"mitmdump peak RSS, {n8} cold clients (MB)", fmt(s.get("rss_cold8_mb"), ".0f"), "", "")
     row("mitmdump peak RSS, overall (MB)", fmt(s.get("rss_overall_mb"), ".0f"), "", "")
 
+    rows = [r for r in rows if not (r[1].endswith("n/a") and r[2] in ("", "n/a") or r[2].endswith(" n/a"))]
     widths = [max(len(r[i]) for r in rows + [("figure", "mirror", "baseline", "ratio mirror/baseline")])
               for i in range(4)]
     header = ("figure", "mirror", "baseline", "ratio mirror/baseline")
@@ -1131,9 +1219,20 @@ def main(argv=None) -> int:
     ap.add_argument("--link-mbit", type=float, default=None,
                     help="pace the upstream's blob bytes through one shared link of this many Mbit/s "
                          "(the slow line the mirror is for; default: loopback speed)")
+    ap.add_argument("--conn-mbit", type=float, default=None,
+                    help="cap each upstream connection at this many Mbit/s, within the --link-mbit line "
+                         "(a long path or a CDN shaping one TCP stream; default: no cap)")
+    ap.add_argument("--rtt-ms", type=float, default=0.0,
+                    help="each upstream request waits this long before its answer (a distant server)")
+    ap.add_argument("--phases", default="cold,resume,warm,rates,copies,manifest",
+                    help="comma-separated phases to run (default: all): cold, resume, warm, rates, copies, manifest")
+    ap.add_argument("--mirror-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="a --set option for the mirror under test (repeatable), e.g. fill_connections=4")
+    ap.add_argument("--no-peer", action="store_true", help="skip the cold pulls through the peer")
     ap.add_argument("--no-pretouch", action="store_true",
                     help="skip the second set of cold pulls made with memory pre-touched")
     args = ap.parse_args(argv)
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if args.layer_mb is None:
         args.layer_mb = 100 if args.quick else 500
     if args.reps is None:
@@ -1154,7 +1253,9 @@ def main(argv=None) -> int:
     print()
     print(f"registry-cache benchmark: one {cfg['layer_bytes'] / MB:.0f} MB layer + config, "
           f"{'CDN-redirect' if cfg['redirect'] else 'relay'} {'HTTPS' if cfg.get('https') else 'HTTP'} upstream"
-          f"{', link ' + str(args.link_mbit) + ' Mbit/s' if args.link_mbit else ', loopback link'}, "
+          f"{', link ' + str(args.link_mbit) + ' Mbit/s' if args.link_mbit else ', loopback link'}"
+          f"{', ' + str(args.conn_mbit) + ' Mbit/s per connection' if args.conn_mbit else ''}"
+          f"{', ' + str(args.rtt_ms) + ' ms per request' if args.rtt_ms else ''}, "
           f"{cfg['reps']} rep(s) (medians; "
           f"[min..max] of paired ratios), {results['machine']['cpus']} CPUs, load "
           f"{results['machine']['loadavg_start'][0]:.2f} -> {results['machine']['loadavg_end'][0]:.2f}")

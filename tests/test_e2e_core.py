@@ -62,7 +62,7 @@ def test_redirected_blobs_are_fetched_by_the_mirror_without_the_clients_token(up
     cdn = [r for r in upstream_redirect.counters.requests if r.server == "cdn"]
     assert upstream_redirect.counters.cdn_gets_by_digest == {d: 1 for d, _ in image.blobs}
     assert not any(r.authorization for r in cdn)  # the CDN would have answered 400
-    assert all(r.status == 200 for r in cdn)
+    assert all(r.status == 206 for r in cdn)  # the fill asks for its first chunk: here, each whole blob
     upstream_redirect.reset_counters()
     RegistryClient(mirror.url).pull(image.repo, image.tag)
     assert upstream_redirect.counters.blob_bytes == 0 and upstream_redirect.counters.cdn_gets == 0
@@ -179,11 +179,11 @@ def test_head_and_range_are_answered_from_the_store(upstream, mirror):
     assert upstream.counters.blob_heads == 0 and upstream.counters.blob_bytes == 0
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "truncate"])
-def test_bad_upstream_blob_is_never_stored_nor_completed(any_upstream, mirror, fault):
+def test_bad_upstream_blob_is_never_stored_nor_completed(any_upstream, mirror):
+    """(A body cut short is resumed instead: tests/test_e2e_chunked.py.)"""
     image = fresh_image(any_upstream, 3_000_000)
     digest, size = image.layers[0]
-    any_upstream.set_fault(digest, fault)
+    any_upstream.set_fault(digest, "corrupt")
     client = RegistryClient(mirror.url)
     client.get_manifest(image.repo, image.tag)  # gets a token for the repository
     response = client.request("GET", f"/v2/{image.repo}/blobs/{digest}", stream=True)
@@ -248,7 +248,7 @@ def test_killed_mid_fill_leaves_nothing_that_could_be_served(upstream, tmp_path)
         assert RegistryClient(second.url).get_blob(image.repo, digest, expected_size=size) == size
         # One new, complete upstream fetch (the killed one may still be winding down).
         fetches = [r for r in upstream.counters.requests
-                   if r.method == "GET" and r.path.endswith(digest) and r.status == 200]
+                   if r.method == "GET" and r.path.endswith(digest) and r.status in (200, 206)]
         assert [r.bytes for r in fetches] == [size]
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for the small helpers of addon/mirror.py (the request flow
+"""Unit tests for the small helpers of the hooks (the request flow
 itself is tested end to end, in the test_e2e_* modules)."""
 
 import gzip
@@ -50,3 +50,59 @@ def test_the_open_files_limit_is_raised_towards_the_hard_limit():
         assert raised > 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_fill_failures_are_counted_by_the_reason_the_fill_set(tmp_path, monkeypatch):
+    """A disk that fails (EIO) while a fill writes its part file is a local
+    failure, never an upstream error; upstream trouble is counted as both."""
+    import errno
+    import hashlib
+    import os
+    import threading
+
+    from addon import fill as fill_module
+    from addon.fill import FailureReason, Fill
+    from addon.flows import count_fill
+    from addon.metrics import Metrics
+    from addon.store import DiskBlobStore
+
+    class Body:  # a 200 with a Content-Length, as requests hands it over
+        status_code = 200
+
+        def __init__(self, data):
+            self.headers = {"Content-Length": str(len(data))}
+            self._data = [data]
+            self.raw = self
+
+        def read1(self, n, decode_content=False):
+            return self._data.pop() if self._data else b""
+
+        def close(self):
+            pass
+
+    def eio(fd, data, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fill_module.os, "pwrite", eio)
+    metrics = Metrics()
+    store = DiskBlobStore(tmp_path / "cache", 1 << 30)
+    try:
+        data = os.urandom(1000)
+        done = threading.Event()
+
+        def counted(fill):
+            count_fill(metrics, fill)
+            done.set()
+
+        fill = Fill("sha256:" + hashlib.sha256(data).hexdigest(), store, lambda *range_: Body(data),
+                    on_finished=counted)
+        fill.start()
+        assert done.wait(30) and fill.failure is FailureReason.LOCAL
+        fill.failure, fill.failure_status = FailureReason.UNAVAILABLE, 503  # as a fill the upstream failed
+        count_fill(metrics, fill)
+        stats = metrics.stats({"fills_in_flight": 0, "store_bytes": 0, "store_blobs": 0,
+                                     "store_limit_bytes": 0})
+        assert stats["fill_failures"] == {"local": 1, "upstream 503": 1}
+        assert stats["upstream_errors"] == {"503": 1}
+    finally:
+        store.close()

@@ -435,7 +435,7 @@ def test_password_goes_only_to_the_realm_and_nothing_to_the_blob_port():
 def test_a_broken_transfer_is_tried_again(upstream, mirror):
     image = fresh_image(upstream, 2_000_000)
     digest, size = image.layers[0]
-    upstream.set_fault(digest, "truncate", times=1)  # the first fill fails half-way
+    upstream.set_fault(digest, "corrupt", times=1)  # the first fill fails (a cut one would resume)
     proc = prefetch(mirror.url, image.ref)
     # Seen as a cut transfer, or (when the fill failed before the redirect was
     # followed) as the blob port no longer having the blob; either way, again.

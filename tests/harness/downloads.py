@@ -12,10 +12,11 @@ WAIT = 60
 
 
 def upstream_fetches(upstream, digest) -> list:
-    """Successful upstream GETs of digest's bytes (front door or CDN)."""
+    """Successful upstream GETs of digest's bytes (front door or CDN; a 206
+    too: a fill asks for the first chunk of a blob, all of a small one)."""
     hexdigest = digest.split(":", 1)[1]
     return [r for r in upstream.counters.requests
-            if r.method == "GET" and hexdigest in r.path and r.status == 200]
+            if r.method == "GET" and hexdigest in r.path and r.status in (200, 206)]
 
 
 class Downloader(threading.Thread):

@@ -24,7 +24,21 @@ connection closes), ``"close"`` (connection closed without a response), or an
 HTTP error status such as 429/500/503 with an OCI error body (429 also gets
 ``Retry-After``), or ``"stall"`` (half the body, then nothing until
 :meth:`Upstream.release_stalls`; :meth:`Upstream.wait_stalled` tells a test the
-transfer is parked mid-body).
+transfer is parked mid-body), or ``"ignore-range"`` (a request with a Range
+header gets a 200 and the whole blob, as from a server without range support).
+
+With ``at=N`` (a byte offset in the blob) a fault applies only to a GET whose
+range covers byte N (a whole-blob GET covers every byte): other requests pass
+untouched and do not use up ``times``. ``"cut"`` needs it: the response sends
+the bytes before N, then the connection closes. With it, ``"corrupt"`` flips
+byte N and ``"stall"`` parks the transfer at N, instead of the middle of the
+response.
+
+Speed (for the benchmark): ``link_rate`` paces all blob bytes of the front
+door and the CDN through one shared line; ``conn_rate`` caps each connection
+on top of that, as a long lossy path or a CDN's per-connection shaping does to
+one TCP stream; ``request_delay`` holds every request that long before it is
+answered (a round trip to a distant server).
 """
 
 from __future__ import annotations
@@ -60,7 +74,7 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
      "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect"}
 )
-FAULT_KINDS = ("corrupt", "truncate", "close", "stall")
+FAULT_KINDS = ("corrupt", "truncate", "close", "stall", "cut", "ignore-range")
 STALL_LIMIT = 120.0  # a stalled transfer resumes on its own after this (bounded wait)
 ERROR_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN",
                429: "TOOMANYREQUESTS", 500: "UNKNOWN", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
@@ -92,6 +106,16 @@ class Fault:
     kind: str | int
     remaining: int | None = None  # None: until cleared
     where: str = "auto"  # "auto", "frontdoor" or "cdn"
+    at: int | None = None  # only requests whose range covers this blob offset
+
+
+def _covers(range_header: str | None, offset: int) -> bool:
+    """Does a request with this Range header ask for the byte at `offset`?
+    (No header, or one we do not parse: the whole blob, so yes.)"""
+    m = re.fullmatch(r"\s*bytes=(\d+)-(\d*)\s*", range_header or "")
+    if not m:
+        return True
+    return int(m[1]) <= offset and (m[2] == "" or offset <= int(m[2]))
 
 
 class Counters:
@@ -286,6 +310,8 @@ class Upstream(Service):
         keep_workdir: bool = False,
         start_timeout: float = 15.0,
         link_rate: float | None = None,
+        conn_rate: float | None = None,
+        request_delay: float = 0.0,
     ):
         self.users = dict(DEFAULT_USERS if users is None else users)
         self.private_repos = dict(DEFAULT_PRIVATE_REPOS if private_repos is None else private_repos)
@@ -295,6 +321,11 @@ class Upstream(Service):
         self.issuer = issuer
         self.token_ttl = token_ttl
         self.cdn_url_ttl = cdn_url_ttl
+        # A signed CDN URL answers this many GETs, then 403 "URL expired", as
+        # one past its expiry time does (None: only the time counts). A
+        # deterministic stand-in for a URL that expires during a long fill.
+        self.cdn_url_uses: int | None = None
+        self._cdn_url_used: collections.Counter[str] = collections.Counter()
         self.retry_after = retry_after
         self.registry_binary = registry_binary
         self.start_timeout = start_timeout
@@ -312,6 +343,9 @@ class Upstream(Service):
         # Blob bytes (front door and CDN together) are paced through one shared
         # link of this many bytes/s: the slow line the mirror exists for.
         self.link = Link(link_rate) if link_rate else None
+        # ...and each connection at most this many bytes/s (None: no cap).
+        self.conn_rate = conn_rate
+        self.request_delay = request_delay  # seconds before each request is answered
         # A status (e.g. 429 or 503) the front door answers every /v2/ request
         # with: Docker Hub rate-limiting us, or failing. None: behave.
         self.answer_everything_with: int | None = None
@@ -449,17 +483,22 @@ auth:
         if self.tokens is not None:
             self.tokens.reset_counters()
 
-    def set_fault(self, digest: str, kind: str | int, *, times: int | None = None, where: str = "auto") -> None:
-        """Break blob GETs of ``digest``; ``times`` limits how often (None: until cleared)."""
+    def set_fault(self, digest: str, kind: str | int, *, times: int | None = None, where: str = "auto",
+                  at: int | None = None) -> None:
+        """Break blob GETs of ``digest``; ``times`` limits how often (None: until
+        cleared); ``at`` limits it to GETs of ranges covering that byte."""
         if not (kind in FAULT_KINDS or (isinstance(kind, int) and 400 <= kind <= 599)):
             raise ValueError(f"unknown fault kind {kind!r}")
         if where not in ("auto", "frontdoor", "cdn"):
             raise ValueError(f"unknown fault location {where!r}")
+        if kind == "cut" and at is None:
+            raise ValueError("fault 'cut' needs at=: the blob offset to cut the connection at")
         with self._faults_lock:
-            self._faults[digest] = Fault(kind, times, where)
+            self._faults[digest] = Fault(kind, times, where, at)
 
     def clear_faults(self) -> None:
         self.answer_everything_with = None
+        self.cdn_url_uses = None
         with self._faults_lock:
             self._faults.clear()
         self.release_stalls()
@@ -516,7 +555,7 @@ auth:
         if include_auth or not down:
             self.tokens.set_down(down, how)
 
-    def _take_fault(self, digest: str, at: str) -> Fault | None:
+    def _take_fault(self, digest: str, at: str, range_header: str | None = None) -> Fault | None:
         with self._faults_lock:
             fault = self._faults.get(digest)
             if fault is None:
@@ -525,6 +564,10 @@ auth:
             if where == "auto":
                 where = "cdn" if self.redirect_blobs else "frontdoor"
             if where != at:
+                return None
+            if fault.at is not None and not _covers(range_header, fault.at):
+                return None
+            if fault.kind == "ignore-range" and not range_header:
                 return None
             if fault.remaining is not None:
                 fault.remaining -= 1
@@ -536,14 +579,29 @@ auth:
         """A signed, expiring CDN URL for ``digest`` (Docker Hub style)."""
         hexdigest = digest.split(":", 1)[1]
         expires = int(time.time()) + (self.cdn_url_ttl if ttl is None else ttl)
-        sig = self._cdn_signature(digest, expires)
+        nonce = secrets.token_hex(4)  # each redirect a URL of its own (cdn_url_uses counts per URL)
+        sig = self._cdn_signature(digest, expires, nonce)
         return (f"{self._cdn.url}/registry-v2/docker/registry/v2/blobs/sha256/{hexdigest[:2]}/"
-                f"{hexdigest}/data?expires={expires}&verify={sig}")
+                f"{hexdigest}/data?expires={expires}&n={nonce}&verify={sig}")
 
-    def _cdn_signature(self, digest: str, expires: int) -> str:
-        return hmac.new(self._cdn_secret, f"{digest}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    def _cdn_signature(self, digest: str, expires: int, nonce: str = "") -> str:
+        return hmac.new(self._cdn_secret, f"{digest}\n{expires}\n{nonce}".encode(), hashlib.sha256).hexdigest()
 
     # ------------------------------------------------------------------ shared bits
+    def _pace(self, h: _Handler, nbytes: int) -> None:
+        """Hold blob bytes back to the connection's cap, then to the shared line's."""
+        if self.conn_rate:
+            link = getattr(h, "_conn_link", None)
+            if link is None:
+                link = h._conn_link = Link(self.conn_rate)
+            link.pace(nbytes)
+        if self.link:
+            self.link.pace(nbytes)
+
+    @property
+    def _paced(self) -> bool:
+        return bool(self.link or self.conn_rate)
+
     def _send_fault_status(self, h: _Handler, status: int, rec: RequestRecord) -> None:
         headers = {"Docker-Distribution-Api-Version": "registry/2.0"}
         if status == 429:
@@ -567,6 +625,8 @@ auth:
                             token_subject=_token_subject(h.headers.get("Authorization", "")))
         c = self.counters
         c.add_record(rec)
+        if self.request_delay:
+            time.sleep(self.request_delay)  # a far-away server (in this server thread)
         try:
             if self.answer_everything_with and route.startswith("/v2"):
                 rec.fault = str(self.answer_everything_with)
@@ -577,8 +637,8 @@ auth:
             if blob and h.command == "GET":
                 digest = blob["digest"]
                 c._bump("blob_gets", "blob_gets_by_digest", digest)
-                fault = self._take_fault(digest, "frontdoor")
-                if fault is not None:
+                fault = self._take_fault(digest, "frontdoor", h.headers.get("Range"))
+                if fault is not None and fault.kind != "ignore-range":
                     rec.fault = str(fault.kind)
                     if isinstance(fault.kind, int):
                         h.drain_request_body()
@@ -586,8 +646,10 @@ auth:
                     if fault.kind == "close":
                         h.close_connection = True
                         return
-                elif self.redirect_blobs and self._redirect_blob(h, target, digest, rec):
+                elif fault is None and self.redirect_blobs and self._redirect_blob(h, target, digest, rec):
                     return
+                if fault is not None and fault.kind == "ignore-range":
+                    rec.fault = fault.kind
                 return self._relay(h, target, rec, digest=digest, fault=fault)
             if blob and h.command == "HEAD":
                 c._bump("blob_heads")
@@ -684,8 +746,9 @@ auth:
 
     def _relay(self, h: _Handler, target: str, rec: RequestRecord, *,
                digest: str | None = None, fault: Fault | None = None) -> None:
+        skip = frozenset({"range"}) if fault is not None and fault.kind == "ignore-range" else frozenset()
         try:
-            resp = self._upstream_response(h, h.command, target)
+            resp = self._upstream_response(h, h.command, target, skip=skip)
         except _Abort:
             self._drop_connection(h)
             raise
@@ -723,9 +786,15 @@ auth:
         if resp.status not in (200, 206):
             digest = None  # an error body is not blob content: do not count it
         kind = fault.kind if fault else None
-        stop_at = length // 2 if kind == "truncate" and length else None
-        flip_at = length // 2 if kind == "corrupt" and length else None
-        stall_at = length // 2 if kind == "stall" and length else None
+        # Where in this body a fault strikes: its middle, or the blob offset `at`.
+        if fault is not None and fault.at is not None:
+            first = re.match(r"bytes (\d+)-", resp.getheader("Content-Range") or "")
+            strike = fault.at - (int(first[1]) if resp.status == 206 and first else 0)
+        else:
+            strike = length // 2 if length else None
+        stop_at = strike if kind in ("truncate", "cut") else None
+        flip_at = strike if kind == "corrupt" else None
+        stall_at = strike if kind == "stall" else None
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         sent = 0
@@ -749,8 +818,7 @@ auth:
                 rec.bytes = sent
                 if digest is not None:
                     self.counters.add_blob_bytes(digest, n)
-                    if self.link:
-                        self.link.pace(n)
+                    self._pace(h, n)
                 if chunked_out:
                     h.wfile.write(b"%x\r\n" % n)
                     h.wfile.write(view[:n])
@@ -792,6 +860,8 @@ auth:
         rec = RequestRecord("cdn", h.command, h.path,
                             authorization="Authorization" in h.headers, range=h.headers.get("Range"))
         self.counters.add_record(rec)
+        if self.request_delay:
+            time.sleep(self.request_delay)
         try:
             h.drain_request_body()
             self._cdn_request(h, url, rec)
@@ -817,12 +887,19 @@ auth:
         try:
             expires = int(query["expires"][0])
             signature = query["verify"][0]
+            nonce = query.get("n", [""])[0]
         except (KeyError, ValueError, IndexError):
             return self._cdn_error(h, rec, 403, "missing signature")
-        if not hmac.compare_digest(signature, self._cdn_signature(digest, expires)):
+        if not hmac.compare_digest(signature, self._cdn_signature(digest, expires, nonce)):
             return self._cdn_error(h, rec, 403, "bad signature")
         if time.time() > expires:
             return self._cdn_error(h, rec, 403, "URL expired")
+        if self.cdn_url_uses is not None and h.command == "GET":
+            with self._faults_lock:
+                self._cdn_url_used[signature] += 1
+                used = self._cdn_url_used[signature]
+            if used > self.cdn_url_uses:
+                return self._cdn_error(h, rec, 403, "URL expired")
         path = self.blob_path(digest)
         try:
             f = open(path, "rb")
@@ -835,7 +912,7 @@ auth:
                 fault = None
             else:
                 self.counters._bump("cdn_gets", "cdn_gets_by_digest", digest)
-                fault = self._take_fault(digest, "cdn")
+                fault = self._take_fault(digest, "cdn", h.headers.get("Range"))
             if fault is not None:
                 rec.fault = str(fault.kind)
                 if isinstance(fault.kind, int):
@@ -843,6 +920,8 @@ auth:
                 if fault.kind == "close":
                     raise _Abort()
             rng = _parse_range(h.headers.get("Range"), size)
+            if fault is not None and fault.kind == "ignore-range":
+                rng = None
             if rng == "bad":
                 rec.status = 416
                 h.send_body(416, b"", headers={"Content-Range": f"bytes */{size}"})
@@ -863,16 +942,18 @@ auth:
             if h.command == "HEAD" or count == 0:
                 return
             kind = fault.kind if fault else None
-            if kind == "truncate":
-                self._sendfile(h, f, start, count // 2, digest, rec)
+            # Where a fault strikes: the middle of this body, or the blob offset `at`.
+            strike = start + count // 2 if fault is None or fault.at is None else fault.at
+            if kind in ("truncate", "cut"):
+                self._sendfile(h, f, start, strike - start, digest, rec)
                 raise _Abort()
             if kind == "stall":
-                self._sendfile(h, f, start, count // 2, digest, rec)
+                self._sendfile(h, f, start, strike - start, digest, rec)
                 self._stall(digest)
-                self._sendfile(h, f, start + count // 2, count - count // 2, digest, rec)
+                self._sendfile(h, f, strike, end + 1 - strike, digest, rec)
                 return
             if kind == "corrupt":
-                mid = start + count // 2
+                mid = strike
                 self._sendfile(h, f, start, mid - start, digest, rec)
                 byte = os.pread(f.fileno(), 1, mid)
                 rec.bytes += 1
@@ -897,17 +978,15 @@ auth:
                     raise _Abort()
                 rec.bytes += len(data)
                 self.counters.add_blob_bytes(digest, len(data))
-                if self.link:
-                    self.link.pace(len(data))
+                self._pace(h, len(data))
                 sock.sendall(data)
                 offset += len(data)
                 count -= len(data)
             return
         out_fd, in_fd = sock.fileno(), f.fileno()
         while count > 0:
-            want = min(count, 8 * CHUNK if self.link is None else CHUNK)
-            if self.link:
-                self.link.pace(want)
+            want = min(count, CHUNK if self._paced else 8 * CHUNK)
+            self._pace(h, want)
             rec.bytes += want
             self.counters.add_blob_bytes(digest, want)
             n = 0
