@@ -130,6 +130,68 @@ def task_pull_retrying(url: str, repo: str, tag: str, start_at: float) -> dict:
     return result
 
 
+def task_resolutions(url: str, repo: str, tag: str, threads: int, seconds: float, start_at: float) -> dict:
+    """Warm image resolutions, as each new client of a rollout makes one:
+    the /v2/ challenge, a token from the realm it names, a HEAD of the tag,
+    a GET of the manifest by the digest the HEAD named. `threads` clients
+    in this process loop for `seconds`; returns their count and latencies."""
+    accept = ", ".join(ALL_MANIFEST_TYPES)
+    stop_at = start_at + seconds
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def one(conn: http.client.HTTPConnection) -> None:
+        conn.request("GET", "/v2/")
+        resp = conn.getresponse()
+        resp.read()
+        scheme, params = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+        realm = urlsplit(params["realm"])
+        query = f"service={params.get('service', '')}&scope=repository:{repo}:pull"
+        token_conn = conn if (realm.hostname, realm.port) == (conn.host, conn.port) else _conn(params["realm"])
+        try:
+            token_conn.request("GET", f"{realm.path}?{query}")
+            answer = token_conn.getresponse()
+            token = json.loads(answer.read())["token"]
+        finally:
+            if token_conn is not conn:
+                token_conn.close()
+        headers = {"Accept": accept, "Authorization": "Bearer " + token}
+        conn.request("HEAD", f"/v2/{repo}/manifests/{tag}", headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        digest = resp.headers["Docker-Content-Digest"]
+        conn.request("GET", f"/v2/{repo}/manifests/{digest}", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200 or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            raise RuntimeError(f"manifest GET by digest: HTTP {resp.status}")
+
+    def client() -> None:
+        conn = _conn(url, timeout=60)
+        try:
+            while time.monotonic() < stop_at:
+                t0 = time.monotonic()
+                try:
+                    one(conn)
+                    latencies.append(time.monotonic() - t0)
+                except Exception as exc:  # noqa: BLE001 - counted, and the client goes on
+                    errors.append(repr(exc)[:200])
+                    conn.close()
+                    conn = _conn(url, timeout=60)
+        finally:
+            conn.close()
+
+    _sleep_until(start_at)
+    cpu0 = time.process_time()
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(seconds + 120)
+    return {"pid": os.getpid(), "resolutions": len(latencies), "latencies_ms": [x * 1000 for x in latencies],
+            "errors": errors[:5], "error_count": len(errors), "cpu": time.process_time() - cpu0}
+
+
 def _verify() -> bool | str:
     """What clients trust: the upstream's CA with --https (set in the
     environment, so worker processes, the peer and skopeo trust it too)."""
@@ -849,6 +911,63 @@ class Bench:
                 self.upstream.clear_faults()
                 self.stop_mirror(m)
 
+    def phase_resolutions(self) -> None:
+        """Warm image resolutions per second (challenge, token, HEAD by tag,
+        GET by digest) with many clients at once: a rollout is mostly this.
+        Direct and mirror interleaved; the upstream requests each cost."""
+        a, image = self.args, self.image
+        procs = min(a.workers, 8)
+        threads = max(1, -(-a.resolve_clients // procs))
+        out = self.results.setdefault("resolutions", {"direct": [], "mirror": []})
+        targets = {"direct": self.upstream.url, "mirror": self.mirror.url}
+        for rep in range(self.reps):
+            for name in (("direct", "mirror") if rep % 2 == 0 else ("mirror", "direct")):
+                self.say(f"resolutions rep {rep + 1}/{self.reps}: {procs * threads} clients for "
+                         f"{a.resolve_seconds:.0f} s, {name}")
+                settle()
+                self.upstream.reset_counters()
+                tokens0 = self.upstream.tokens_issued
+                start_at = time.monotonic() + 0.5
+                try:
+                    futures = [self.pool.submit(task_resolutions, targets[name], image.repo, image.tag, threads,
+                                                a.resolve_seconds, start_at) for _ in range(procs)]
+                    results = [f.result(timeout=TASK_TIMEOUT) for f in futures]
+                    count = sum(r["resolutions"] for r in results)
+                    latencies = sorted(x for r in results for x in r["latencies_ms"])
+                    snap = self.upstream.counters.snapshot()
+                    out[name].append({
+                        "clients": procs * threads, "per_s": count / a.resolve_seconds,
+                        "p50_ms": latencies[len(latencies) // 2] if latencies else None,
+                        "errors": sum(r["error_count"] for r in results),
+                        "upstream_requests_per_resolution": (len(snap["requests"]) + self.upstream.tokens_issued
+                                                             - tokens0) / max(count, 1),
+                        "upstream_manifest_gets": snap["manifest_gets"],
+                    })
+                except Exception as exc:  # noqa: BLE001
+                    self.error(f"resolutions rep {rep + 1}: {name}", exc, self.mirror)
+
+    def phase_pull_costs(self) -> None:
+        """Upstream manifest GETs (Docker Hub's pulls) and HEADs per warm pull,
+        per client: through the mirror and through distribution's cache."""
+        out = self.results.setdefault("pull_costs", {})
+        image = self.image
+        for name, server in (("mirror", self.mirror), ("peer", self.peer)):
+            clients = {"v2": lambda url=server.url: run_clients(self.pool, task_pull, [(url, image.repo, image.tag)])}
+            if not self.args.no_skopeo:
+                hp = server.url.split("//", 1)[1]
+                clients["skopeo"] = lambda hp=hp: self.skopeo_pull(self.closed_port.host_port, hp, f"costs-{name}")
+            for client, pull in clients.items():
+                try:
+                    pull()  # warm for this client
+                    wait_upstream_quiet(self.upstream)
+                    self.upstream.reset_counters()
+                    pull()
+                    snap = self.upstream.counters.snapshot()
+                    out.setdefault(name, {})[client] = {"manifest_gets": snap["manifest_gets"],
+                                                       "manifest_heads": snap["manifest_heads"]}
+                except Exception as exc:  # noqa: BLE001
+                    self.error(f"pull costs: {client} through the {name}", exc, self.mirror)
+
     def phase_manifest_latency(self) -> None:
         image = self.image
         n = self.args.manifest_gets
@@ -859,11 +978,12 @@ class Bench:
         conns = {name: _conn(url, timeout=60) for name, url in targets.items()}
         headers = {"Accept": ", ".join(ALL_MANIFEST_TYPES), "Authorization": "Bearer " + token}
         times = {name: [] for name in targets}
+        by_digest = {name: [] for name in targets}
 
-        def get(name: str) -> float:
+        def get(name: str, reference: str = image.tag) -> float:
             conn = conns[name]
             t0 = time.perf_counter()
-            conn.request("GET", f"/v2/{image.repo}/manifests/{image.tag}", headers=headers)
+            conn.request("GET", f"/v2/{image.repo}/manifests/{reference}", headers=headers)
             resp = conn.getresponse()
             body = resp.read()
             dt = time.perf_counter() - t0
@@ -881,12 +1001,14 @@ class Bench:
                 for i in range(n):
                     for name in (order if i % 2 == 0 else order[::-1]):
                         times[name].append(get(name) * 1000)
+                        by_digest[name].append(get(name, image.digest) * 1000)
         except Exception as exc:  # noqa: BLE001
             self.error("manifest latency", exc, self.mirror)
         finally:
             for conn in conns.values():
                 conn.close()
         self.results["manifest_ms"] = times
+        self.results["manifest_by_digest_ms"] = by_digest
         self.results["manifest_procs"] = {"procs": sampler.result}
 
     # ------------------------------------------------------------------ run
@@ -910,11 +1032,12 @@ class Bench:
             self.setup()
             phases = {"cold": [self.phase_cold], "resume": [self.phase_resume], "warm": [self.phase_warm],
                       "rates": [self.phase_rates], "copies": [self.phase_copies],
-                      "manifest": [self.phase_manifest_latency]}
+                      "manifest": [self.phase_manifest_latency], "resolutions": [self.phase_resolutions],
+                      "pullcosts": [self.phase_pull_costs]}
             wanted = [name for name in phases if name in a.phases]
-            if set(wanted) & {"warm", "rates", "copies", "manifest"}:
-                wanted.insert(wanted.index(next(n for n in wanted if n in ("warm", "rates", "copies", "manifest"))),
-                              "main")
+            needs_main = ("warm", "rates", "copies", "manifest", "resolutions", "pullcosts")
+            if set(wanted) & set(needs_main):
+                wanted.insert(wanted.index(next(n for n in wanted if n in needs_main)), "main")
                 phases["main"] = [self.start_main]
             for phase in [p for name in wanted for p in phases[name]]:
                 try:
@@ -1022,6 +1145,23 @@ def summarize(res: dict) -> dict:
         if ms.get("peer"):
             s["manifest_peer_ms"] = median(ms["peer"])
             s["manifest_peer_added_ms"] = s["manifest_peer_ms"] - s["manifest_direct_ms"]
+    bd = res.get("manifest_by_digest_ms", {})
+    if bd.get("direct") and bd.get("mirror"):
+        s["manifest_digest_direct_ms"], s["manifest_digest_mirror_ms"] = median(bd["direct"]), median(bd["mirror"])
+        s["manifest_digest_added_paired_ms"] = median([a - b for a, b in zip(bd["mirror"], bd["direct"])])
+        if bd.get("peer"):
+            s["manifest_digest_peer_added_paired_ms"] = median([a - b for a, b in zip(bd["peer"], bd["direct"])])
+    rs = res.get("resolutions", {})
+    if rs.get("direct") and rs.get("mirror"):
+        s["resolve_direct_per_s"] = median([r["per_s"] for r in rs["direct"]])
+        s["resolve_mirror_per_s"] = median([r["per_s"] for r in rs["mirror"]])
+        s["resolve_ratio"], s["resolve_ratios"] = paired_ratio([r["per_s"] for r in rs["mirror"]],
+                                                               [r["per_s"] for r in rs["direct"]])
+        s["resolve_p50_ms"] = {name: median([r["p50_ms"] for r in rs[name] if r["p50_ms"]]) for name in rs}
+        s["resolve_upstream_per"] = {name: median([r["upstream_requests_per_resolution"] for r in rs[name]])
+                                     for name in rs}
+        s["resolve_errors"] = sum(r["errors"] for name in rs for r in rs[name])
+    s["pull_costs"] = res.get("pull_costs", {})
     n = res.get("config", {}).get("clients")
     rss4 = [r["procs"]["mirror"]["peak_rss_mb"] for r in rates.get(f"mirror_{n}", [])]
     s["rss_warm_concurrent_mb"] = max(rss4) if rss4 else None
@@ -1184,6 +1324,21 @@ def table(res: dict, s: dict) -> str:
         f"added {fmt(s.get('manifest_added_ms'), '+.2f')} ms (paired {fmt(s.get('manifest_added_paired_ms'), '+.2f')})")
     row("  same through the peer (ms)", f"peer {fmt(s.get('manifest_peer_ms'))}",
         f"direct {fmt(s.get('manifest_direct_ms'))}", f"added {fmt(s.get('manifest_peer_added_ms'), '+.2f')} ms")
+    row("manifest GET by digest, added (ms, paired median)", fmt(s.get("manifest_digest_added_paired_ms"), "+.2f"),
+        f"peer {fmt(s.get('manifest_digest_peer_added_paired_ms'), '+.2f')}",
+        f"direct {fmt(s.get('manifest_digest_direct_ms'))} ms")
+    if "resolve_ratio" in s:
+        row(f"warm resolutions/s, {res['resolutions']['mirror'][0]['clients']} clients",
+            fmt(s["resolve_mirror_per_s"], ".0f"), f"direct {fmt(s['resolve_direct_per_s'], '.0f')}",
+            fmt(s["resolve_ratio"]) + rng(s.get("resolve_ratios", []))
+            + f" (p50 {fmt(s['resolve_p50_ms'].get('mirror'), '.0f')} vs {fmt(s['resolve_p50_ms'].get('direct'), '.0f')} ms;"
+            f" upstream requests each {fmt(s['resolve_upstream_per'].get('mirror'))} vs"
+            f" {fmt(s['resolve_upstream_per'].get('direct'))}; {s['resolve_errors']} errors)")
+    for client, costs in sorted(s.get("pull_costs", {}).get("mirror", {}).items()):
+        peer = s["pull_costs"].get("peer", {}).get(client, {})
+        row(f"upstream manifest GETs per warm pull, {client}", str(costs["manifest_gets"]),
+            f"peer {peer.get('manifest_gets', 'n/a')}",
+            f"(HEADs {costs['manifest_heads']} vs peer {peer.get('manifest_heads', 'n/a')})")
     row(f"mitmdump peak RSS, warm {n}-client download (MB)", fmt(s.get("rss_warm_concurrent_mb"), ".0f"), "", "")
     row(f"mitmdump peak RSS, {n8} cold clients (MB)", fmt(s.get("rss_cold8_mb"), ".0f"), "", "")
     row("mitmdump peak RSS, overall (MB)", fmt(s.get("rss_overall_mb"), ".0f"), "", "")
@@ -1224,8 +1379,11 @@ def main(argv=None) -> int:
                          "(a long path or a CDN shaping one TCP stream; default: no cap)")
     ap.add_argument("--rtt-ms", type=float, default=0.0,
                     help="each upstream request waits this long before its answer (a distant server)")
-    ap.add_argument("--phases", default="cold,resume,warm,rates,copies,manifest",
-                    help="comma-separated phases to run (default: all): cold, resume, warm, rates, copies, manifest")
+    ap.add_argument("--phases", default="cold,resume,warm,rates,copies,manifest,resolutions,pullcosts",
+                    help="comma-separated phases to run (default: all): cold, resume, warm, rates, copies, manifest, "
+                         "resolutions, pullcosts")
+    ap.add_argument("--resolve-clients", type=int, default=32, help="concurrent clients resolving a warm image")
+    ap.add_argument("--resolve-seconds", type=float, default=8.0, help="how long they resolve, per repetition")
     ap.add_argument("--mirror-option", action="append", default=[], metavar="NAME=VALUE",
                     help="a --set option for the mirror under test (repeatable), e.g. fill_connections=4")
     ap.add_argument("--no-peer", action="store_true", help="skip the cold pulls through the peer")

@@ -155,7 +155,7 @@ def test_the_answer_says_whether_the_blob_will_be_kept(tmp_path):
             upstream.body = body = os.urandom(size)
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
             upstream.gate.clear()  # half the body, then the upstream waits: the fill is in progress
-            fill, _ = fills.start_or_join(digest, lambda: client.get_blob(upstream.url + digest, None))
+            fill, _ = fills.start_or_join(digest, client.blob_source(upstream.url + digest, None))
             wait_streaming(fill)
             with requests.get(url(server, server.signed_path(digest)), stream=True, timeout=10) as r:
                 assert r.status_code == 200 and r.headers["X-Registry-Cache"] == state
