@@ -92,7 +92,7 @@ class SeenIndex:
     def __init__(self, path: Path):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        self._recorded: set[tuple[str, str, str]] = set()  # written by this process already
+        self._recorded: set[tuple[str, str, str]] = set()  # known to be in the index (written or read here)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
@@ -105,11 +105,20 @@ class SeenIndex:
                 " PRIMARY KEY (registry, repo)) WITHOUT ROWID"
             )
 
+    def known_here(self, registry: str, repo: str, digest: str) -> bool:
+        """contains(), answered from memory: True only for a triple this
+        process recorded or found (no disk access: safe on the event loop)."""
+        return (registry, repo, digest) in self._recorded
+
     def contains(self, registry: str, repo: str, digest: str) -> bool:
+        if (registry, repo, digest) in self._recorded:
+            return True
         with self._lock:
             row = self._db.execute(
                 "SELECT 1 FROM seen WHERE registry=? AND repo=? AND digest=?", (registry, repo, digest)
             ).fetchone()
+            if row is not None and len(self._recorded) < MAX_RECORDED_REMEMBERED:
+                self._recorded.add((registry, repo, digest))
         return row is not None
 
     def served_by(self, registry: str, digest: str) -> bool:
@@ -186,6 +195,14 @@ class AccessGate:
         if decision is None:
             decision = self.ask_registry(registry, repo, digest, authorization, trusted)
         return decision
+
+    def allowed_from_memory(self, registry: str, repo: str, digest: str, authorization: str | None) -> bool:
+        """check_locally()'s yes for a chosen registry, from what is in memory
+        only (no disk, no lock held long): the warm path of a rollout, run on
+        the event loop without a thread hop. False means: ask check_locally."""
+        now = time.time()
+        return self.index.known_here(registry, repo, digest) and \
+            (self._is_public(registry, repo, now) or self._granted(fingerprint(authorization), registry, repo, now))
 
     def check_locally(self, registry: str, repo: str, digest: str, authorization: str | None,
                       trusted: bool = True, its_own_fill: bool = False) -> Decision | None:

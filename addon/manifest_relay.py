@@ -116,7 +116,12 @@ class ManifestRelay:
         self._checked[(req.registry, req.route.name, req.route.reference)] = (time.monotonic(), digest)
 
     async def _kept(self, req: RegistryRequest, digest: str) -> Outcome | Unreachable | None:
-        """A kept manifest, for a client the gate lets read it; None: not kept."""
+        """A kept manifest, for a client the gate lets read it; None: not kept.
+        A rollout's warm answers come from memory alone, without a thread hop."""
+        manifest = self.storage.manifests.in_memory(digest)
+        if manifest is not None and manifests.accepts(list(req.accept), manifest.media_type) and \
+                self.storage.access.allowed_from_memory(req.registry, req.route.name, digest, req.authorization):
+            return _from_store(manifest, req.route.reference, req.method)
         manifest = await self.workers.local(self.storage.manifests.get, digest)
         if manifest is None or not manifests.accepts(list(req.accept), manifest.media_type):
             return None
@@ -176,8 +181,7 @@ class ManifestRelay:
         kind = req.route.kind.value
         try:
             headers = await self._pull_headers(req)
-            answer = await self.workers.upstream(req.slot_key, self.upstream.fetch, req.method, req.url,
-                                                 headers, wanted=req.wanted)
+            answer = await self.workers.upstream(req.slot_key, self._fetch_and_keep, req, headers, wanted=req.wanted)
         except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
             log.warning("registry-cache: refused %s %s: %s", req.method, req.path[:200], exc)
             return Outcome(Mark.ERROR, response=oci_error(400, "UNSUPPORTED", "malformed request header",
@@ -196,12 +200,17 @@ class ManifestRelay:
             self._note_rate_limit(req.registry, answer.headers)
         if answer.status in UNREACHABLE:
             return await self._unreachable(req, Unreachable(f"upstream answered {answer.status}", answer))
-        if answer.status == 200 and req.route.kind is Kind.MANIFEST:
-            await self.workers.local(self._remember, req, answer)
         if req.route.kind is Kind.PING and not req.authorization and req.trusted:
             # Every new client pings first: the same challenge for all of them.
             self._pings[(req.registry, req.method)] = (time.monotonic(), answer)
         return Outcome(Mark.PASS, response=relayed(answer, req.method), detail=kind)
+
+    def _fetch_and_keep(self, req: RegistryRequest, headers: dict[str, bytes]):
+        """The registry's answer; a 200 manifest kept (in the same thread: one hop, not two)."""
+        answer = self.upstream.fetch(req.method, req.url, headers)
+        if answer.status == 200 and req.route.kind is Kind.MANIFEST:
+            self._remember(req, answer)
+        return answer
 
     async def _pull_headers(self, req: RegistryRequest) -> dict[str, bytes]:
         """The headers for a request upstream: the client's, but a manifest GET

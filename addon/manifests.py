@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import diskcache
 
@@ -29,6 +30,7 @@ from .routes import SHA256_RE
 
 log = logging.getLogger(__name__)
 
+IN_MEMORY_BYTES = 32 << 20  # manifests kept in memory as well, most recently used
 STALE_HEADERS = {
     "Warning": '110 registry-cache "Response is Stale"',
     "X-Registry-Cache": "stale",
@@ -51,13 +53,40 @@ class ManifestStore:
         # manifests are small enough that the limit is rarely reached.
         self._cache = diskcache.Cache(str(directory), size_limit=size_limit,
                                       eviction_policy="least-recently-stored", timeout=60)
+        # The manifests of a rollout, kept in memory too: answered without disk or thread hop.
+        self._recent: dict[str, StoredManifest] = {}
+        self._recent_bytes = 0
+        self._recent_lock = threading.Lock()
 
     def put(self, manifest: StoredManifest) -> None:
         self._cache.set(f"manifest:{manifest.digest}", (manifest.media_type, manifest.body))
+        self._keep_in_memory(manifest)
 
     def get(self, digest: str) -> StoredManifest | None:
+        if manifest := self.in_memory(digest):
+            return manifest
         found = self._cache.get(f"manifest:{digest}")
-        return StoredManifest(digest, *found) if found else None
+        if not found:
+            return None
+        manifest = StoredManifest(digest, *found)
+        self._keep_in_memory(manifest)
+        return manifest
+
+    def in_memory(self, digest: str) -> StoredManifest | None:
+        """A manifest read or kept lately, from memory (safe on the event loop)."""
+        with self._recent_lock:
+            manifest = self._recent.pop(digest, None)
+            if manifest is not None:
+                self._recent[digest] = manifest  # most recently used last
+            return manifest
+
+    def _keep_in_memory(self, manifest: StoredManifest) -> None:
+        with self._recent_lock:
+            old = self._recent.pop(manifest.digest, None)
+            self._recent_bytes += len(manifest.body) - (len(old.body) if old else 0)
+            self._recent[manifest.digest] = manifest
+            while self._recent_bytes > IN_MEMORY_BYTES and self._recent:
+                self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))).body)
 
     def remember_tag(self, registry: str, repo: str, tag: str, digest: str) -> None:
         key = f"tag:{registry}/{repo}:{tag}"

@@ -88,6 +88,15 @@ class TokenRelay:
     def realm_of(self, registry: str) -> str:
         return self.challenge_of(registry).realm
 
+    def given_lately(self, registry: str, method: str, query: str, headers: dict[str, bytes]) -> Answer | None:
+        """The anonymous token answer forward() would give again, from memory
+        (no thread hop: every new client of a rollout asks for it)."""
+        if method != "GET" or any(name.lower() == "authorization" for name in headers):
+            return None
+        with self._lock:
+            until, answer = self._anonymous.get((registry, query), (0.0, None))
+        return answer if answer is not None and time.monotonic() < until else None
+
     def forward(self, registry: str, method: str, query: str, headers: dict[str, bytes], body: bytes) -> Answer:
         """The client's token request, sent to the realm the registry named
         (blocking). An anonymous GET (no credentials) whose scopes were asked
@@ -162,6 +171,8 @@ class TokenEndpoint:
             return oci_error(405, "UNSUPPORTED", "token requests are GET or POST")
         if len(body) > MAX_FORM:
             return oci_error(413, "UNSUPPORTED", "token request too large")
+        if answer := self.relay.given_lately(origin, method, query, headers):
+            return relayed(answer, method)
         try:
             answer = await self.workers.upstream(origin, self.relay.forward, origin, method, query, headers, body,
                                                  wanted=wanted)

@@ -133,6 +133,7 @@ class TokenServer:
         self._refresh_tokens: dict[str, str] = {}  # refresh token -> username
         self.tokens_issued = 0
         self.requests: list[TokenRequest] = []
+        self.request_delay = 0.0  # seconds before each answer: a far-away auth server (set by Upstream)
 
     # -- lifecycle / addresses ---------------------------------------------
     def start(self) -> "TokenServer":
@@ -223,6 +224,8 @@ class TokenServer:
 
     # -- HTTP ----------------------------------------------------------------
     def _handle(self, h: _TokenHandler, method: str) -> None:
+        if self.request_delay:
+            time.sleep(self.request_delay)  # in this server thread
         url = urlsplit(h.path)
         if url.path != "/token":
             h.drain_request_body()

@@ -38,7 +38,7 @@ Speed (for the benchmark): ``link_rate`` paces all blob bytes of the front
 door and the CDN through one shared line; ``conn_rate`` caps each connection
 on top of that, as a long lossy path or a CDN's per-connection shaping does to
 one TCP stream; ``request_delay`` holds every request that long before it is
-answered (a round trip to a distant server).
+answered (a round trip to a distant server), at the token server too.
 """
 
 from __future__ import annotations
@@ -380,6 +380,7 @@ class Upstream(Service):
             token_ttl=self.token_ttl,
             ssl_context=self._ssl_context,
         ).start()
+        self.tokens.request_delay = self.request_delay  # its auth server is as far away as it is
         cert_path = self.tokens.write_cert(os.path.join(self.workdir, "token-signer.pem"))
 
         self._start_registry(cert_path)
