@@ -45,7 +45,6 @@ import copy
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -57,6 +56,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .lifecycle import Service
+from .registryproc import stop_process
 
 CONTAINERD = "containerd"
 CTR = "ctr"
@@ -345,16 +345,7 @@ class Containerd(Service):
     def stop(self) -> None:
         """SIGTERM, SIGKILL after ``stop_timeout``; then remove what start() made."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(self.stop_timeout)
+        stop_process(proc, self.stop_timeout, group=True)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

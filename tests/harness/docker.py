@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .containerd import _remove_tree, _short_tmp_dir
 from .lifecycle import Service
+from .registryproc import stop_process
 
 DOCKERD = "dockerd"
 START_TIMEOUT = 60.0
@@ -185,16 +186,7 @@ class Docker(Service):
         """SIGTERM, SIGKILL after ``stop_timeout``; the containerd it started is
         stopped with it (killed if it outlives it); then its directory is removed."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(self.stop_timeout)
+        stop_process(proc, self.stop_timeout, group=True)
         if self.dir is not None:
             self._kill_own_containerd()
         if self._log_file is not None:

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -115,13 +116,16 @@ def wait_ready(proc: subprocess.Popen, port: int, status: int, timeout: float,
     return False
 
 
-def stop_process(proc: subprocess.Popen | None) -> None:
-    """SIGTERM, then SIGKILL after a bound."""
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL (to its whole process group with `group`) after a bound."""
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(timeout=5)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=timeout)
