@@ -41,6 +41,7 @@ from ._http import reset_socket
 from .lifecycle import Service
 from .registryproc import free_port, stop_process
 
+READY_PROBE = "harness/ready-probe"  # written and read back to tell weed is ready
 READY_TIMEOUT = 60.0
 PR_SET_PDEATHSIG = 1
 # The processes weed mini starts, each with an HTTP port and a gRPC port.
@@ -156,7 +157,10 @@ class SeaweedFS(Service):
         return False
 
     def _wait_ready(self, timeout: float) -> bool:
-        """Poll a signed HEAD of the bucket, straight at weed, bounded by timeout."""
+        """Poll, straight at weed and bounded by timeout, until a signed write
+        and read of a probe object work: the bucket answering a HEAD is not
+        enough (seen after a restart: HEAD fine, GETs failed with
+        InternalError until the volume server had joined)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = self.client(self.direct_endpoint, connect_timeout=1, read_timeout=2)
@@ -167,7 +171,9 @@ class SeaweedFS(Service):
                 return False
             try:
                 client.head_bucket(Bucket=self.bucket)
-                return True
+                client.put_object(Bucket=self.bucket, Key=READY_PROBE, Body=b"ready")
+                if client.get_object(Bucket=self.bucket, Key=READY_PROBE)["Body"].read() == b"ready":
+                    return True
             except (BotoCoreError, ClientError):
                 pass
             pause.wait(0.05)
