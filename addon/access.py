@@ -281,6 +281,10 @@ class AccessGate:
                 with self._lock:
                     self._probing.discard((registry, repo))
 
+    def known_public(self, registry: str, repo: str) -> bool:
+        """Was repo found public lately? (memory only: safe on the event loop)"""
+        return self._is_public(registry, repo, time.time())
+
     def public_now(self, registry: str, repo: str, path: str) -> bool:
         """Is repo public? Asked now (with an anonymous token, as the
         background check does) when not known lately (blocking). `path`:

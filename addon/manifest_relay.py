@@ -26,6 +26,7 @@ Returns an `Outcome` (flows.py); never touches the flow.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class ManifestRelay:
         self._pings: dict[tuple[str, str], tuple[float, object]] = {}  # (registry, method) -> (when, answer)
         # (registry, repo, tag) -> (when, digest): when the registry last named the tag's kept digest
         self._checked: dict[tuple[str, str, str], tuple[float, str]] = {}
+        self._in_flight: dict[tuple, asyncio.Future] = {}  # tag HEADs that clients of a public repository share
 
     async def handle(self, req: RegistryRequest) -> Outcome:
         if self.settings.serve_stale and self.upstream.hung(req.registry):
@@ -142,8 +144,8 @@ class ManifestRelay:
         """What the tag names now, asked with a HEAD (free); from the store if
         kept there. None: not kept (or an odd answer): a GET must fetch it."""
         try:
-            answer = await self.workers.upstream(req.slot_key, self.upstream.fetch, "HEAD", req.url, req.headers,
-                                                 wanted=req.wanted)
+            answer, confirmed = await self._shared_head(req, lambda: self.workers.upstream(
+                req.slot_key, self.upstream.fetch, "HEAD", req.url, req.headers, wanted=req.wanted))
         except (requests.exceptions.InvalidHeader, UnicodeError, AnswerTooLarge):
             return None  # the GET says what is wrong
         except requests.RequestException as exc:
@@ -157,13 +159,44 @@ class ManifestRelay:
         digest = answer.headers.get("Docker-Content-Digest", "")
         if answer.status != 200 or not digest:
             return None
-        manifest = await self.workers.local(self._kept_for_tag, req, digest)
+        manifest = await self.workers.local(self._kept_for_tag, req, digest, confirmed)
         return _from_store(manifest, req.route.reference, req.method) if manifest is not None else None
 
-    def _kept_for_tag(self, req: RegistryRequest, digest: str):
+    async def _shared_head(self, req: RegistryRequest, ask):
+        """(answer, asked with this client's credentials) of a HEAD of a tag.
+        Clients of a repository known to be public that ask for the same tag
+        while a HEAD for it is on its way (a rollout: every node at once) take
+        its 200 rather than each sending their own: the answer is the same
+        for all of them, and on a distant registry each costs a round trip."""
+        key = (req.registry, req.route.name, req.route.reference, req.method, req.accept)
+        if not (req.trusted and self.storage.access.known_public(req.registry, req.route.name)):
+            return await ask(), True
+        running = self._in_flight.get(key)
+        if running is not None:
+            try:
+                answer = await asyncio.shield(running)
+                if answer.status == 200:
+                    return answer, False
+            except Exception:  # noqa: BLE001 - its client's trouble (gone, say): ask for ourselves
+                pass
+            return await ask(), True
+        future = self._in_flight[key] = asyncio.get_running_loop().create_future()
+        try:
+            answer = await ask()
+            future.set_result(answer)
+            return answer, True
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody joined
+            raise
+        finally:
+            del self._in_flight[key]
+
+    def _kept_for_tag(self, req: RegistryRequest, digest: str, confirmed: bool = True):
         """The kept manifest the registry's HEAD named for the tag, if the
-        client takes its type; the HEAD vouched for it, so the tag moves to it
-        and the client is granted it (blocking)."""
+        client takes its type; the tag moves to it, and the client is granted
+        it if the HEAD was made with its own credentials (`confirmed`)
+        (blocking)."""
         manifest = self.storage.manifests.get(digest)
         if manifest is None or not manifests.accepts(list(req.accept), manifest.media_type):
             return None
@@ -171,7 +204,8 @@ class ManifestRelay:
         self.storage.manifests.remember(req.registry, route.name, route.reference, manifest.body,
                                         {"Content-Type": manifest.media_type, "Docker-Content-Digest": digest},
                                         list(req.accept))
-        self.storage.access.vouch(req.registry, route.name, digest, req.authorization, kind="manifests")
+        if confirmed:
+            self.storage.access.vouch(req.registry, route.name, digest, req.authorization, kind="manifests")
         if self.storage.manifests.digest_of_tag(req.registry, route.name, route.reference) == digest:
             self._note_checked(req, digest)
         return manifest
@@ -181,7 +215,10 @@ class ManifestRelay:
         kind = req.route.kind.value
         try:
             headers = await self._pull_headers(req)
-            answer = await self.workers.upstream(req.slot_key, self._fetch_and_keep, req, headers, wanted=req.wanted)
+            fetch = lambda: self.workers.upstream(req.slot_key, self._fetch_and_keep, req, headers,  # noqa: E731
+                                                  wanted=req.wanted)
+            shareable = req.method == "HEAD" and req.route.kind is Kind.MANIFEST and ":" not in req.route.reference
+            answer = (await self._shared_head(req, fetch))[0] if shareable else await fetch()
         except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
             log.warning("registry-cache: refused %s %s: %s", req.method, req.path[:200], exc)
             return Outcome(Mark.ERROR, response=oci_error(400, "UNSUPPORTED", "malformed request header",

@@ -417,3 +417,35 @@ def test_a_tag_is_asked_again_on_every_pull_unless_the_operator_lets_it_be_reuse
             assert registry.count("GET", "/manifests/") == 1  # the cold pull's only
 
     run(scenario())
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_clients_asking_for_the_same_tag_at_once_share_one_head_of_a_public_repository(tmp_path, registry, public):
+    """A rollout: every node asks for the tag at the same moment. For a
+    repository known to be public they share the one HEAD on its way; for
+    any other, each client's own credentials must be checked by a HEAD of its own."""
+    config = os.urandom(100)
+    readers = None if public else {"alice"}
+    registry.add_blob("library/alpine", config, readers=readers)
+    registry.add_manifest("library/alpine", "3.20", image_manifest(config, []), readers=readers)
+    user = None if public else "alice"
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            access = hall.addon.services.storage.access
+            assert await asyncio.to_thread(access.public_now, registry.url, "library/alpine", "manifests/3.20") is public
+            cold = await hall.get("/v2/library/alpine/manifests/3.20", user=user)  # kept in the store
+            assert cold.response.status_code == 200
+            asked = registry.count("HEAD", "/manifests/")
+            registry.hold_manifests()
+            pulls = [asyncio.ensure_future(hall.get("/v2/library/alpine/manifests/3.20", user=user)) for _ in range(5)]
+            assert await asyncio.to_thread(registry.wait_manifest_held)  # one HEAD is on its way, held
+            if not public:
+                for _ in range(4):
+                    assert await asyncio.to_thread(registry.wait_manifest_held)
+            registry.release_manifests()
+            for flow in await asyncio.gather(*pulls):
+                assert flow.response.status_code == 200 and hall.outcome(flow).mark is Mark.HIT
+            assert registry.count("HEAD", "/manifests/") - asked == (1 if public else 5)
+
+    run(scenario())

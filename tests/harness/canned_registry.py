@@ -55,6 +55,9 @@ class CannedRegistry:
         self._stall = threading.Event()
         self._stall.set()
         self._stalled = threading.Semaphore(0)
+        self._manifests_go = threading.Event()
+        self._manifests_go.set()
+        self._manifests_held = threading.Semaphore(0)
         registry = self
 
         class Handler(QuietHandler):
@@ -79,6 +82,7 @@ class CannedRegistry:
 
     def stop(self) -> None:
         self._stall.set()
+        self._manifests_go.set()
         self.server.stop()
 
     # -- content -----------------------------------------------------------------
@@ -110,6 +114,17 @@ class CannedRegistry:
     def release(self) -> None:
         self._stall.set()
 
+    def hold_manifests(self) -> None:
+        """Keep manifest answers (GET and HEAD) waiting until release_manifests()."""
+        self._manifests_go.clear()
+
+    def wait_manifest_held(self) -> bool:
+        """Wait (bounded) until one more manifest request is being held."""
+        return self._manifests_held.acquire(timeout=WAIT)
+
+    def release_manifests(self) -> None:
+        self._manifests_go.set()
+
     # -- serving -----------------------------------------------------------------
 
     def _serve(self, h, head: bool) -> None:
@@ -138,6 +153,9 @@ class CannedRegistry:
                 return self._send(h, 404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}', head=head)
             return self._send(h, 200, data, head=head, headers={"Docker-Content-Digest": digest_of(data)},
                               content_type="application/octet-stream", stall=True)
+        if not self._manifests_go.is_set():
+            self._manifests_held.release()
+            self._manifests_go.wait(WAIT)
         body = repo.manifests.get(match.group("ref"))
         if body is None:
             return self._send(h, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}', head=head)
