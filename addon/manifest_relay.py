@@ -270,8 +270,16 @@ class ManifestRelay:
         headers["Authorization"] = authorization.encode()
         return headers
 
+    def forget_ping(self, registry: str) -> None:
+        """The registry (or its token server) failed: its next ping is asked
+        again, so that while it is down clients get the stale answer, which
+        needs no token, rather than a challenge no token server can meet."""
+        for method in ("GET", "HEAD"):
+            self._pings.pop((registry, method), None)
+
     async def _unreachable(self, req: RegistryRequest, failure: Unreachable) -> Outcome:
         """The store's answer (stale), else the registry's own error, else a 502."""
+        self.forget_ping(req.registry)
         answer = failure.answer
         self.metrics.count("upstream_errors_total", 1, str(answer.status) if answer else "connection")
         stale = await self.workers.local(self._stale_answer, req) if self.settings.serve_stale else None

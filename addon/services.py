@@ -81,7 +81,8 @@ class Services:
         self.own.forget()
         self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new)
         self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts)
-        self.token_endpoint = TokenEndpoint(self.tokens, self.workers, new)
+        self.token_endpoint = TokenEndpoint(self.tokens, self.workers, new,
+                                            on_unreachable=lambda registry: self.manifests.forget_ping(registry))
         if announce:
             used, count = storage.store.usage()
             log.info("registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d%s",

@@ -157,8 +157,9 @@ class TokenEndpoint:
     """The mirror's /_registry_cache/token/<registry> path: a token request
     from a client, forwarded by the relay to that registry's realm."""
 
-    def __init__(self, relay: TokenRelay, workers, settings):
+    def __init__(self, relay: TokenRelay, workers, settings, on_unreachable=lambda registry: None):
         self.relay, self.workers, self.settings = relay, workers, settings
+        self.on_unreachable = on_unreachable  # the registry's token server could not be asked
 
     async def answer(self, name: str, method: str, query: str, headers: dict[str, bytes], body: bytes,
                      wanted):
@@ -179,7 +180,11 @@ class TokenEndpoint:
         except NoRealm as exc:
             return oci_error(404, "UNSUPPORTED", "this registry asks for no token", str(exc))
         except (requests.RequestException, AnswerTooLarge, ClientGone) as exc:
+            if not isinstance(exc, ClientGone):
+                self.on_unreachable(origin)
             return oci_error(502, "UNAVAILABLE", "token server unreachable", str(exc)[:300])
+        if answer.status >= 500 or answer.status == 429:
+            self.on_unreachable(origin)
         return relayed(answer, method)
 
     def pass_on_challenge(self, response, registry: str, realm: str | None) -> None:

@@ -449,3 +449,26 @@ def test_clients_asking_for_the_same_tag_at_once_share_one_head_of_a_public_repo
             assert registry.count("HEAD", "/manifests/") - asked == (1 if public else 5)
 
     run(scenario())
+
+
+def test_when_the_registry_goes_down_its_ping_is_asked_again_and_answered_stale(tmp_path, registry):
+    """Anonymous pings reuse the registry's challenge for a few seconds; once
+    it (or its token server) fails, the next ping must go to it again, so that
+    clients get the stale answer, which needs no token, while it is down."""
+    config = os.urandom(100)
+    registry.add_blob("library/alpine", config)
+    registry.add_manifest("library/alpine", "3.20", image_manifest(config, []))
+    registry.auth = True
+    name = registry.server.host_port
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            await hall.get("/v2/library/alpine/manifests/3.20", user="alice")  # the registry is known
+            assert (await hall.get("/v2/")).response.status_code == 401  # its challenge, kept for a few seconds
+            registry.down = True
+            token = await hall.get(f"/_registry_cache/token/{name}?service=canned&scope=repository:library/alpine:pull")
+            assert token.response.status_code in (502, 503)  # its token server failed
+            ping = await hall.get("/v2/")
+            assert ping.response.status_code == 200 and ping.response.headers["X-Registry-Cache"] == "stale"
+
+    run(scenario())
