@@ -11,6 +11,18 @@ from tests.harness.v2client import RegistryClient
 WAIT = 60
 
 
+def assert_no_complete_body(client: RegistryClient, repo: str, digest: str, size: int) -> None:
+    """GET a blob whose upstream bytes are bad: the client never gets a
+    complete, successful body (a cut connection is one correct outcome)."""
+    response = client.request("GET", f"/v2/{repo}/blobs/{digest}", stream=True)
+    received = b""
+    try:
+        received = response.raw.read(size + 1, decode_content=False)
+    except Exception:  # noqa: BLE001 - the connection cut before the end
+        pass
+    assert response.status_code != 200 or len(received) < size
+
+
 def upstream_fetches(upstream, digest) -> list:
     """Successful upstream GETs of digest's bytes (front door or CDN; a 206
     too: a fill asks for the first chunk of a blob, all of a small one)."""
