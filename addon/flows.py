@@ -280,13 +280,6 @@ def own_path(request: http.Request) -> str | None:
     return path if path in (METRICS_PATH, STATS_PATH) or path.startswith(TOKEN_PATH) else None
 
 
-def metrics_path(request: http.Request) -> str | None:
-    """METRICS_PATH or STATS_PATH if the request asks for one, whatever host
-    it names: those paths are the mirror's own."""
-    path = request.path.split("?", 1)[0]
-    return path if path in (METRICS_PATH, STATS_PATH) else None
-
-
 def metrics_response(path: str, metrics: Metrics, gauges: dict[str, float]) -> http.Response:
     if path == METRICS_PATH:
         return http.Response.make(200, metrics.prometheus(gauges).encode(),
