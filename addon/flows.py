@@ -155,13 +155,15 @@ def passes_through(flow: http.HTTPFlow) -> bool:
 
 def registry_of(request: http.Request) -> str:
     """The registry a request goes to, as scheme://host:port (see registries.origin_of)."""
-    return f"{request.scheme}://{request.host.lower()}:{request.port}"
+    host = request.host.lower()
+    return f"{request.scheme}://{f'[{host}]' if ':' in host else host}:{request.port}"
 
 
 def host_port(request: http.Request) -> str:
     """host, or host:port when the port is not the scheme's own: how
     containerd's ns and image names spell a registry."""
     host = request.host.lower()
+    host = f"[{host}]" if ":" in host else host
     return host if request.port == (443 if request.scheme == "https" else 80) else f"{host}:{request.port}"
 
 

@@ -54,7 +54,8 @@ def origin_of(url: str) -> str:
     a registry (see mirror._registry_of), whatever form the URL came in."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{parts.hostname}:{port}"
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
 
 
 def base_url_for(ns: str, registries: dict[str, str]) -> str | None:

@@ -232,21 +232,26 @@ class UpstreamClient:
                     newest = sorted(self._timed_out.items(), key=lambda item: item[1])[-MAX_HUNG_REMEMBERED // 2:]
                     self._timed_out = dict(newest)
             raise
-        if self._timed_out:
+        if self._timed_out and urlsplit(url).path.rstrip("/") != "/v2":
+            # Any answer ends the quiet time, but a ping's: a registry whose
+            # front answers /v2/ while its manifests hang would otherwise get
+            # every pull's full timeout back.
             with self._lock:
                 self._timed_out.pop(registry, None)
         return response
 
     def hung(self, registry: str) -> bool:
-        """Did registry let a request time out less than QUIET_FOR ago? Once
-        that is over, one caller gets False (and asks it); the others keep
-        getting True until that request is answered or times out too."""
+        """Did registry let a request time out less than QUIET_FOR ago (or
+        upstream_timeout, if longer: else a second caller would ask while the
+        first still waits)? Once that is over, one caller gets False (and asks
+        it); the others keep getting True until that request is answered or
+        times out too."""
         now = time.monotonic()
         with self._lock:
             since = self._timed_out.get(registry)
             if since is None:
                 return False
-            if now - since < QUIET_FOR:
+            if now - since < max(QUIET_FOR, self.answer_timeout):
                 return True
             self._timed_out[registry] = now  # this caller's turn to ask
             return False

@@ -68,6 +68,45 @@ def test_a_registry_that_timed_out_is_asked_again_by_one_request_after_the_quiet
         assert not client.hung("https://hung.example:443")  # this caller asks again
         assert client.hung("https://hung.example:443")  # the others do not meanwhile
         client._answered("https://hung.example/v2/", lambda timeout: "an answer")
+        assert client.hung("https://hung.example:443")  # a ping's answer says nothing of its manifests
+        client._answered("https://hung.example/v2/x/manifests/latest", lambda timeout: "an answer")
         assert not client.hung("https://hung.example:443")
     finally:
         client.close()
+
+
+def test_the_quiet_time_is_at_least_the_timeout(monkeypatch):
+    """With upstream_timeout over 30 s, a second caller asked while the first
+    still waited for its answer."""
+    from addon import upstream as module
+
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    client = UpstreamClient(answer_timeout=90)
+
+    def times_out(timeout):
+        raise requests.ReadTimeout("no answer")
+
+    try:
+        with pytest.raises(requests.Timeout):
+            client._answered("https://slow.example/v2/x/manifests/latest", times_out)
+        now[0] += module.QUIET_FOR + 1
+        assert client.hung("https://slow.example:443")  # 31 s: the 90 s timeout is not over
+        now[0] += 60
+        assert not client.hung("https://slow.example:443")
+    finally:
+        client.close()
+
+
+def test_an_ipv6_registry_is_named_with_brackets():
+    from mitmproxy.test import tutils
+
+    from addon.flows import host_port, registry_of
+    from addon.registries import origin_of
+    from addon.settings import host_port_of
+
+    assert origin_of("http://[::1]:5000/v2/") == "http://[::1]:5000"
+    assert origin_of("https://[2001:db8::1]/v2/") == "https://[2001:db8::1]:443"
+    request = tutils.treq(host=b"::1", port=5000, scheme=b"http")
+    assert registry_of(request) == origin_of("http://[::1]:5000") == "http://[::1]:5000"
+    assert host_port(request) == host_port_of(registry_of(request)) == "[::1]:5000"  # as realms name it
