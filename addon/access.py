@@ -216,6 +216,11 @@ class AccessGate:
         if self.index.contains(registry, repo, digest) and \
                 (self._is_public(registry, repo, now) or self._granted(fingerprint(authorization), registry, repo, now)):
             return ALLOWED
+        if trusted and self.upstream.in_quiet_time(registry):
+            # It let a request time out moments ago: decide now from what it
+            # said before, rather than wait for one of its threads (all of
+            # them may be waiting on it) only to make the same decision.
+            return self._offline_decision(registry, repo, digest, authorization, f"{registry} timed out recently")
         return None
 
     def ask_registry(self, registry: str, repo: str, digest: str, authorization: str | None,

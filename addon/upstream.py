@@ -240,6 +240,13 @@ class UpstreamClient:
                 self._timed_out.pop(registry, None)
         return response
 
+    def in_quiet_time(self, registry: str) -> bool:
+        """hung() without taking a turn to ask: for decisions that need not
+        ask (and must not wait for a thread that would)."""
+        with self._lock:
+            since = self._timed_out.get(registry)
+        return since is not None and time.monotonic() - since < max(QUIET_FOR, self.answer_timeout)
+
     def hung(self, registry: str) -> bool:
         """Did registry let a request time out less than QUIET_FOR ago (or
         upstream_timeout, if longer: else a second caller would ask while the

@@ -22,6 +22,7 @@ from addon import flows
 from addon.flows import Mark
 from addon.mirror import RegistryCache
 from addon.store import DiskBlobStore
+from addon.workers import PER_REGISTRY
 from tests.harness.canned_registry import CannedRegistry, image_manifest
 
 WAIT = 30
@@ -470,5 +471,33 @@ def test_when_the_registry_goes_down_its_ping_is_asked_again_and_answered_stale(
             assert token.response.status_code in (502, 503)  # its token server failed
             ping = await hall.get("/v2/")
             assert ping.response.status_code == 200 and ping.response.headers["X-Registry-Cache"] == "stale"
+
+    run(scenario())
+
+
+def test_while_a_registry_hangs_an_access_check_is_decided_at_once_not_after_its_threads(tmp_path, registry):
+    """All of a hung registry's threads wait on it; an access check the
+    store can decide alone (from what the registry said before) must not
+    queue behind them: it waited the whole upstream_timeout."""
+    digest = registry.add_blob("acme/private", PRIVATE, readers={"alice"})
+
+    async def scenario():
+        async with hall_for(tmp_path, registry) as hall:
+            alice = await hall.get(f"/v2/acme/private/blobs/{digest}", user="alice")
+            await hall.follow(alice)
+            await hall.settle(alice)
+            services = hall.addon.services
+            services.upstream._timed_out[registry.url] = time.monotonic()  # it let a request time out just now
+            release = threading.Event()
+            hung = [asyncio.ensure_future(hall.addon.workers.upstream(registry.url, release.wait, WAIT))
+                    for _ in range(PER_REGISTRY)]
+            try:
+                flow = await asyncio.wait_for(
+                    hall.get(f"/v2/acme/private/blobs/{digest}", user="bob"), WAIT / 3)  # a credential never seen
+                assert flow.response.status_code == 503 and hall.outcome(flow).mark is Mark.DENIED
+                assert not any(task.done() for task in hung)  # decided while every thread still waited
+            finally:
+                release.set()
+                await asyncio.gather(*hung)
 
     run(scenario())
