@@ -58,6 +58,9 @@ class SaysYes:
     def hung(self, registry):
         return False
 
+    def in_quiet_time(self, registry):
+        return False
+
 
 def test_a_registry_nobody_chose_vouches_only_for_blobs_it_served_itself(tmp_path):
     index = SeenIndex(tmp_path / "a.sqlite3")
