@@ -89,9 +89,10 @@ class TokenRelay:
         return self.challenge_of(registry).realm
 
     def given_lately(self, registry: str, method: str, query: str, headers: dict[str, bytes]) -> Answer | None:
-        """The anonymous token answer forward() would give again, from memory
-        (no thread hop: every new client of a rollout asks for it)."""
-        if method != "GET" or any(name.lower() == "authorization" for name in headers):
+        """An anonymous GET (no credentials) whose scopes were asked for
+        moments ago: that answer again, from memory (every new client of a
+        rollout asks for the same anonymous token; no thread hop)."""
+        if not _anonymous(method, headers):
             return None
         with self._lock:
             until, answer = self._anonymous.get((registry, query), (0.0, None))
@@ -99,21 +100,13 @@ class TokenRelay:
 
     def forward(self, registry: str, method: str, query: str, headers: dict[str, bytes], body: bytes) -> Answer:
         """The client's token request, sent to the realm the registry named
-        (blocking). An anonymous GET (no credentials) whose scopes were asked
-        for moments ago gets that answer again: each new client of a rollout
-        asks for the same anonymous token."""
-        anonymous = method == "GET" and not any(name.lower() == "authorization" for name in headers)
+        (blocking); an anonymous answer is kept for given_lately()."""
         now = time.monotonic()
-        if anonymous:
-            with self._lock:
-                until, answer = self._anonymous.get((registry, query), (0.0, None))
-            if answer is not None and now < until:
-                return answer
         realm = self.realm_of(registry)
         url = realm + ("&" if "?" in realm else "?") + query if query else realm
         kept = {name: value for name, value in headers.items() if name.lower() in FORWARDED_HEADERS}
         answer = self.upstream.fetch(method, url, kept, body=body or None)
-        if anonymous and answer.status == 200:
+        if _anonymous(method, headers) and answer.status == 200:
             try:
                 lifetime = parse_token_answer(answer.body).expires_in
             except TokenError:
@@ -123,6 +116,10 @@ class TokenRelay:
                     self._anonymous.clear()
                 self._anonymous[(registry, query)] = (now + min(ANONYMOUS_REUSE, lifetime / 2), answer)
         return answer
+
+
+def _anonymous(method: str, headers: dict[str, bytes]) -> bool:
+    return method == "GET" and not any(name.lower() == "authorization" for name in headers)
 
 
 def rewritten(values: Iterable[str], realm: str) -> list[str]:
