@@ -298,7 +298,10 @@ def metrics_response(path: str, metrics: Metrics, gauges: dict[str, float]) -> h
 def count_fill(metrics: Metrics, fill: "Fill") -> None:
     """A fill's bytes and failure in the metrics (called in the fill's thread as it ends)."""
     if not fill.already_stored:
-        metrics.count("upstream_blob_bytes_total", fill.fetched)
+        from_tiers = dict(getattr(fill.opener, "tier_bytes", {}))  # the object store, other nodes (sources.py)
+        metrics.count("upstream_blob_bytes_total", fill.fetched - sum(from_tiers.values()))
+        for tier, n in from_tiers.items():
+            metrics.count("tier_blob_bytes_total", n, tier)
     if fill.failure is not None:  # a refusal is the upstream's answer, not a failure
         failed, upstream_error = failure_labels(fill.failure, fill.failure_status)
         metrics.count("fill_failures_total", 1, failed)

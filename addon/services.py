@@ -23,6 +23,7 @@ from .manifest_relay import ManifestRelay
 from .metrics import Metrics
 from .own_addresses import OwnAddresses
 from .settings import Settings
+from .sources import Tiers
 from .storage import Storage
 from .tokens import TokenEndpoint, TokenRelay
 from .upstream import UpstreamClient
@@ -46,6 +47,8 @@ class Services:
         self.blobs: BlobPath | None = None
         self.manifests: ManifestRelay | None = None
         self.token_endpoint: TokenEndpoint | None = None
+        self.shared = None  # shared_blobs.SharedBlobs: the object store's blobs (s3_bucket)
+        self.tiers: Tiers | None = None
 
     def apply(self, new: Settings) -> None:
         """Build what `new` needs that the current settings did not give.
@@ -62,7 +65,7 @@ class Services:
         announce = old is None or new.layout != old.layout
         if announce:
             retired, self.storage = self.storage, Storage(new.layout, new.cache_size, self.upstream,
-                                                          self._on_fill_finished, new.fetch_policy)
+                                                          self._fill_finished, new.fetch_policy)
             if retired is not None:
                 self._retire(retired)
         else:
@@ -78,8 +81,12 @@ class Services:
         if old is None or (new.upstream_credentials, new.registries) != (old.upstream_credentials, old.registries):
             self.accounts = MirrorAccounts(read_accounts(new.upstream_credentials, new.chosen_origin),
                                            self.upstream, self.tokens) if new.upstream_credentials else None
+        if old is None or new.s3 != old.s3:
+            self._open_shared(new)
+            announce = True
+        self.tiers = Tiers(self.shared) if self.shared is not None else None
         self.own.forget()
-        self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new)
+        self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new, self.tiers)
         self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts)
         self.token_endpoint = TokenEndpoint(self.tokens, self.workers, new)
         if announce:
@@ -87,6 +94,31 @@ class Services:
             log.info("registry-cache: store %s (%d blobs, %s of %s); blob server on %s:%d%s",
                      new.layout.root, count, format_size(used), format_size(new.cache_size),
                      self.blob_server.host, self.blob_server.port, new.ns_docker_io_note())
+            if new.s3 is not None:
+                log.info("registry-cache: shared tier: bucket %s%s, keys under %r", new.s3.bucket,
+                         f" at {new.s3.endpoint}" if new.s3.endpoint else "", new.s3.prefix)
+
+    def _open_shared(self, new: Settings) -> None:
+        """The object store of s3_bucket (boto3 is imported only then)."""
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+        if new.s3 is None:
+            return
+        from .objectstore import ObjectStoreConfig
+        from .shared_blobs import SharedBlobs
+
+        config = ObjectStoreConfig(bucket=new.s3.bucket, endpoint=new.s3.endpoint, prefix=new.s3.prefix,
+                                   region=new.s3.region, timeout=float(new.s3.timeout),
+                                   down_for=float(new.s3.retry_after))
+        self.shared = SharedBlobs(config, lambda digest: self.storage.store.open(digest), self.metrics)
+
+    def _fill_finished(self, fill: Fill) -> None:
+        """Each fill, as it ends (in its thread)."""
+        self._on_fill_finished(fill)
+        tiers = self.tiers
+        if tiers is not None:
+            tiers.finished(fill)
 
     def _start_blob_server(self, new: Settings) -> None:
         if self.blob_server is not None:
@@ -104,6 +136,8 @@ class Services:
         return self.storage.gauges()
 
     def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
         if self.blob_server is not None:
             self.blob_server.stop()
         if self.upstream is not None:
