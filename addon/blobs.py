@@ -134,6 +134,9 @@ class BlobPath:
         repo = req.route.name
         decision = await self.workers.local(access.check_locally, req.registry, repo, digest, req.authorization,
                                             req.trusted, its_own_fill)
+        if decision is None and req.trusted and access.shared is not None:  # what other nodes learned
+            decision = await self.workers.object_store(access.learn_shared, req.registry, repo, digest,
+                                                       req.authorization)
         if decision is None:  # one HEAD there settles it
             decision = await self.workers.upstream(req.slot_key, access.ask_registry, req.registry, repo, digest,
                                                    req.authorization, req.trusted, wanted=req.wanted)

@@ -63,6 +63,14 @@ class RegistryCache:
             log.error("registry-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # With the default eager strategy mitmproxy connects upstream before
+            # any hook runs, so even blobs we hold would fail while it is down.
+            # Set here, not in `running`: the proxy accepts clients before that
+            # hook runs, and a node started while the upstream was down failed
+            # its first requests.
+            ctx.options.update(connection_strategy="lazy")
+            log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
         try:
             new = Settings.read(ctx.options)
             if new != self.services.settings:
@@ -75,11 +83,6 @@ class RegistryCache:
     def running(self) -> None:
         self._running = True
         self.own.forget()  # the proxy listens now
-        # With the default eager strategy mitmproxy connects upstream before
-        # any hook runs, so even blobs we hold would fail while it is down.
-        if ctx.options.connection_strategy != "lazy":
-            ctx.options.update(connection_strategy="lazy")
-            log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
         settings.raise_open_files_limit()
         logging.getLogger("asyncio").addFilter(_not_a_cancelled_connection)
         if ctx.options.stream_large_bodies:

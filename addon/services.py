@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from .blobs import BlobPath
 from .blobserver import BlobServer
+from .cluster_secret import ClusterSecret
 from .credentials import MirrorAccounts, read_accounts
 from .fill import Fill
 from .layout import format_size
@@ -48,6 +49,8 @@ class Services:
         self.manifests: ManifestRelay | None = None
         self.token_endpoint: TokenEndpoint | None = None
         self.shared = None  # shared_blobs.SharedBlobs: the object store's blobs (s3_bucket)
+        self.records = None  # shared_records.SharedRecords: what nodes learned, in the object store
+        self.secret: ClusterSecret | None = None  # cluster_secret_file
         self.tiers: Tiers | None = None
 
     def apply(self, new: Settings) -> None:
@@ -81,13 +84,18 @@ class Services:
         if old is None or (new.upstream_credentials, new.registries) != (old.upstream_credentials, old.registries):
             self.accounts = MirrorAccounts(read_accounts(new.upstream_credentials, new.chosen_origin),
                                            self.upstream, self.tokens) if new.upstream_credentials else None
-        if old is None or new.s3 != old.s3:
+        secret_changed = old is None or new.cluster_secret_file != old.cluster_secret_file
+        if secret_changed:
+            self.secret = ClusterSecret(new.cluster_secret_file) if new.cluster_secret_file else None
+        if old is None or new.s3 != old.s3 or secret_changed:
             self._open_shared(new)
             announce = True
+        storage.share(self.records)
         self.tiers = Tiers(self.shared) if self.shared is not None else None
         self.own.forget()
         self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new, self.tiers)
-        self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts)
+        self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts,
+                                       self.records)
         self.token_endpoint = TokenEndpoint(self.tokens, self.workers, new)
         if announce:
             used, count = storage.store.usage()
@@ -102,16 +110,19 @@ class Services:
         """The object store of s3_bucket (boto3 is imported only then)."""
         if self.shared is not None:
             self.shared.close()
-            self.shared = None
+            self.records.close()
+            self.shared = self.records = None
         if new.s3 is None:
             return
         from .objectstore import ObjectStoreConfig
         from .shared_blobs import SharedBlobs
+        from .shared_records import SharedRecords
 
         config = ObjectStoreConfig(bucket=new.s3.bucket, endpoint=new.s3.endpoint, prefix=new.s3.prefix,
                                    region=new.s3.region, timeout=float(new.s3.timeout),
                                    down_for=float(new.s3.retry_after))
         self.shared = SharedBlobs(config, lambda digest: self.storage.store.open(digest), self.metrics)
+        self.records = SharedRecords(self.shared.objects, self.secret)
 
     def _fill_finished(self, fill: Fill) -> None:
         """Each fill, as it ends (in its thread)."""
@@ -137,6 +148,7 @@ class Services:
 
     def close(self) -> None:
         if self.shared is not None:
+            self.records.close()
             self.shared.close()
         if self.blob_server is not None:
             self.blob_server.stop()

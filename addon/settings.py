@@ -131,8 +131,9 @@ def declare(loader) -> None:
     )
     loader.add_option(
         "cluster_secret_file", str, "",
-        "A file whose first line is the secret nodes sign their requests and blob URLs with; every "
-        "line is accepted (put a new secret first and keep the old one below it while rotating).",
+        "A file whose first line is the secret mirror nodes sign their requests to each other and blob URLs "
+        "with (any node then serves a blob URL another made), and key shared grants with; every line is "
+        "accepted (rotating: add the new one below, then move it first, then drop the old one).",
     )
     loader.add_option(
         "cluster_address", str, "",
@@ -181,7 +182,8 @@ class Settings:
     blob_port: int
     blob_url: str
     s3: "S3Settings | None" = None  # the shared tier (s3_* options)
-    cluster: "ClusterSettings | None" = None  # the cluster_* options
+    cluster: "ClusterSettings | None" = None  # cluster_members, cluster_address
+    cluster_secret_file: str = ""  # signs blob URLs and the nodes' requests (cluster_secret.py)
 
     @classmethod
     def read(cls, options: Any) -> "Settings":
@@ -219,6 +221,7 @@ class Settings:
             blob_url=options.blob_url.rstrip("/"),
             s3=_s3_settings(options),
             cluster=_cluster_settings(options, port),
+            cluster_secret_file=options.cluster_secret_file,
         )
 
     def origin_named(self, name: str) -> str | None:
@@ -275,7 +278,6 @@ class ClusterSettings:
     members: tuple[Member, ...]  # a static list; empty with dns_name
     dns_name: str  # resolves to every node (dns:NAME:PORT)
     dns_port: int
-    secret_file: str
     address: Member | None  # this node, when given (cluster_address)
 
 
@@ -309,14 +311,14 @@ def _cluster_settings(options, blob_port: int) -> ClusterSettings | None:
         name, sep, port = spec[4:].rpartition(":")
         if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"cluster_members: dns:NAME:PORT, not {spec!r}")
-        return ClusterSettings((), name, int(port), options.cluster_secret_file, address)
+        return ClusterSettings((), name, int(port), address)
     try:
         members = tuple(parse_members(spec))
     except ValueError as exc:
         raise ValueError(f"cluster_members: {exc}") from None
     if address is not None and address not in members:
         raise ValueError(f"cluster_address {address.id} is not among cluster_members")
-    return ClusterSettings(members, "", 0, options.cluster_secret_file, address)
+    return ClusterSettings(members, "", 0, address)
 
 
 def _fetch_policy(options) -> FetchPolicy:
