@@ -722,6 +722,12 @@ class Fill:
             os.close(fd)
         self._notify()
 
+    def started_within(self, timeout: float) -> bool:
+        """Block until the upstream has answered (or the fill failed); False
+        if it has not within timeout (for threads: the blob server's)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.state is not State.CONNECTING, timeout)
+
     # -- for the event loop --------------------------------------------------
 
     async def wait_started(self) -> None:

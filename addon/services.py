@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from .blobs import BlobPath
 from .blobserver import BlobServer
+from .cluster import Membership
 from .cluster_secret import ClusterSecret
 from .credentials import MirrorAccounts, read_accounts
 from .fill import Fill
@@ -23,6 +24,7 @@ from .layout import format_size
 from .manifest_relay import ManifestRelay
 from .metrics import Metrics
 from .own_addresses import OwnAddresses
+from .peers import PeerEndpoint, Peers
 from .settings import Settings
 from .sources import Tiers
 from .storage import Storage
@@ -51,6 +53,7 @@ class Services:
         self.shared = None  # shared_blobs.SharedBlobs: the object store's blobs (s3_bucket)
         self.records = None  # shared_records.SharedRecords: what nodes learned, in the object store
         self.secret: ClusterSecret | None = None  # cluster_secret_file
+        self.peers: Peers | None = None  # the other nodes (cluster_members)
         self.tiers: Tiers | None = None
 
     def apply(self, new: Settings) -> None:
@@ -90,8 +93,12 @@ class Services:
         if old is None or new.s3 != old.s3 or secret_changed:
             self._open_shared(new)
             announce = True
+        if old is None or (new.cluster, new.blob_port) != (old.cluster, old.blob_port) or secret_changed:
+            self._open_cluster(new)
+            announce = True
         storage.share(self.records)
-        self.tiers = Tiers(self.shared) if self.shared is not None else None
+        self.tiers = Tiers(self.shared, self.peers) if self.shared is not None or self.peers is not None else None
+        self._serve_cluster(new, storage)
         self.own.forget()
         self.blobs = BlobPath(storage, self.blob_server, self.upstream, self.workers, new, self.tiers)
         self.manifests = ManifestRelay(storage, self.upstream, self.workers, self.metrics, new, self.accounts,
@@ -105,6 +112,39 @@ class Services:
             if new.s3 is not None:
                 log.info("registry-cache: shared tier: bucket %s%s, keys under %r", new.s3.bucket,
                          f" at {new.s3.endpoint}" if new.s3.endpoint else "", new.s3.prefix)
+            if self.peers is not None:
+                me = self.peers.me
+                log.info("registry-cache: cluster of %s; this node is %s",
+                         ", ".join(m.id for m in self.peers.membership.members) or new.cluster.dns_name,
+                         me.id if me else "not among them")
+
+    def _open_cluster(self, new: Settings) -> None:
+        """The other nodes (cluster_members), as this node sees them."""
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
+        cluster = new.cluster
+        if cluster is None:
+            return
+        if cluster.dns_name:
+            membership = Membership(dns_name=cluster.dns_name, port=cluster.dns_port, me=cluster.address)
+            membership.start()
+        else:
+            membership = Membership(cluster.members, me=cluster.address)
+        self.peers = Peers(membership, self.secret, new.blob_port, cluster.address)
+
+    def _serve_cluster(self, new: Settings, storage: Storage) -> None:
+        """The blob server signs with the cluster secret and answers other nodes."""
+        if self.secret is None:
+            self.blob_server.serve_cluster(None, None)
+            return
+        access = storage.access
+        endpoint = PeerEndpoint(self.secret, storage.fills, self.tiers or Tiers(), self.upstream,
+                                lambda registry, repo, digest, authorization:
+                                access.vouch(registry, repo, digest, authorization),
+                                new.reverse_upstreams | new.listed_origins)
+        me = self.peers.me if self.peers is not None else None
+        self.blob_server.serve_cluster(self.secret, endpoint, me.id if me else "")
 
     def _open_shared(self, new: Settings) -> None:
         """The object store of s3_bucket (boto3 is imported only then)."""
@@ -147,6 +187,8 @@ class Services:
         return self.storage.gauges()
 
     def close(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
         if self.shared is not None:
             self.records.close()
             self.shared.close()

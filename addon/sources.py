@@ -72,6 +72,12 @@ class TieredSource:
         self.tier_bytes: dict[str, int] = {}  # bytes received from tiers other than the upstream
         self.etags: dict[str, str] = {}  # object store: the ETag of the object read
 
+    @property
+    def current(self) -> str | None:
+        """The tier answering now (or to be asked next); None: none is left."""
+        with self._lock:
+            return self.tiers[self._current].name if self._current < len(self.tiers) else None
+
     def __call__(self, start: int = 0, end: int | None = None):
         while True:
             with self._lock:
@@ -151,6 +157,21 @@ class Tiers:
         if self.peers is not None:
             tiers.append(self.peers.tier(digest, registry, repo, authorization))
         tiers.append(UpstreamTier(upstream))
+        return TieredSource(digest, tiers)
+
+    def for_peer(self, digest: str, upstream: BlobSource) -> TieredSource:
+        """Another node's request: the object store, the upstream; never a
+        third node (no request goes round in a circle)."""
+        tiers: list[Tier] = [self.shared.tier(digest)] if self.shared is not None else []
+        return TieredSource(digest, [*tiers, UpstreamTier(upstream)])
+
+    def for_url(self, digest: str, node: str) -> TieredSource:
+        """A blob URL another node signed, brought here: the object store, that
+        node and the owners; never the upstream (the client's credentials
+        stayed with the node that decided)."""
+        tiers: list[Tier] = [self.shared.tier(digest)] if self.shared is not None else []
+        if self.peers is not None:
+            tiers.append(self.peers.tier_for_url(digest, node))
         return TieredSource(digest, tiers)
 
     def stored(self, digest: str, source: TieredSource) -> None:
