@@ -69,6 +69,7 @@ RELAYED_HEADER = "X-Registry-Cache-Relayed"  # "upstream", or "redirect" (the up
 MAX_SKEW = 60.0  # seconds a signed request stays valid (clocks of the nodes may differ this much)
 PEER_CONNECT_TIMEOUT = 3.0
 START_TIMEOUT = 120.0  # as blobs.START_TIMEOUT: bound on the owner's wait for the upstream's answer
+CONFLICT_RETRIES = 2  # a node that follows another is asked again this often mid-fill before it is skipped
 TIER = "peer"
 
 
@@ -187,6 +188,7 @@ class PeerTier:
         self.first = first
         self.stop_at_me = stop_at_me  # this node next in rank: on to the upstream tier
         self._skip: set[Member] = set()  # members that said they are not the ones to ask (409)
+        self._conflicts: dict[Member, int] = {}  # 409s from each, mid-fill
         self.asking: Member | None = None  # the node this fill's bytes come from (or are asked of)
 
     def open(self, start: int, end: int | None) -> requests.Response | None:
@@ -216,6 +218,12 @@ class PeerTier:
                 return response
             status = response.status_code
             response.close()
+            if status == 409 and start and self._conflicts.get(member, 0) < CONFLICT_RETRIES:
+                # Mid-fill, after an owner died: this node may be moving on to the
+                # upstream itself right now. Ask it again (after the fill's backoff)
+                # rather than fetch the rest upstream a second time.
+                self._conflicts[member] = self._conflicts.get(member, 0) + 1
+                raise ConnectionError(f"{member.id} follows another node for now")
             if status in (404, 409):  # it has no copy (a blob URL's), or follows another node itself
                 log.info("cluster: %s: %s answered %d; asking the next node", self.digest, member.id, status)
                 self._skip.add(member)
