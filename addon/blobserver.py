@@ -65,6 +65,7 @@ class BlobServer:
         self.cluster_secret = None  # cluster_secret.ClusterSecret: signs URLs instead of _secret
         self.node = ""  # this node's member id, named in the URLs it signs
         self.peers = None  # peers.PeerEndpoint: other nodes' requests, URLs they signed
+        self.sending = 0  # requests being answered now (a drain waits for them)
         self._pins: dict[str, tuple[StoredBlob, float]] = {}  # digest -> (open blob, until)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_ctx": self})
@@ -173,10 +174,20 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("blob server: " + format, *args)
 
     def do_HEAD(self):
-        self._serve(head=True)
+        self._counted(head=True)
 
     def do_GET(self):
-        self._serve(head=False)
+        self._counted(head=False)
+
+    def _counted(self, head: bool) -> None:
+        ctx = self.server_ctx
+        with ctx._lock:
+            ctx.sending += 1
+        try:
+            self._serve(head)
+        finally:
+            with ctx._lock:
+                ctx.sending -= 1
 
     def _serve(self, head: bool) -> None:
         url = urlsplit(self.path)

@@ -250,14 +250,14 @@ class PeerEndpoint:
     the cluster secret has one, a member of cluster_members or not."""
 
     def __init__(self, secret: ClusterSecret, fills: Fills, tiers: Tiers, upstream: UpstreamClient, vouch,
-                 chosen: frozenset[str]):
+                 chosen: frozenset[str], draining: threading.Event | None = None):
         self.secret = secret
         self.fills = fills
         self.tiers = tiers
         self.upstream = upstream
         self.vouch = vouch  # vouch(registry, repo, digest, authorization): the proof an upstream fill gives
         self.chosen = chosen  # registries the operator chose: the only ones fetched for others
-        self.draining = threading.Event()
+        self.draining = draining or threading.Event()  # set: start no fill for other nodes (drain.py)
 
     def verify(self, method: str, target: str, headers) -> bool:
         return verify_request(self.secret, method, target, headers)

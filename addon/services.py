@@ -12,6 +12,7 @@ ones it started with.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from .blobs import BlobPath
@@ -54,6 +55,7 @@ class Services:
         self.records = None  # shared_records.SharedRecords: what nodes learned, in the object store
         self.secret: ClusterSecret | None = None  # cluster_secret_file
         self.peers: Peers | None = None  # the other nodes (cluster_members)
+        self.draining = threading.Event()  # SIGTERM came (drain.py): no new fills for other nodes
         self.tiers: Tiers | None = None
 
     def apply(self, new: Settings) -> None:
@@ -142,7 +144,7 @@ class Services:
         endpoint = PeerEndpoint(self.secret, storage.fills, self.tiers or Tiers(), self.upstream,
                                 lambda registry, repo, digest, authorization:
                                 access.vouch(registry, repo, digest, authorization),
-                                new.reverse_upstreams | new.listed_origins)
+                                new.reverse_upstreams | new.listed_origins, self.draining)
         me = self.peers.me if self.peers is not None else None
         self.blob_server.serve_cluster(self.secret, endpoint, me.id if me else "")
 
@@ -182,6 +184,25 @@ class Services:
         except OSError as exc:
             raise OSError(f"blob server cannot listen on {new.blob_host}:{new.blob_port}: {exc}") from None
         self.blob_server.start()
+
+    def in_progress(self) -> dict[str, int]:
+        """What a drain waits for (drain.py), besides the requests being answered."""
+        counts = {"fills": self.storage.fills.in_flight(), "blob transfers": self.blob_server.sending}
+        if self.shared is not None and self.shared.available():  # (uploads wait while it is down)
+            counts["uploads"] = self.shared.uploader.pending()
+        return counts
+
+    def health(self) -> dict:
+        """The health endpoint's details: degraded parts are reported, not fatal."""
+        report: dict = {"fills_in_flight": self.storage.fills.in_flight(),
+                        "object_store": "off" if self.shared is None else
+                        "up" if self.shared.available() else "down"}
+        if self.peers is not None:
+            me = self.peers.me
+            report["cluster"] = {"node": me.id if me else None,
+                                 "members": [m.id for m in self.peers.membership.members],
+                                 "down": [m.id for m in self.peers.membership.down_members()]}
+        return report
 
     def gauges(self) -> dict[str, float]:
         return self.storage.gauges()

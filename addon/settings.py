@@ -97,6 +97,11 @@ def declare(loader) -> None:
         "(default: the address the client connected to, with blob_port).",
     )
     loader.add_option(
+        "drain_timeout", int, 25,
+        "After SIGTERM: seconds to go on serving while the fills and transfers in progress end (health "
+        "answers 503 meanwhile, other nodes start no new fill here); the process stops sooner once they have.",
+    )
+    loader.add_option(
         "s3_bucket", str, "",
         "Bucket of a shared tier on S3-compatible object storage (AWS S3, MinIO, Ceph RGW, SeaweedFS): "
         "verified blobs, manifests, tags and access proofs every node can use. Empty: none. "
@@ -184,12 +189,15 @@ class Settings:
     s3: "S3Settings | None" = None  # the shared tier (s3_* options)
     cluster: "ClusterSettings | None" = None  # cluster_members, cluster_address
     cluster_secret_file: str = ""  # signs blob URLs and the nodes' requests (cluster_secret.py)
+    drain_timeout: int = 25  # seconds SIGTERM waits for what is in progress (drain.py)
 
     @classmethod
     def read(cls, options: Any) -> "Settings":
         """Settings from mitmproxy's options; ValueError names what is wrong."""
         if options.upstream_timeout <= 0:
             raise ValueError("upstream_timeout must be a number of seconds > 0")
+        if options.drain_timeout < 0:
+            raise ValueError("drain_timeout must be a number of seconds >= 0")
         if options.tag_check_interval < 0:
             raise ValueError("tag_check_interval must be a number of seconds >= 0")
         try:
@@ -222,6 +230,7 @@ class Settings:
             s3=_s3_settings(options),
             cluster=_cluster_settings(options, port),
             cluster_secret_file=options.cluster_secret_file,
+            drain_timeout=options.drain_timeout,
         )
 
     def origin_named(self, name: str) -> str | None:
