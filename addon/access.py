@@ -307,6 +307,9 @@ class AccessGate:
                     with self._lock:
                         self._public[(registry, repo)] = found
                     self.index.record_public(registry, repo, *found)
+            decision = self.check_locally(registry, repo, digest, authorization)
+            if decision is not None:  # public: no grant needed (one lookup less)
+                return decision
             key = (fingerprint(authorization), registry, repo)
             with self._lock:
                 known = key in self._grants

@@ -43,8 +43,8 @@ class ClusterSecret:
             raise ValueError(f"cluster_secret_file {self.path} holds no secret")
         if any(len(line) < MIN_LENGTH for line in lines):
             raise ValueError(f"cluster_secret_file {self.path}: each secret needs {MIN_LENGTH} characters or more")
-        if stat.st_mode & 0o077:
-            log.warning("registry-cache: others can read cluster_secret_file %s; chmod 600 it", self.path)
+        if stat.st_mode & 0o007:  # (a group may be meant: Kubernetes hands secrets to the pod's fsGroup)
+            log.warning("registry-cache: every user can read cluster_secret_file %s; chmod o-rwx it", self.path)
         self._secrets, self._mtime = tuple(lines), stat.st_mtime_ns
 
     def _fresh(self) -> tuple[bytes, ...]:

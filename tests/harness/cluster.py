@@ -15,7 +15,8 @@ from .registryproc import free_port
 
 class Cluster:
     def __init__(self, workdir: Path, upstream, nodes: int = 3, seaweedfs=None, prefix: str = "",
-                 cache_dir: Path | None = None, options: dict[str, str] | None = None):
+                 cache_dir: Path | None = None, options: dict[str, str] | None = None,
+                 mirror_class=Mirror, s3_endpoint: str | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.secret_file = self.workdir / "cluster-secret"
@@ -26,7 +27,10 @@ class Cluster:
         self.prefix = prefix
         self.cache_dir = cache_dir  # one store for all (processes sharing a directory), else one each
         self.options = dict(options or {})
+        self.mirror_class = mirror_class  # (the benchmark's runs a pinned copy of the addon)
+        self.s3_endpoint = s3_endpoint  # default: the store's front door (faults apply there)
         self.blob_ports = [free_port() for _ in range(nodes)]
+        self.made = 0  # nodes made (a replaced node gets a new, empty directory)
         self.nodes = [self.make_node(i) for i in range(nodes)]
 
     @property
@@ -39,11 +43,13 @@ class Cluster:
                     "cluster_secret_file": str(self.secret_file), **self.options, **options}
         env = {}
         if self.seaweedfs is not None:
-            settings.update({"s3_bucket": self.seaweedfs.bucket, "s3_endpoint": self.seaweedfs.endpoint,
+            settings.update({"s3_bucket": self.seaweedfs.bucket,
+                             "s3_endpoint": self.s3_endpoint or self.seaweedfs.endpoint,
                              "s3_prefix": self.prefix, "s3_timeout": "1", "s3_retry_after": "2"})
             env = self.seaweedfs.client_env()
-        return Mirror(self.workdir / f"node{index}", [f"reverse:{self.upstream.url}"], cache_dir=self.cache_dir,
-                      options=settings, env=env)
+        self.made += 1
+        return self.mirror_class(self.workdir / f"node{index}-{self.made}", [f"reverse:{self.upstream.url}"],
+                                 cache_dir=self.cache_dir, options=settings, env=env)
 
     def start(self) -> "Cluster":
         try:
