@@ -562,7 +562,9 @@ class Fill:
         upstream would not serve ranges (or the disk filled up): then the
         caller fetches the rest over one connection from `written`."""
         run = _ChunkRun(self, part, first, first_length)
-        for i in range(min(self.policy.connections, len(run.chunks))):
+        # A source may say how many connections it takes (sources.py: the object store's own setting).
+        connections = getattr(first, "connections", None) or self.policy.connections
+        for i in range(min(connections, len(run.chunks))):
             try:
                 threading.Thread(target=self._chunk_worker, args=(run,), daemon=True,
                                  name=f"fill-{self.digest[7:19]}-{i}").start()

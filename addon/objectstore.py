@@ -3,7 +3,7 @@
 Several mirror nodes share one bucket (AWS S3, MinIO, Ceph RGW, SeaweedFS).
 Blobs are keyed by digest (`<prefix>blobs/sha256/<hex>`) and uploaded only
 from a committed, verified local file; small records (access proofs,
-manifests, tags, leases) live under `<prefix>records/`.
+manifests, tags, grants) live under `<prefix>records/`.
 
 Why no reader ever sees a partial or wrong blob, and racing uploaders are
 harmless:

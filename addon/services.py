@@ -163,7 +163,8 @@ class Services:
         config = ObjectStoreConfig(bucket=new.s3.bucket, endpoint=new.s3.endpoint, prefix=new.s3.prefix,
                                    region=new.s3.region, timeout=float(new.s3.timeout),
                                    down_for=float(new.s3.retry_after))
-        self.shared = SharedBlobs(config, lambda digest: self.storage.store.open(digest), self.metrics)
+        self.shared = SharedBlobs(config, lambda digest: self.storage.store.open(digest), self.metrics,
+                                  new.s3.connections)
         self.records = SharedRecords(self.shared.objects, self.secret)
 
     def _fill_finished(self, fill: Fill) -> None:

@@ -114,8 +114,9 @@ def test_a_hung_object_store_costs_a_bounded_delay_and_no_client_error(tmp_path,
         assert stats(a)["bytes"]["fetched_upstream"] == image.blob_bytes
 
 
+@pytest.mark.parametrize("connections", ["1", "4"])
 def test_an_object_store_that_goes_silent_mid_blob_hands_the_fill_to_the_upstream(
-        tmp_path, upstream, seaweedfs, s3_prefix):
+        tmp_path, upstream, seaweedfs, s3_prefix, connections):
     image = fresh_image(upstream, 40_000_000)
     (digest, size), = image.layers
     expected = open(upstream.blob_path(digest), "rb").read()
@@ -123,7 +124,7 @@ def test_an_object_store_that_goes_silent_mid_blob_hands_the_fill_to_the_upstrea
         RegistryClient(a.url).pull(image.repo, image.tag)
         wait_uploaded(a, [digest])
     upstream.reset_counters()
-    with s3_node(tmp_path, "b", upstream, seaweedfs, s3_prefix) as b:
+    with s3_node(tmp_path, "b", upstream, seaweedfs, s3_prefix, s3_connections=connections) as b:
         client = RegistryClient(b.url)
         client.get_manifest(image.repo, image.tag)
         seaweedfs.stall_after(3_000_000)  # every object store connection goes quiet after 3 MB
@@ -131,7 +132,8 @@ def test_an_object_store_that_goes_silent_mid_blob_hands_the_fill_to_the_upstrea
         b.wait_stored([digest], WAIT)
         seaweedfs.set_stalled(False)
         figures = stats(b)["bytes"]
-    # The upstream sent only what the object store had not: ranges, from where it went quiet.
+    # The upstream sent only what the object store had not: from where it went quiet.
+    assert f"({connections} connection" in next(line for line in b.lines if f"fill: stored {digest}" in line)
     assert 0 < figures["fetched_upstream"] < size
     assert 0 < figures["fetched_from_tiers"]["object-store"] < size
     assert upstream.counters.blob_bytes_for(digest) == figures["fetched_upstream"]

@@ -34,7 +34,7 @@ def test_the_shared_tier():
     s = read(s3_bucket="mirror", s3_endpoint="http://minio.lan:9000/", s3_prefix="office", s3_region="eu-west-1")
     assert (s.s3.bucket, s.s3.endpoint, s.s3.prefix, s.s3.region) == \
         ("mirror", "http://minio.lan:9000", "office/", "eu-west-1")
-    assert (s.s3.timeout, s.s3.retry_after) == (5, 30)
+    assert (s.s3.timeout, s.s3.retry_after, s.s3.connections) == (5, 30, 1)
     assert read(s3_bucket="mirror").s3.endpoint == ""  # AWS S3
 
 
