@@ -53,7 +53,9 @@ same way; and the time a replaced node, its store empty, takes to serve a
 warm pull (from the object store), against a cold pull through a fresh node.
 The tiers phase measures the warm blob rate of a node whose store is empty
 (the blob comes from the object store) and then from its own store, against
-the single-node mirror's, interleaved.
+the single-node mirror's, interleaved. Where a pull writes a new file (the
+replaced and the fresh node, a node filling from the object store), memory is
+pre-touched first (see pretouch; --no-pretouch: not).
 
 Results: a table on stdout and JSON (default bench-results/latest.json).
 """
@@ -965,6 +967,7 @@ class Bench:
                 settle()
                 self.upstream.reset_counters()
                 line0 = len(node.lines)
+                self.pretouch(not self.args.no_pretouch)
                 r = run_clients(self.pool, task_pull, [(node.url, image.repo, image.tag)])
                 wait_fills(node, [d for d, _ in image.blobs], line0)
                 out["replaced"].append({"seconds": r["wall_s"], "start_s": started,
@@ -974,6 +977,7 @@ class Bench:
                     settle()
                     self.upstream.reset_counters()
                     line0 = len(m.lines)
+                    self.pretouch(not self.args.no_pretouch)
                     r = run_clients(self.pool, task_pull, [(m.url, image.repo, image.tag)])
                     wait_fills(m, [d for d, _ in image.blobs], line0)
                     out["cold_fresh_node"].append({"seconds": r["wall_s"],
@@ -1042,6 +1046,7 @@ class Bench:
                     settle()
                     self.upstream.reset_counters()
                     line0 = len(node.lines)
+                    self.pretouch(name == "object_store" and not self.args.no_pretouch)  # (a new file is written)
                     r = run_clients(self.pool, task_blob, [(url, image.repo, image.tag, self.layer_digest,
                                                             self.layer_size)])
                     if name == "object_store":
