@@ -177,6 +177,7 @@ class AccessGate:
         self._probing: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._probes = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="registry-cache-probe")
+        self.shared = None  # shared_records.SharedRecords: what other nodes learned (s3_bucket)
         # Known-public repositories survive a restart, so they are still
         # served from the store if the upstream is down when we come back.
         self._public.update(self.index.public_states())
@@ -270,8 +271,10 @@ class AccessGate:
         holds every HEAD open must not tie up the mirror's threads."""
         now = time.time()
         self.index.record(registry, repo, digest)
+        key, until = (fingerprint(authorization), registry, repo), credential_expiry(authorization, now)
         with self._lock:
-            self._grants[(fingerprint(authorization), registry, repo)] = credential_expiry(authorization, now)
+            before = self._grants.get(key, 0.0)
+            self._grants[key] = until
             if len(self._grants) > MAX_GRANTS:
                 newest = sorted(self._grants.items(), key=lambda item: item[1])[len(self._grants) // 2:]
                 self._grants = dict(newest)
@@ -279,6 +282,10 @@ class AccessGate:
                 and self._public_state(registry, repo, now) is None
             if probe:
                 self._probing.add((registry, repo))
+        if trusted and self.shared is not None:
+            self.shared.note_seen(registry, repo, digest)
+            if before <= now:  # a credential new to this node (or one it had stopped trusting)
+                self.shared.note_grant(authorization, registry, repo, until)
         if probe:
             try:
                 self._probes.submit(self._probe_public, registry, repo, f"{kind}/{digest}")
@@ -289,6 +296,38 @@ class AccessGate:
     def known_public(self, registry: str, repo: str) -> bool:
         """Was repo found public lately? (memory only: safe on the event loop)"""
         return self._is_public(registry, repo, time.time())
+
+    def learn_shared(self, registry: str, repo: str, digest: str, authorization: str | None) -> Decision | None:
+        """check_locally() for a chosen registry, after taking in what other
+        nodes learned (shared_records.py): that the upstream served digest
+        under repo, whether repo is public, and whether the upstream accepted
+        this very credential for it. Blocking (the object store): run it in
+        its pool. None: ask the registry."""
+        shared = self.shared
+        if shared is not None:
+            if not self.index.contains(registry, repo, digest) and shared.seen(registry, repo, digest):
+                self.index.record(registry, repo, digest)
+            now = time.time()
+            with self._lock:
+                state = self._public.get((registry, repo))
+            if state is None or now - state[1] > PUBLIC_TTL:
+                found = shared.public(registry, repo)
+                if found is not None and (state is None or found[1] > state[1]):
+                    with self._lock:
+                        self._public[(registry, repo)] = found
+                    self.index.record_public(registry, repo, *found)
+            decision = self.check_locally(registry, repo, digest, authorization)
+            if decision is not None:  # public: no grant needed (one lookup less)
+                return decision
+            key = (fingerprint(authorization), registry, repo)
+            with self._lock:
+                known = key in self._grants
+            if not known:
+                until = shared.grant(authorization, registry, repo)
+                if until is not None:
+                    with self._lock:
+                        self._grants.setdefault(key, until)
+        return self.check_locally(registry, repo, digest, authorization)
 
     def public_now(self, registry: str, repo: str, path: str) -> bool:
         """Is repo public? Asked now (with an anonymous token, as the
@@ -359,3 +398,5 @@ class AccessGate:
         with self._lock:
             self._public[(registry, repo)] = (public, checked_at)
         self.index.record_public(registry, repo, public, checked_at)
+        if self.shared is not None:
+            self.shared.note_public(registry, repo, public, checked_at)

@@ -28,7 +28,8 @@ from .responses import blob_head, oci_error
 from .settings import Settings
 from .storage import Storage
 from .store import BlobModified, StoredBlob
-from .upstream import UpstreamClient
+from .sources import Tiers, TieredSource
+from .upstream import BlobSource, UpstreamClient
 from .workers import Workers
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,13 @@ class Verdict(enum.Enum):
 
 class BlobPath:
     def __init__(self, storage: Storage, blob_server: BlobServer, upstream: UpstreamClient,
-                 workers: Workers, settings: Settings):
+                 workers: Workers, settings: Settings, tiers: Tiers | None = None):
         self.storage = storage
         self.blob_server = blob_server
         self.upstream = upstream
         self.workers = workers
         self.settings = settings
+        self.tiers = tiers  # the object store and the cluster (sources.py), if any
 
     async def handle(self, req: RegistryRequest) -> Outcome:
         digest = req.route.reference
@@ -110,10 +112,11 @@ class BlobPath:
                 response = oci_error(502, "UNAVAILABLE", "upstream fetch failed", fill.error)
             return Outcome(Mark.DENIED if fill.refused else Mark.FILL_FAILED, response=response,
                            digest=digest, detail=fill.error)
-        # A fill this request started vouches for it once its bytes verify
-        # (on_verified); joining someone else's needs the same proof as a hit,
-        # or, from a registry nobody chose, that registry's consent.
-        if not started or fill.already_stored:
+        # A fill this request started from the upstream vouches for it once its
+        # bytes verify (on_verified); joining someone else's, or one fed by the
+        # object store or another node, needs the same proof as a hit, or, from
+        # a registry nobody chose, that registry's consent.
+        if not started or fill.already_stored or not getattr(fill.opener, "upstream_answered", True):
             verdict, refusal = await self._may_read(req, digest, its_own_fill=not fill.already_stored)
             if verdict is not Verdict.READ:
                 return refusal
@@ -131,6 +134,9 @@ class BlobPath:
         repo = req.route.name
         decision = await self.workers.local(access.check_locally, req.registry, repo, digest, req.authorization,
                                             req.trusted, its_own_fill)
+        if decision is None and req.trusted and access.shared is not None:  # what other nodes learned
+            decision = await self.workers.object_store(access.learn_shared, req.registry, repo, digest,
+                                                       req.authorization)
         if decision is None:  # one HEAD there settles it
             decision = await self.workers.upstream(req.slot_key, access.ask_registry, req.registry, repo, digest,
                                                    req.authorization, req.trusted, wanted=req.wanted)
@@ -151,16 +157,19 @@ class BlobPath:
         url = req.url.split("?", 1)[0]
         access = self.storage.access
 
-        opener = self.upstream.blob_source(url, req.authorization)
-
-        def vouch():
-            # The upstream served these verified bytes under this repository
-            # to this client: the proof the access gate asks for.
-            access.vouch(req.registry, req.route.name, digest, req.authorization, trusted=req.trusted)
-
         for _attempt in range(2):
+            opener = self._source(req, digest, url)
+
+            def vouch(opener=opener):
+                # The upstream served these verified bytes under this repository
+                # to this client: the proof the access gate asks for.
+                if getattr(opener, "upstream_answered", True):
+                    access.vouch(req.registry, req.route.name, digest, req.authorization, trusted=req.trusted)
+
+            stored = (lambda opener=opener: self.tiers.stored(digest, opener)) \
+                if isinstance(opener, TieredSource) else None
             fill, started = self.storage.fills.start_or_join(digest, opener, vouch, refetch=refetch,
-                                                             source=req.unchosen_source)
+                                                             source=req.unchosen_source, on_stored=stored)
             log.info("registry-cache: miss %s: %s fill", digest, "started" if started else "joined")
             try:
                 await asyncio.wait_for(fill.wait_started(), START_TIMEOUT)
@@ -171,6 +180,15 @@ class BlobPath:
             if started or fill.state is not State.FAILED or fill.answer is None:
                 break
         return fill, started
+
+    def _source(self, req: RegistryRequest, digest: str, url: str) -> BlobSource | TieredSource:
+        """What a new fill fetches from: the upstream, after the object store and
+        the digest's owner node when there are those (for registries the
+        operator chose: one nobody chose must serve its blobs itself)."""
+        upstream = self.upstream.blob_source(url, req.authorization)
+        if self.tiers is None or not req.trusted or req.route.name is None:
+            return upstream
+        return self.tiers.for_client(digest, upstream, req.registry, req.route.name, req.authorization)
 
     def _to_blob_server(self, req: RegistryRequest, outcome: Outcome) -> Outcome:
         """Send the client to the blob server for outcome.digest."""

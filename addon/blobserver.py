@@ -9,6 +9,11 @@ the writer, for a miss in progress.
 
 URLs are signed (HMAC over digest and expiry, secret per process) and expire,
 so nobody reads the store here without first passing through the mirror.
+With a cluster secret (cluster_secret.py) they are signed with that, and name
+the node that made them: any node's blob server honours them (a load
+balancer may send the client to another node than the one it asked), and
+fills from that node or the object store when it has no copy (peers.py).
+The same server answers other nodes' signed requests, /cluster/blobs/<digest>.
 
 A blob the mirror decided to serve is pinned for a minute: its open file is
 kept, so that if the store evicts it before the client arrives (a fill
@@ -35,6 +40,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from .fill import Cursor, FillFailed, Fills
 from .metrics import Metrics
 from .oci import error_body
+from .peers import CLUSTER_PATH, RELAYED_HEADER, PeerRefusal
 from .routes import SHA256_RE
 from .store import BlobStore, StoredBlob
 
@@ -56,6 +62,10 @@ class BlobServer:
         self.metrics = metrics
         self.serve_from(store, fills, proven)
         self._secret = secrets.token_bytes(32)
+        self.cluster_secret = None  # cluster_secret.ClusterSecret: signs URLs instead of _secret
+        self.node = ""  # this node's member id, named in the URLs it signs
+        self.peers = None  # peers.PeerEndpoint: other nodes' requests, URLs they signed
+        self.sending = 0  # requests being answered now (a drain waits for them)
         self._pins: dict[str, tuple[StoredBlob, float]] = {}  # digest -> (open blob, until)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_ctx": self})
@@ -69,6 +79,11 @@ class BlobServer:
         `proven(registry, digest)`: has that registry served the blob to the
         mirror itself? Asked for URLs made for a registry nobody chose (see access.py)."""
         self.store, self.fills, self.proven = store, fills, proven
+
+    def serve_cluster(self, secret, endpoint, node: str = "") -> None:
+        """Sign URLs with the cluster secret (None: this process's own), and
+        answer other nodes with endpoint (peers.PeerEndpoint, or None)."""
+        self.cluster_secret, self.peers, self.node = secret, endpoint, node
 
     def start(self) -> None:
         self._thread.start()
@@ -105,18 +120,30 @@ class BlobServer:
     def signed_path(self, digest: str, ttl: float = URL_TTL, registry: str = "") -> str:
         """A URL for this digest. With `registry` (a registry nobody chose), the
         store answers it only once that registry has served the blob itself;
-        before that, only a fill from there can."""
+        before that, only a fill from there can. Signed with the cluster
+        secret, it names this node (`node`)."""
         expires = int(time.time() + ttl)
         named = f"&registry={quote(registry, safe='')}" if registry else ""
-        return f"/blobs/{digest}?expires={expires}{named}&sig={self._sign(digest, expires, registry)}"
+        node = self.node if self.cluster_secret is not None and not registry else ""
+        noded = f"&node={quote(node, safe='')}" if node else ""
+        return f"/blobs/{digest}?expires={expires}{named}{noded}&sig={self._sign(digest, expires, registry, node)}"
 
-    def _sign(self, digest: str, expires: int, registry: str) -> str:
-        return hmac.new(self._secret, f"{digest}\n{expires}\n{registry}".encode(), hashlib.sha256).hexdigest()
+    def _message(self, digest: str, expires: int, registry: str, node: str) -> bytes:
+        return f"{digest}\n{expires}\n{registry}{chr(10) + node if node else ''}".encode()
 
-    def check_signature(self, digest: str, expires: str, sig: str, registry: str = "") -> bool:
+    def _sign(self, digest: str, expires: int, registry: str, node: str = "") -> str:
+        message = self._message(digest, expires, registry, node)
+        if self.cluster_secret is not None:
+            return self.cluster_secret.sign(b"url\n" + message)
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def check_signature(self, digest: str, expires: str, sig: str, registry: str = "", node: str = "") -> bool:
         if not (EXPIRES_RE.fullmatch(expires) and SIG_RE.fullmatch(sig)) or int(expires) < time.time():
             return False
-        return hmac.compare_digest(self._sign(digest, int(expires), registry), sig)
+        message = self._message(digest, int(expires), registry, node)
+        if self.cluster_secret is not None:
+            return self.cluster_secret.verify(b"url\n" + message, sig)
+        return hmac.compare_digest(hmac.new(self._secret, message, hashlib.sha256).hexdigest(), sig)
 
     def count_sent(self, n: int, source: str) -> None:
         if self.metrics is not None:
@@ -147,21 +174,39 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("blob server: " + format, *args)
 
     def do_HEAD(self):
-        self._serve(head=True)
+        self._counted(head=True)
 
     def do_GET(self):
-        self._serve(head=False)
+        self._counted(head=False)
+
+    def _counted(self, head: bool) -> None:
+        ctx = self.server_ctx
+        with ctx._lock:
+            ctx.sending += 1
+        try:
+            self._serve(head)
+        finally:
+            with ctx._lock:
+                ctx.sending -= 1
 
     def _serve(self, head: bool) -> None:
         url = urlsplit(self.path)
+        if url.path.startswith(CLUSTER_PATH):
+            return self._serve_node(url, head)
         digest = url.path.removeprefix("/blobs/")
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         if not (url.path.startswith("/blobs/") and SHA256_RE.fullmatch(digest)):
             return self._error(404, "BLOB_UNKNOWN", "no such blob")
-        registry = query.get("registry", "")
-        if not self.server_ctx.check_signature(digest, query.get("expires", ""), query.get("sig", ""), registry):
+        registry, node = query.get("registry", ""), query.get("node", "")
+        if not self.server_ctx.check_signature(digest, query.get("expires", ""), query.get("sig", ""), registry,
+                                               node):
             return self._error(403, "DENIED", "missing, invalid or expired signature")
         source = self._open_source(digest, registry)
+        peers = self.server_ctx.peers
+        if source is None and not registry and peers is not None and node != self.server_ctx.node:
+            # Another node decided this client may have it: from there, or the object store.
+            fill = peers.fill_for_url(digest, node)
+            source = self._open_source(digest, registry) if fill is not None else None
         if source is None:
             failure = self.server_ctx.fills.recent_failure(digest, registry)
             if failure is not None:  # the fill this URL was for failed before the client came
@@ -171,6 +216,55 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(digest, source, head)
         finally:
             source.close()
+
+    def _serve_node(self, url, head: bool) -> None:
+        """Another node's request (peers.py): from the store, the fill running
+        here, or a fill started for it."""
+        peers = self.server_ctx.peers
+        if peers is None or not peers.verify(self.command, self.path, self.headers):
+            return self._error(403, "DENIED", "not a signed request of a mirror node")
+        digest = url.path.removeprefix(CLUSTER_PATH)
+        if not SHA256_RE.fullmatch(digest):
+            return self._error(404, "BLOB_UNKNOWN", "no such blob")
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        source = self._open_stored(digest)
+        for _attempt in range(2):
+            if source is not None:
+                break
+            found = peers.fill_for(digest, query.get("registry", ""), query.get("repo", ""),
+                                   self.headers.get("Authorization"))
+            if isinstance(found, PeerRefusal):
+                return self._refuse(found, head)
+            cursor = found.follow()
+            # None: the fill ended meanwhile, and its blob is in the store (or went).
+            source = _FillSource(cursor) if cursor is not None else self._open_stored(digest)
+        if source is None:
+            return self._error(404, "BLOB_UNKNOWN", "blob not in the store")
+        try:
+            self._send(digest, source, head)
+        finally:
+            source.close()
+
+    def _refuse(self, refusal: PeerRefusal, head: bool) -> None:
+        if not refusal.relayed:
+            return self._error(refusal.status, "UNAVAILABLE" if refusal.status >= 500 else "DENIED", refusal.message)
+        body = refusal.body if refusal.headers else error_body("UNAVAILABLE", refusal.message)
+        self.send_response(refusal.status)
+        for name, value in refusal.headers:
+            name, value = name.decode("latin-1"), value.decode("latin-1")
+            if name.lower() not in ("content-length", "connection", "transfer-encoding", RELAYED_HEADER.lower()):
+                self.send_header(name, value)
+        if not refusal.headers:
+            self.send_header("Content-Type", "application/json")
+        self.send_header(RELAYED_HEADER, refusal.relayed)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _open_stored(self, digest: str) -> "_StoredSource | None":
+        blob = self.server_ctx.store.open(digest) or self.server_ctx.pinned(digest)
+        return _StoredSource(blob) if blob is not None else None
 
     def _open_source(self, digest: str, registry: str) -> "_StoredSource | _FillSource | None":
         """A fill in progress (followed behind its writer), else the store."""

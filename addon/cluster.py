@@ -188,6 +188,12 @@ class Membership:
         with self._lock:
             self._down[member] = self._clock() + self._down_for
 
+    def down_members(self) -> list[Member]:
+        """Members skipped now (marked down less than down_for ago)."""
+        now = self._clock()
+        with self._lock:
+            return sorted(m for m, until in self._down.items() if until > now)
+
     def mark_up(self, member: Member) -> None:
         with self._lock:
             self._down.pop(member, None)

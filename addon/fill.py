@@ -198,7 +198,7 @@ class Fill:
                  on_finished: Callable[["Fill"], None] = lambda fill: None,
                  on_verified: Callable[[], None] | None = None,
                  max_stored_size: int | None = None, refetch: bool = False, source: str = "",
-                 policy: FetchPolicy = FetchPolicy()):
+                 policy: FetchPolicy = FetchPolicy(), on_stored: Callable[[], None] | None = None):
         self.digest = digest
         self.store = store
         self.opener = opener
@@ -206,6 +206,7 @@ class Fill:
         # Runs in the fill's thread once the bytes are verified, before any client
         # can have the last byte (the access gate records its proof here).
         self.on_verified = on_verified
+        self.on_stored = on_stored  # runs in the fill's thread once the blob is committed
         self.max_stored_size = max_stored_size  # larger blobs are streamed, not stored
         self.refetch = refetch  # fetch even if the store has it (a registry proving it holds it)
         # The unlisted registry it fetches from ("": one the operator chose). Fills
@@ -286,6 +287,11 @@ class Fill:
             else:
                 self.store.commit(self.digest, part, self.written)
                 committed = True
+                if self.on_stored is not None:
+                    try:
+                        self.on_stored()
+                    except Exception:  # noqa: BLE001 - the blob is stored whatever the callback does
+                        log.exception("fill: after storing %s", self.digest)
                 last_words = (logging.INFO, "fill: stored %s (%d bytes) in %.2fs (%s)",
                               self.digest, self.written, time.monotonic() - self.started_at, self._how())
         except Exception as exc:  # noqa: BLE001 - every failure ends the fill cleanly
@@ -556,7 +562,9 @@ class Fill:
         upstream would not serve ranges (or the disk filled up): then the
         caller fetches the rest over one connection from `written`."""
         run = _ChunkRun(self, part, first, first_length)
-        for i in range(min(self.policy.connections, len(run.chunks))):
+        # A source may say how many connections it takes (sources.py: the object store's own setting).
+        connections = getattr(first, "connections", None) or self.policy.connections
+        for i in range(min(connections, len(run.chunks))):
             try:
                 threading.Thread(target=self._chunk_worker, args=(run,), daemon=True,
                                  name=f"fill-{self.digest[7:19]}-{i}").start()
@@ -715,6 +723,12 @@ class Fill:
         if fd is not None:
             os.close(fd)
         self._notify()
+
+    def started_within(self, timeout: float) -> bool:
+        """Block until the upstream has answered (or the fill failed); False
+        if it has not within timeout (for threads: the blob server's)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.state is not State.CONNECTING, timeout)
 
     # -- for the event loop --------------------------------------------------
 
@@ -1114,15 +1128,17 @@ class Fills:
             return self._running.get((digest, source))
 
     def start_or_join(self, digest: str, opener: Opener, on_verified: Callable[[], None] | None = None,
-                      refetch: bool = False, source: str = "") -> tuple[Fill, bool]:
+                      refetch: bool = False, source: str = "",
+                      on_stored: Callable[[], None] | None = None) -> tuple[Fill, bool]:
         """The running fill for digest from source, or a new one started with
-        opener (on_verified and refetch apply only to a new one)."""
+        opener (on_verified, on_stored and refetch apply only to a new one)."""
         with self._lock:
             fill = self._running.get((digest, source))
             if fill is not None and fill.state is not State.FAILED:
                 return fill, False
             fill = Fill(digest, self.store, opener, on_finished=self._forget, on_verified=on_verified,
-                        max_stored_size=self.max_stored_size, refetch=refetch, source=source, policy=self.policy)
+                        max_stored_size=self.max_stored_size, refetch=refetch, source=source, policy=self.policy,
+                        on_stored=on_stored)
             self._running[(digest, source)] = fill
         try:
             fill.start()

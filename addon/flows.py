@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from .drain import HEALTH_PATH
 from .metrics import METRICS_PATH, STATS_PATH, Metrics
 from .routes import Route
 from .tokens import TOKEN_PATH
@@ -128,14 +129,25 @@ class FlowState:
     outcome: Outcome | None = None
     passes_through: bool = False  # its body goes to the registry (uploads, tags, catalog...)
     stream_response: bool = False
+    logged: bool = False  # log_request ran (once per flow)
 
 
 _states: "weakref.WeakKeyDictionary[http.HTTPFlow, FlowState]" = weakref.WeakKeyDictionary()
 
 
+_in_progress = 0  # registry flows begun and not yet logged (event loop only)
+
+
 def begin(flow: http.HTTPFlow) -> FlowState:
+    global _in_progress
     state = _states[flow] = FlowState()
+    _in_progress += 1
     return state
+
+
+def in_progress() -> int:
+    """Registry requests begun and not yet answered (or failed): what a drain waits for."""
+    return _in_progress
 
 
 def state_of(flow: http.HTTPFlow) -> FlowState | None:
@@ -254,9 +266,12 @@ def log_request(flow: http.HTTPFlow, metrics: Metrics) -> None:
     registry's host unless it is the reverse-mode upstream), kind,
     reference, outcome, HTTP status, bytes, milliseconds; and its count
     in the metrics."""
+    global _in_progress
     state = state_of(flow)
-    if state is None:
+    if state is None or state.logged:
         return
+    state.logged = True
+    _in_progress -= 1
     route = state.route
     outcome = Mark(flow.metadata.get(METADATA_KEY, Mark.PASS))
     if flow.error is not None and outcome in (Mark.PASS, Mark.HIT, Mark.MISS):
@@ -279,7 +294,7 @@ def own_path(request: http.Request) -> str | None:
     """A path the mirror answers itself, whatever host the request names:
     the metrics, and the token endpoint (tokens.py)."""
     path = request.path.split("?", 1)[0]
-    return path if path in (METRICS_PATH, STATS_PATH) or path.startswith(TOKEN_PATH) else None
+    return path if path in (METRICS_PATH, STATS_PATH, HEALTH_PATH) or path.startswith(TOKEN_PATH) else None
 
 
 def metrics_response(path: str, metrics: Metrics, gauges: dict[str, float]) -> http.Response:
@@ -293,7 +308,10 @@ def metrics_response(path: str, metrics: Metrics, gauges: dict[str, float]) -> h
 def count_fill(metrics: Metrics, fill: "Fill") -> None:
     """A fill's bytes and failure in the metrics (called in the fill's thread as it ends)."""
     if not fill.already_stored:
-        metrics.count("upstream_blob_bytes_total", fill.fetched)
+        from_tiers = dict(getattr(fill.opener, "tier_bytes", {}))  # the object store, other nodes (sources.py)
+        metrics.count("upstream_blob_bytes_total", fill.fetched - sum(from_tiers.values()))
+        for tier, n in from_tiers.items():
+            metrics.count("tier_blob_bytes_total", n, tier)
     if fill.failure is not None:  # a refusal is the upstream's answer, not a failure
         failed, upstream_error = failure_labels(fill.failure, fill.failure_status)
         metrics.count("fill_failures_total", 1, failed)

@@ -65,9 +65,10 @@ class Unreachable:
 
 class ManifestRelay:
     def __init__(self, storage: Storage, upstream: UpstreamClient, workers: Workers, metrics: Metrics,
-                 settings: Settings, accounts: MirrorAccounts | None = None):
+                 settings: Settings, accounts: MirrorAccounts | None = None, shared=None):
         self.storage = storage
         self.accounts = accounts
+        self.shared = shared  # shared_records.SharedRecords: manifests and tags other nodes kept
         self.upstream = upstream
         self.workers = workers
         self.metrics = metrics
@@ -82,7 +83,7 @@ class ManifestRelay:
         if self.settings.serve_stale and self.upstream.hung(req.registry):
             # It let a request wait the whole timeout moments ago: what the
             # store can answer is not asked of it meanwhile.
-            stale = await self.workers.local(self._stale_answer, req)
+            stale = await self._stale_answer_shared(req)
             if stale is not None:
                 return self._stale(req, stale, f"{req.registry} timed out less than {QUIET_FOR:.0f}s ago")
         if req.route.kind is Kind.PING and not req.authorization and req.trusted:
@@ -125,11 +126,16 @@ class ManifestRelay:
                 self.storage.access.allowed_from_memory(req.registry, req.route.name, digest, req.authorization):
             return _from_store(manifest, req.route.reference, req.method)
         manifest = await self.workers.local(self.storage.manifests.get, digest)
+        if manifest is None and self.shared is not None:
+            manifest = await self.workers.object_store(self._from_shared, digest)
         if manifest is None or not manifests.accepts(list(req.accept), manifest.media_type):
             return None
         access, repo = self.storage.access, req.route.name
         decision = await self.workers.local(access.check_locally, req.registry, repo, manifest.digest,
                                             req.authorization)
+        if decision is None and access.shared is not None:
+            decision = await self.workers.object_store(access.learn_shared, req.registry, repo, manifest.digest,
+                                                       req.authorization)
         if decision is None:
             decision = await self.workers.upstream(req.slot_key, access.ask_registry, req.registry, repo,
                                                    manifest.digest, req.authorization, True, "manifests",
@@ -160,6 +166,9 @@ class ManifestRelay:
         if answer.status != 200 or not digest:
             return None
         manifest = await self.workers.local(self._kept_for_tag, req, digest, confirmed)
+        if manifest is None and self.shared is not None and \
+                await self.workers.object_store(self._from_shared, digest) is not None:
+            manifest = await self.workers.local(self._kept_for_tag, req, digest, confirmed)
         return _from_store(manifest, req.route.reference, req.method) if manifest is not None else None
 
     async def _shared_head(self, req: RegistryRequest, ask):
@@ -282,7 +291,7 @@ class ManifestRelay:
         self.forget_ping(req.registry)
         answer = failure.answer
         self.metrics.count("upstream_errors_total", 1, str(answer.status) if answer else "connection")
-        stale = await self.workers.local(self._stale_answer, req) if self.settings.serve_stale else None
+        stale = await self._stale_answer_shared(req) if self.settings.serve_stale else None
         if stale is not None:
             return self._stale(req, stale, failure.why)
         if answer is not None:
@@ -327,11 +336,52 @@ class ManifestRelay:
             if req.trusted and self.storage.manifests.digest_of_tag(req.registry, route.name, route.reference) == digest:
                 self._note_checked(req, digest)
 
+    async def _stale_answer_shared(self, req: RegistryRequest) -> http.Response | None:
+        """_stale_answer(); if this node cannot give one, after taking in what
+        other nodes kept (tags, manifests, access) from the shared records."""
+        stale = await self.workers.local(self._stale_answer, req)
+        if stale is None and self.shared is not None and req.trusted:
+            await self.workers.object_store(self._learn_for_stale, req)
+            stale = await self.workers.local(self._stale_answer, req)
+        return stale
+
+    def _from_shared(self, digest: str) -> manifests.StoredManifest | None:
+        """The manifest of digest, from the shared records if this node lacks
+        it, kept here (blocking: the object store)."""
+        manifest = self.storage.manifests.get(digest)
+        if manifest is None:
+            found = self.shared.manifest(digest)
+            if found is not None:
+                manifest = manifests.StoredManifest(digest, *found)
+                self.storage.manifests.put(manifest)
+        return manifest
+
+    def _learn_for_stale(self, req: RegistryRequest) -> None:
+        """What a stale answer needs that other nodes may know: that the
+        registry exists, the tag's last digest and its manifest, and whether
+        this client may read it (blocking: the object store)."""
+        route, store, shared = req.route, self.storage.manifests, self.shared
+        if route.kind is Kind.PING:
+            shared.knows_registry(req.registry)
+            return
+        digest = route.reference if ":" in route.reference else \
+            store.digest_of_tag(req.registry, route.name, route.reference)
+        tagged = digest is None
+        if tagged:
+            digest = shared.tag(req.registry, route.name, route.reference)
+        if digest is None or self._from_shared(digest) is None:
+            return
+        if tagged:
+            store.remember_tag(req.registry, route.name, route.reference, digest)
+        self.storage.access.learn_shared(req.registry, route.name, digest, req.authorization)
+
     def _stale_answer(self, req: RegistryRequest) -> http.Response | None:
         """What the store can say while the upstream cannot (blocking)."""
         route = req.route
         if route.kind is Kind.PING:
-            if not self.storage.access.index.knows(req.registry):  # maybe no registry at all: its /v2/ is its own
+            # Maybe no registry at all: its /v2/ is its own.
+            if not (self.storage.access.index.knows(req.registry)
+                    or (self.shared is not None and self.shared.knows_registry_here(req.registry))):
                 return None
             return http.Response.make(200, b"{}", {"Content-Type": "application/json", **manifests.STALE_HEADERS})
         manifest = self.storage.manifests.lookup(req.registry, route.name, route.reference)

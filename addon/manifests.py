@@ -57,10 +57,13 @@ class ManifestStore:
         self._recent: dict[str, StoredManifest] = {}
         self._recent_bytes = 0
         self._recent_lock = threading.Lock()
+        self.shared = None  # shared_records.SharedRecords: kept manifests and tags go there too
 
     def put(self, manifest: StoredManifest) -> None:
         self._cache.set(f"manifest:{manifest.digest}", (manifest.media_type, manifest.body))
         self._keep_in_memory(manifest)
+        if self.shared is not None:
+            self.shared.note_manifest(manifest.digest, manifest.media_type, manifest.body)
 
     def get(self, digest: str) -> StoredManifest | None:
         if manifest := self.in_memory(digest):
@@ -92,6 +95,8 @@ class ManifestStore:
         key = f"tag:{registry}/{repo}:{tag}"
         if self._cache.get(key) != digest:  # a read; every pull asks about the tag, few move it
             self._cache.set(key, digest)
+            if self.shared is not None:
+                self.shared.note_tag(registry, repo, tag, digest)
 
     def digest_of_tag(self, registry: str, repo: str, tag: str) -> str | None:
         return self._cache.get(f"tag:{registry}/{repo}:{tag}")

@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     "requests_total": ("counter", "Registry requests by kind and outcome (hit, miss, pass, stale, denied, error, fill-failed)."),
     "blob_bytes_served_total": ("counter", "Blob bytes sent to clients, from the store or from a fill in progress."),
     "upstream_blob_bytes_total": ("counter", "Blob bytes fetched from upstream registries."),
+    "tier_blob_bytes_total": ("counter", "Blob bytes fills got instead from the shared object store or another node, by tier."),
+    "object_store_uploads_total": ("counter", "Verified blobs uploaded to the shared object store, by result (stored, present, refused, failed)."),
     # A gauge: upstream bytes are counted when a fill ends, served bytes as
     # they go out, so the difference dips while a fill runs ahead of its clients.
     "bytes_saved": ("gauge", "Blob bytes sent to clients minus blob bytes fetched upstream, since start."),
@@ -36,6 +38,8 @@ DESCRIPTIONS = {
 LABELS = {
     "requests_total": ("kind", "outcome"),
     "blob_bytes_served_total": ("source",),
+    "tier_blob_bytes_total": ("tier",),
+    "object_store_uploads_total": ("result",),
     "fill_failures_total": ("reason",),
     "upstream_errors_total": ("status",),
     "upstream_ratelimit_limit": ("registry",),
@@ -95,6 +99,7 @@ class Metrics:
             "bytes": {
                 "served": served,
                 "fetched_upstream": int(values.get("upstream_blob_bytes_total", 0)),
+                "fetched_from_tiers": {tier: int(n) for (tier,), n in values["tier_blob_bytes_total"].items()},
                 "saved": int(values["bytes_saved"]),
             },
             "fills_in_flight": int(values["fills_in_flight"]),
@@ -103,6 +108,7 @@ class Metrics:
             "upstream_rate_limits": {
                 registry: {"limit": int(limit), "remaining": int(values["upstream_ratelimit_remaining"].get((registry,), 0))}
                 for (registry,), limit in values["upstream_ratelimit_limit"].items()},
+            "object_store_uploads": {result: int(n) for (result,), n in values["object_store_uploads_total"].items()},
             "evictions": int(values.get("evictions_total", 0)),
             "store": {
                 "bytes": int(values["store_bytes"]),

@@ -4,7 +4,7 @@ A request meets, in order (README, "How it works"):
 - `requestheaders`: not /v2/: untouched. Malformed, oversized or an `?ns=`
   not served: refused at once, before any body is read. Uploads, tags,
   catalog and the rest of /v2/: passed through (passthrough.py streams them).
-- `request`: the mirror's own paths (metrics, the token relay: tokens.py) are
+- `request`: the mirror's own paths (metrics, health: drain.py, the token relay: tokens.py) are
   answered; a request aimed at the mirror itself is refused (own_addresses.py);
   a blob GET/HEAD goes to the blob path (blobs.py), a ping or manifest
   GET/HEAD to the manifest relay (manifest_relay.py). Each returns an
@@ -12,6 +12,8 @@ A request meets, in order (README, "How it works"):
 - `request`, `responseheaders`: in reverse mode, a registry's token challenge
   is passed on naming the mirror's token relay as its realm.
 - `response` / `error`: one log line and the metrics (flows.py).
+
+SIGTERM drains the node before it stops (drain.py).
 
 Hooks never block the event loop: disk work and registry calls run in the
 worker pools (workers.py); fills and the blob server run in their own threads.
@@ -27,6 +29,7 @@ import time
 from mitmproxy import ctx, exceptions, hooks, http
 
 from . import flows, routes, settings
+from .drain import HEALTH_PATH, Drain
 from .fill import Fill, State
 from .flows import Mark, Outcome
 from .metrics import Metrics
@@ -54,6 +57,8 @@ class RegistryCache:
                                  lambda storage: self._background(storage.retire()))
         self._running = False
         self._tasks: set[asyncio.Task] = set()
+        self.drain = Drain(self._in_progress, self.services.health)
+        self.drain.on_drain = self.services.draining.set
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -63,6 +68,14 @@ class RegistryCache:
             log.error("registry-cache: %s", problem)
 
     def configure(self, updated: set[str]) -> None:
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # With the default eager strategy mitmproxy connects upstream before
+            # any hook runs, so even blobs we hold would fail while it is down.
+            # Set here, not in `running`: the proxy accepts clients before that
+            # hook runs, and a node started while the upstream was down failed
+            # its first requests.
+            ctx.options.update(connection_strategy="lazy")
+            log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
         try:
             new = Settings.read(ctx.options)
             if new != self.services.settings:
@@ -75,11 +88,7 @@ class RegistryCache:
     def running(self) -> None:
         self._running = True
         self.own.forget()  # the proxy listens now
-        # With the default eager strategy mitmproxy connects upstream before
-        # any hook runs, so even blobs we hold would fail while it is down.
-        if ctx.options.connection_strategy != "lazy":
-            ctx.options.update(connection_strategy="lazy")
-            log.info("registry-cache: connection_strategy set to lazy (serve stored blobs while the upstream is down)")
+        self.drain.install(ctx.master.shutdown, lambda: self.services.settings.drain_timeout)
         settings.raise_open_files_limit()
         logging.getLogger("asyncio").addFilter(_not_a_cancelled_connection)
         if ctx.options.stream_large_bodies:
@@ -122,7 +131,9 @@ class RegistryCache:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if path := flows.own_path(flow.request):
-            if path.startswith(TOKEN_PATH):
+            if path == HEALTH_PATH:
+                flow.response = self.drain.health_response()
+            elif path.startswith(TOKEN_PATH):
                 flow.response = await self._token(flow, path.removeprefix(TOKEN_PATH))
             else:
                 flow.response = await self.workers.local(self._metrics_response, path)
@@ -223,6 +234,9 @@ class RegistryCache:
         mode: the upstream, or an ns= from the registries list. In regular
         mode the client names the host: only the registries list counts."""
         return flows.is_reverse(flow) or flows.registry_of(flow.request) in self.services.settings.listed_origins
+
+    def _in_progress(self) -> dict[str, int]:
+        return {"requests": flows.in_progress(), **self.services.in_progress()}
 
     def _metrics_response(self, path: str) -> http.Response:
         return flows.metrics_response(path, self.metrics, self.services.gauges())

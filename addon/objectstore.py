@@ -3,7 +3,7 @@
 Several mirror nodes share one bucket (AWS S3, MinIO, Ceph RGW, SeaweedFS).
 Blobs are keyed by digest (`<prefix>blobs/sha256/<hex>`) and uploaded only
 from a committed, verified local file; small records (access proofs,
-manifests, tags, leases) live under `<prefix>records/`.
+manifests, tags, grants) live under `<prefix>records/`.
 
 Why no reader ever sees a partial or wrong blob, and racing uploaders are
 harmless:
@@ -58,6 +58,7 @@ plain requests (README). Importing this module imports boto3 (about 0.3 s and
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,6 +67,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from typing import BinaryIO
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -134,6 +136,17 @@ class RemoteBlob:
             return self._body.read(limit)
         except _TRANSPORT_ERRORS as exc:
             raise self._store._failed(f"reading a blob: {exc}") from exc
+
+    def read1(self, limit: int = 1 << 20) -> bytes:
+        """What has arrived, up to limit (one socket read at most): for a
+        reader that passes bytes on as they come (a fill's followers)."""
+        try:
+            return self.raw.read1(limit, decode_content=False)
+        except _TRANSPORT_ERRORS as exc:
+            raise self._store._failed(f"reading a blob: {exc}") from exc
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
 
     def close(self) -> None:
         self._body.close()
@@ -267,12 +280,14 @@ class ObjectStore:
             size, start = result["ContentLength"], 0
         return RemoteBlob(self, result, start, start + result["ContentLength"], size)
 
-    def upload(self, digest: str, path: str | os.PathLike, size: int | None = None) -> bool:
-        """Upload a VERIFIED local file as the blob for digest. False if the
-        store already had it (or another uploader won the race); True if this
-        call stored it. Raises StoreUnavailable (nothing partial is left)."""
+    def upload(self, digest: str, path: str | os.PathLike | BinaryIO, size: int | None = None) -> bool:
+        """Upload a VERIFIED local file (a path, or a file open for reading)
+        as the blob for digest. False if the store already had it (or another
+        uploader won the race); True if this call stored it. Raises
+        StoreUnavailable (nothing partial is left)."""
         key = self.blob_key(digest)
-        size = os.path.getsize(path) if size is None else size
+        if size is None:
+            size = os.fstat(path.fileno()).st_size if hasattr(path, "read") else os.path.getsize(path)
         stored = self.size_of(digest)
         if stored == size:
             return False
@@ -283,7 +298,7 @@ class ObjectStore:
             log.error("object store: %s holds %d bytes, not %d; replacing it", key, stored, size)
         if size <= PART_SIZE:
             checksum = base64.b64encode(bytes.fromhex(digest.split(":", 1)[1])).decode()
-            with open(path, "rb") as f:
+            with _reading(path) as f:
                 result = self._call("put_object", quiet=(412,), upload=True, Key=key, Body=f, ContentLength=size,
                                     ChecksumSHA256=checksum, **condition)
             return result != 412
@@ -305,7 +320,7 @@ class ObjectStore:
 
         try:
             with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="s3-upload") as pool, \
-                    open(path, "rb") as f:
+                    _reading(path) as f:
                 pending, parts = [], []
                 for number in range(1, -(-size // PART_SIZE) + 1):
                     if len(pending) >= UPLOAD_THREADS:  # bounds the parts held in memory
@@ -406,3 +421,14 @@ class ObjectStore:
     def close(self) -> None:
         self._s3.close()
         self._s3_upload.close()
+
+
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike | BinaryIO) -> Iterator[BinaryIO]:
+    """The file at path, opened; or an open file, from its start and left open."""
+    if hasattr(path, "read"):
+        path.seek(0)
+        yield path
+    else:
+        with open(path, "rb") as f:
+            yield f

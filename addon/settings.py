@@ -17,6 +17,7 @@ from typing import Any
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 
+from .cluster import Member, parse_member, parse_members
 from .fill import FetchPolicy
 from .layout import DEFAULT_CACHE_SIZE, CacheLayout, default_cache_dir, parse_size
 from .registries import DEFAULT_REGISTRIES, DOCKER_HUB_NAME, DOCKER_HUB_URL, origin_of, parse_registries
@@ -95,6 +96,60 @@ def declare(loader) -> None:
         "Base URL clients use to reach the blob server, e.g. http://mirror.lan:5001 "
         "(default: the address the client connected to, with blob_port).",
     )
+    loader.add_option(
+        "drain_timeout", int, 25,
+        "After SIGTERM: seconds to go on serving while the fills and transfers in progress end (health "
+        "answers 503 meanwhile, other nodes start no new fill here); the process stops sooner once they have.",
+    )
+    loader.add_option(
+        "s3_bucket", str, "",
+        "Bucket of a shared tier on S3-compatible object storage (AWS S3, MinIO, Ceph RGW, SeaweedFS): "
+        "verified blobs, manifests, tags and access proofs every node can use. Empty: none. "
+        "Credentials come the standard AWS way (environment, shared config files, SSO, IRSA).",
+    )
+    loader.add_option(
+        "s3_endpoint", str, "",
+        "URL of an S3-compatible server, e.g. http://minio.lan:9000 (empty: AWS S3).",
+    )
+    loader.add_option(
+        "s3_prefix", str, "registry-cache/",
+        "Keys in the bucket start with this (several mirrors can share a bucket).",
+    )
+    loader.add_option(
+        "s3_region", str, "",
+        "Region of the bucket (empty: from the AWS configuration, else us-east-1).",
+    )
+    loader.add_option(
+        "s3_timeout", int, 5,
+        "Seconds the object store may take to connect, or stay silent mid-answer. Past that (or on any "
+        "other failure) nodes use their own store and the upstream, and leave it alone for s3_retry_after seconds.",
+    )
+    loader.add_option(
+        "s3_retry_after", int, 30,
+        "Seconds the object store is left alone after it failed (then one request asks it again).",
+    )
+    loader.add_option(
+        "s3_connections", int, 1,
+        "Connections a node reads one blob from the object store over: 1, one stream (a server nearby: "
+        "least CPU); more, ranges over that many at once (AWS S3 gives one connection about 90 MB/s).",
+    )
+    loader.add_option(
+        "cluster_members", str, "",
+        "The blob servers (host:port) of every mirror node sharing the work, this one included, "
+        "comma-separated; or dns:NAME:PORT for every address NAME resolves to (a Kubernetes headless "
+        "service). Each blob is fetched upstream by one node, its owner. Needs blob_port and cluster_secret_file.",
+    )
+    loader.add_option(
+        "cluster_secret_file", str, "",
+        "A file whose first line is the secret mirror nodes sign their requests to each other and blob URLs "
+        "with (any node then serves a blob URL another made), and key shared grants with; every line is "
+        "accepted (rotating: add the new one below, then move it first, then drop the old one).",
+    )
+    loader.add_option(
+        "cluster_address", str, "",
+        "This node's blob server as the others reach it (host:port), when that is not the one member "
+        "at a local address on blob_port.",
+    )
 
 
 def check_set_values(options) -> list[str]:
@@ -136,12 +191,18 @@ class Settings:
     blob_host: str  # where the blob server listens
     blob_port: int
     blob_url: str
+    s3: "S3Settings | None" = None  # the shared tier (s3_* options)
+    cluster: "ClusterSettings | None" = None  # cluster_members, cluster_address
+    cluster_secret_file: str = ""  # signs blob URLs and the nodes' requests (cluster_secret.py)
+    drain_timeout: int = 25  # seconds SIGTERM waits for what is in progress (drain.py)
 
     @classmethod
     def read(cls, options: Any) -> "Settings":
         """Settings from mitmproxy's options; ValueError names what is wrong."""
         if options.upstream_timeout <= 0:
             raise ValueError("upstream_timeout must be a number of seconds > 0")
+        if options.drain_timeout < 0:
+            raise ValueError("drain_timeout must be a number of seconds >= 0")
         if options.tag_check_interval < 0:
             raise ValueError("tag_check_interval must be a number of seconds >= 0")
         try:
@@ -171,6 +232,10 @@ class Settings:
             blob_host=options.blob_host or _proxy_listen_host(modes, options.listen_host),
             blob_port=port,
             blob_url=options.blob_url.rstrip("/"),
+            s3=_s3_settings(options),
+            cluster=_cluster_settings(options, port),
+            cluster_secret_file=options.cluster_secret_file,
+            drain_timeout=options.drain_timeout,
         )
 
     def origin_named(self, name: str) -> str | None:
@@ -206,6 +271,71 @@ def host_port_of(origin: str) -> str:
     scheme, _, rest = origin.partition("://")
     host, _, port = rest.rpartition(":")
     return host if port == ("443" if scheme == "https" else "80") else rest
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the shared tier lives (see objectstore.ObjectStoreConfig)."""
+
+    bucket: str
+    endpoint: str
+    prefix: str
+    region: str
+    timeout: int
+    retry_after: int
+    connections: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Who the other nodes are, and how this one knows them."""
+
+    members: tuple[Member, ...]  # a static list; empty with dns_name
+    dns_name: str  # resolves to every node (dns:NAME:PORT)
+    dns_port: int
+    address: Member | None  # this node, when given (cluster_address)
+
+
+def _s3_settings(options) -> S3Settings | None:
+    if not options.s3_bucket:
+        if options.s3_endpoint:
+            raise ValueError("s3_endpoint is set but s3_bucket is not")
+        return None
+    endpoint = options.s3_endpoint.rstrip("/")
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"s3_endpoint must be an http:// or https:// URL, not {options.s3_endpoint!r}")
+    prefix = options.s3_prefix
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if options.s3_timeout <= 0 or options.s3_retry_after <= 0:
+        raise ValueError("s3_timeout and s3_retry_after must be numbers of seconds > 0")
+    if not 1 <= options.s3_connections <= 64:
+        raise ValueError(f"s3_connections must be 1 to 64, not {options.s3_connections}")
+    return S3Settings(options.s3_bucket, endpoint, prefix, options.s3_region, options.s3_timeout,
+                      options.s3_retry_after, options.s3_connections)
+
+
+def _cluster_settings(options, blob_port: int) -> ClusterSettings | None:
+    spec = options.cluster_members.strip()
+    if not spec:
+        return None
+    if not options.cluster_secret_file:
+        raise ValueError("cluster_members needs cluster_secret_file: nodes trust only requests signed with it")
+    if blob_port == 0:
+        raise ValueError("cluster_members needs a fixed blob_port: members are the nodes' blob servers")
+    address = parse_member(options.cluster_address) if options.cluster_address else None
+    if spec.startswith("dns:"):
+        name, sep, port = spec[4:].rpartition(":")
+        if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"cluster_members: dns:NAME:PORT, not {spec!r}")
+        return ClusterSettings((), name, int(port), address)
+    try:
+        members = tuple(parse_members(spec))
+    except ValueError as exc:
+        raise ValueError(f"cluster_members: {exc}") from None
+    if address is not None and address not in members:
+        raise ValueError(f"cluster_address {address.id} is not among cluster_members")
+    return ClusterSettings(members, "", 0, address)
 
 
 def _fetch_policy(options) -> FetchPolicy:

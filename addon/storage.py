@@ -34,6 +34,12 @@ class Storage:
         self.manifests = ManifestStore(layout.manifests)
         self.closed = False
 
+    def share(self, records) -> None:
+        """Share what this directory learns with other nodes, and take in what
+        they learned (shared_records.SharedRecords; None: this node alone)."""
+        self.access.shared = records
+        self.manifests.shared = records
+
     def resize(self, size_limit: int) -> None:
         """cache_size changed: evict to the new limit; fills started from now on use it."""
         self.store.resize(size_limit)

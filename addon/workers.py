@@ -20,6 +20,10 @@ backlog for a hung registry would otherwise go out anyway.
 
 Re-hashing a blob whose file changed on disk (store.py) reads the whole
 blob: it runs in a pool of its own, so a multi-GB re-hash never holds up hits.
+
+Calls to the shared object store (records, lookups) run in a pool of their
+own too: a store that hangs costs its timeout there, never disk work or a
+registry's threads.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 LOCAL_THREADS = 8
 REHASH_THREADS = 2
+OBJECT_STORE_THREADS = 16
 PER_REGISTRY = 16
 UNLISTED = "registries nobody chose"  # the key they share
 
@@ -45,6 +50,7 @@ class Workers:
         self._local = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="registry-cache-local")
         self._rehash = ThreadPoolExecutor(REHASH_THREADS, thread_name_prefix="registry-cache-rehash")
         self._registries: dict[str, ThreadPoolExecutor] = {}
+        self._object_store: ThreadPoolExecutor | None = None  # made when first used
 
     async def local(self, fn, *args):
         """Run fn(*args), which touches only the disk, in the local pool."""
@@ -53,6 +59,12 @@ class Workers:
     async def rehash(self, fn, *args):
         """Run fn(*args), which reads a whole blob, beside the local pool."""
         return await asyncio.get_running_loop().run_in_executor(self._rehash, fn, *args)
+
+    async def object_store(self, fn, *args):
+        """Run fn(*args), which may wait on the shared object store, in its own pool."""
+        if self._object_store is None:
+            self._object_store = ThreadPoolExecutor(OBJECT_STORE_THREADS, thread_name_prefix="registry-cache-s3")
+        return await asyncio.get_running_loop().run_in_executor(self._object_store, fn, *args)
 
     async def upstream(self, key: str, fn, *args, wanted: Callable[[], bool] | None = None):
         """Run fn(*args), which may wait on a registry, in one of key's threads
@@ -71,5 +83,5 @@ class Workers:
         return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     def shutdown(self) -> None:
-        for pool in (self._local, self._rehash, *self._registries.values()):
+        for pool in (self._local, self._rehash, *self._registries.values(), *filter(None, [self._object_store])):
             pool.shutdown(wait=False, cancel_futures=True)

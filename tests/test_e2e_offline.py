@@ -154,3 +154,13 @@ def test_a_bad_upstream_timeout_stops_the_mirror_at_start(tmp_path):
     with pytest.raises(RuntimeError, match="upstream_timeout"):
         with Mirror(tmp_path / "m", ["regular"], options={"upstream_timeout": "0"}):
             pass
+
+
+def test_a_mirror_started_while_the_upstream_is_down_answers_its_first_request(tmp_path, upstream):
+    """connection_strategy=lazy is set before the proxy accepts clients: set
+    in the `running` hook, the first requests of a mirror started during an
+    outage were cut (mitmproxy connected upstream first, and failed)."""
+    upstream.set_down(True)
+    with Mirror(tmp_path / "m", [f"reverse:{upstream.url}"]) as mirror:
+        r = requests.get(mirror.url + "/v2/", timeout=WAIT)
+        assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"

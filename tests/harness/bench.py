@@ -45,6 +45,18 @@ The resume phase cuts the upstream's connection once, half-way through the
 layer, and reports the upstream bytes the cold pull cost: through the mirror
 (which resumes) and direct (a client that retries downloads it from byte 0).
 
+The cluster phase runs three mirror nodes sharing a SeaweedFS bucket (weed
+from PyPI, as the tests start it, reached on its own port): the upstream
+copies when 8 concurrent cold pulls of a fresh image are spread over the
+nodes, against three of distribution's caches on one shared storage root the
+same way; and the time a replaced node, its store empty, takes to serve a
+warm pull (from the object store), against a cold pull through a fresh node.
+The tiers phase measures the warm blob rate of a node whose store is empty
+(the blob comes from the object store) and then from its own store, against
+the single-node mirror's, interleaved. Where a pull writes a new file (the
+replaced and the fresh node, a node filling from the object store), memory is
+pre-touched first (see pretouch; --no-pretouch: not).
+
 Results: a table on stdout and JSON (default bench-results/latest.json).
 """
 
@@ -75,9 +87,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from addon.cluster import parse_members, rank  # noqa: E402
+from tests.harness.cluster import Cluster  # noqa: E402
 from tests.harness.images import make_layer_file, push_image  # noqa: E402
 from tests.harness.mirror import SCRIPT, Mirror  # noqa: E402
 from tests.harness.peer import DistributionProxy, wait_upstream_quiet  # noqa: E402
+from tests.harness.seaweedfs import SeaweedFS, weed_version  # noqa: E402
 from tests.harness.skopeo import ClosedPort, make_skopeo_home, skopeo_copy  # noqa: E402
 from tests.harness.upstream import ALICE, Upstream  # noqa: E402
 from tests.harness.v2client import ALL_MANIFEST_TYPES, RegistryClient, parse_challenge  # noqa: E402
@@ -556,6 +571,7 @@ class Bench:
         self.peer: DistributionProxy | None = None
         self.closed_port: ClosedPort | None = None
         self._mirrors = 0
+        self.seaweed: SeaweedFS | None = None
 
     # ------------------------------------------------------------------ logging
     def say(self, text: str) -> None:
@@ -638,6 +654,9 @@ class Bench:
         t0 = time.monotonic()
         self.image = self.push("bench/main", 1)
         self.fresh = {"mirror": self.push("bench/fresh-mirror", 2), "peer": self.push("bench/fresh-peer", 3)}
+        if "cluster" in a.phases:
+            self.fresh.update({"cluster": self.push("bench/fresh-cluster", 4),
+                               "peers-shared": self.push("bench/fresh-peers-shared", 5)})
         self.results["push_s"] = time.monotonic() - t0
         self.layer_digest, self.layer_size = self.image.layers[0]
         self.results["image"] = {"repo": self.image.repo, "digest": self.image.digest,
@@ -876,6 +895,170 @@ class Bench:
             except Exception as exc:  # noqa: BLE001
                 self.error(f"{n} concurrent cold pulls: {name}", exc, self.mirror if name == "mirror" else None)
 
+    # ------------------------------------------------------------------ several nodes
+    def object_store(self) -> SeaweedFS:
+        if self.seaweed is None:
+            self.say("starting SeaweedFS (weed mini) for the shared tier")
+            self.seaweed = SeaweedFS(bucket="bench").start()
+            self.results["seaweedfs"] = weed_version()
+        return self.seaweed
+
+    def s3_options(self, prefix: str) -> tuple[dict, dict]:
+        store = self.object_store()
+        options = {"s3_bucket": store.bucket, "s3_endpoint": store.direct_endpoint, "s3_prefix": prefix}
+        if self.args.https:
+            options["ssl_verify_upstream_trusted_ca"] = self.upstream.ca_cert_path
+        return options, store.client_env()
+
+    def new_cluster(self, nodes: int, prefix: str) -> Cluster:
+        options = {"ssl_verify_upstream_trusted_ca": self.upstream.ca_cert_path} if self.args.https else {}
+        options.update(option.split("=", 1) for option in self.args.mirror_option)
+
+        class Node(PinnedMirror):
+            script = self.script
+
+        self._mirrors += 1
+        return Cluster(self.tmp / f"cluster-{self._mirrors}", self.upstream, nodes, self.object_store(), prefix,
+                       options=options, mirror_class=Node, s3_endpoint=self.object_store().direct_endpoint)
+
+    def phase_cluster(self) -> None:
+        """8 concurrent cold pulls spread over 3 nodes sharing an object store,
+        and over 3 of distribution's caches on one storage root; then a node
+        replaced by an empty one serves a warm pull, against a cold pull
+        through a fresh node (same image, from the upstream)."""
+        out = self.results.setdefault("cluster", {"replaced": [], "cold_fresh_node": []})
+        n = self.args.cold_clients
+        image = self.fresh["cluster"]
+        cluster = self.new_cluster(3, "bench-cluster/")
+        self.say(f"{n} concurrent cold pulls of a fresh image spread over 3 mirror nodes (one object store)")
+        try:
+            cluster.start()
+            for node in cluster.nodes:
+                RegistryClient(node.url, verify=_verify()).ping()
+            settle()
+            self.upstream.reset_counters()
+            lines = [len(node.lines) for node in cluster.nodes]
+            r = run_clients(self.pool, task_pull, [(cluster.nodes[i % 3].url, image.repo, image.tag)
+                                                   for i in range(n)])
+            for node, line0 in zip(cluster.nodes, lines):
+                wait_fills(node, [d for d, _ in image.blobs], line0)
+            quiet = wait_upstream_quiet(self.upstream)
+            r.pop("per_client")
+            out["copies"] = {**r, "upstream_blob_bytes": quiet, "upstream_copies": quiet / image.blob_bytes,
+                             "image_blob_bytes": image.blob_bytes}
+            for digest, _ in image.blobs:  # in the object store before a node is replaced
+                owner = cluster.blob_ports.index(rank(parse_members(cluster.members), digest)[0].port)
+                cluster.nodes[owner].wait_for_log(rf"object store: (uploaded|already holds) {digest}", 300)
+        except Exception as exc:  # noqa: BLE001
+            self.error("cluster: cold pulls over 3 nodes", exc, cluster.nodes[0])
+        if not self.args.no_peer:
+            self.cluster_peers_copies(out, n)
+        try:
+            for rep in range(self.reps):
+                self.say(f"replaced node rep {rep + 1}/{self.reps}: an empty node serves a warm pull; "
+                         f"a fresh node without the object store pulls cold")
+                old = cluster.nodes[2]
+                old.stop()
+                shutil.rmtree(old.workdir, ignore_errors=True)
+                cluster.nodes[2] = node = cluster.make_node(2)
+                t0 = time.monotonic()
+                node.start()
+                started = time.monotonic() - t0
+                settle()
+                self.upstream.reset_counters()
+                line0 = len(node.lines)
+                self.pretouch(not self.args.no_pretouch)
+                r = run_clients(self.pool, task_pull, [(node.url, image.repo, image.tag)])
+                wait_fills(node, [d for d, _ in image.blobs], line0)
+                out["replaced"].append({"seconds": r["wall_s"], "start_s": started,
+                                        "upstream_blob_bytes": self.upstream.counters.blob_bytes})
+                m = self.new_mirror("cold-fresh-node")
+                try:
+                    settle()
+                    self.upstream.reset_counters()
+                    line0 = len(m.lines)
+                    self.pretouch(not self.args.no_pretouch)
+                    r = run_clients(self.pool, task_pull, [(m.url, image.repo, image.tag)])
+                    wait_fills(m, [d for d, _ in image.blobs], line0)
+                    out["cold_fresh_node"].append({"seconds": r["wall_s"],
+                                                   "upstream_blob_bytes": self.upstream.counters.blob_bytes})
+                finally:
+                    self.stop_mirror(m)
+        except Exception as exc:  # noqa: BLE001
+            self.error("cluster: replaced node", exc, cluster.nodes[2])
+        finally:
+            cluster.stop()
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
+
+    def cluster_peers_copies(self, out: dict, n: int) -> None:
+        image = self.fresh["peers-shared"]
+        shared = tempfile.mkdtemp(prefix="peers-shared-", dir=self.tmp)
+        peers = []
+        self.say(f"{n} concurrent cold pulls spread over 3 of distribution's caches on one storage root")
+        try:
+            for _ in range(3):
+                p = DistributionProxy(self.upstream.url, username=ALICE[0], password=ALICE[1],
+                                      workdir=str(tempfile.mkdtemp(prefix="peer-", dir=self.tmp)), rootdir=shared)
+                peers.append(p.start())
+                RegistryClient(p.url, verify=_verify()).ping()
+            settle()
+            self.upstream.reset_counters()
+            r = run_clients(self.pool, task_pull, [(peers[i % 3].url, image.repo, image.tag) for i in range(n)])
+            quiet = wait_upstream_quiet(self.upstream)
+            r.pop("per_client")
+            out["peer_copies"] = {**r, "upstream_blob_bytes": quiet, "upstream_copies": quiet / image.blob_bytes}
+        except Exception as exc:  # noqa: BLE001
+            self.error("cluster: distribution on shared storage", exc)
+        finally:
+            for p in peers:
+                self.stop_peer(p)
+
+    def phase_tiers(self) -> None:
+        """Warm blob rate of a node with an empty store (from the object store),
+        then from its own store, against the single-node mirror (interleaved)."""
+        image = self.image
+        out = self.results.setdefault("tiers", {"object_store": [], "local": [], "single": []})
+        options, env = self.s3_options("bench-tiers/")
+        self._mirrors += 1
+        seed = PinnedMirror(self.tmp / f"mirror-{self._mirrors}-s3-seed", [f"reverse:{self.upstream.url}"],
+                            options=options, env=env)
+        seed.script = self.script
+        self.say("putting the main image's blobs in the object store (one pull through a node using it)")
+        try:
+            seed.start()
+            line0 = len(seed.lines)
+            run_clients(self.pool, task_pull, [(seed.url, image.repo, image.tag)])
+            for digest, _ in image.blobs:
+                seed.wait_for_log(rf"object store: (uploaded|already holds) {digest}", 300, start=line0)
+        finally:
+            self.stop_mirror(seed)
+        for rep in range(self.args.rate_reps):
+            self.say(f"tiers rep {rep + 1}/{self.args.rate_reps}: blob rate from the object store, the node's "
+                     f"own store, the single-node mirror")
+            self._mirrors += 1
+            node = PinnedMirror(self.tmp / f"mirror-{self._mirrors}-s3-empty", [f"reverse:{self.upstream.url}"],
+                                options=options, env=env)
+            node.script = self.script
+            try:
+                node.start()
+                RegistryClient(node.url, verify=_verify()).ping()
+                for name, url in (("object_store", node.url), ("local", node.url), ("single", self.mirror.url)):
+                    settle()
+                    self.upstream.reset_counters()
+                    line0 = len(node.lines)
+                    self.pretouch(name == "object_store" and not self.args.no_pretouch)  # (a new file is written)
+                    r = run_clients(self.pool, task_blob, [(url, image.repo, image.tag, self.layer_digest,
+                                                            self.layer_size)])
+                    if name == "object_store":
+                        wait_fills(node, [self.layer_digest], line0)
+                    r.pop("per_client")
+                    r["upstream_blob_bytes"] = self.upstream.counters.blob_bytes
+                    out[name].append(r)
+            except Exception as exc:  # noqa: BLE001
+                self.error(f"tiers rep {rep + 1}", exc, node)
+            finally:
+                self.stop_mirror(node)
+
     def phase_resume(self) -> None:
         """A cold pull whose upstream connection is cut once, half-way through
         the layer: the mirror resumes; a direct client starts over."""
@@ -1033,9 +1216,10 @@ class Bench:
             phases = {"cold": [self.phase_cold], "resume": [self.phase_resume], "warm": [self.phase_warm],
                       "rates": [self.phase_rates], "copies": [self.phase_copies],
                       "manifest": [self.phase_manifest_latency], "resolutions": [self.phase_resolutions],
-                      "pullcosts": [self.phase_pull_costs]}
+                      "pullcosts": [self.phase_pull_costs], "cluster": [self.phase_cluster],
+                      "tiers": [self.phase_tiers]}
             wanted = [name for name in phases if name in a.phases]
-            needs_main = ("warm", "rates", "copies", "manifest", "resolutions", "pullcosts")
+            needs_main = ("warm", "rates", "copies", "manifest", "resolutions", "pullcosts", "tiers")
             if set(wanted) & set(needs_main):
                 wanted.insert(wanted.index(next(n for n in wanted if n in needs_main)), "main")
                 phases["main"] = [self.start_main]
@@ -1069,6 +1253,8 @@ class Bench:
             self.closed_port.close()
         if self.upstream is not None:
             self.upstream.stop()
+        if self.seaweed is not None:
+            self.seaweed.stop()
         if self.shm is not None:
             shutil.rmtree(self.shm, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -1161,6 +1347,27 @@ def summarize(res: dict) -> dict:
         s["resolve_upstream_per"] = {name: median([r["upstream_requests_per_resolution"] for r in rs[name]])
                                      for name in rs}
         s["resolve_errors"] = sum(r["errors"] for name in rs for r in rs[name])
+    cl = res.get("cluster", {})
+    if cl.get("copies"):
+        s["cluster_copies"] = cl["copies"]["upstream_copies"]
+        s["cluster_cold8_s"] = cl["copies"]["wall_s"]
+    if cl.get("peer_copies"):
+        s["cluster_peer_copies"] = cl["peer_copies"]["upstream_copies"]
+        s["cluster_peer_cold8_s"] = cl["peer_copies"]["wall_s"]
+    if cl.get("replaced") and cl.get("cold_fresh_node"):
+        rp, cf = secs(cl["replaced"]), secs(cl["cold_fresh_node"])
+        s["replaced_warm_s"], s["fresh_cold_s"] = median(rp), median(cf)
+        s["replaced_ratio"], s["replaced_ratios"] = paired_ratio(rp, cf)
+        s["replaced_upstream_bytes"] = [e["upstream_blob_bytes"] for e in cl["replaced"]]
+        s["replaced_start_s"] = median([e["start_s"] for e in cl["replaced"]])
+    ti = res.get("tiers", {})
+    if ti.get("single"):
+        for name in ("object_store", "local", "single"):
+            s[f"tier_{name}_mb_s"] = median([r["aggregate_mb_s"] for r in ti[name]])
+        for name in ("object_store", "local"):
+            s[f"tier_{name}_ratio"], s[f"tier_{name}_ratios"] = paired_ratio(
+                [r["aggregate_mb_s"] for r in ti[name]], [r["aggregate_mb_s"] for r in ti["single"]])
+        s["tier_upstream_bytes"] = [r["upstream_blob_bytes"] for name in ("object_store", "local") for r in ti[name]]
     s["pull_costs"] = res.get("pull_costs", {})
     n = res.get("config", {}).get("clients")
     rss4 = [r["procs"]["mirror"]["peak_rss_mb"] for r in rates.get(f"mirror_{n}", [])]
@@ -1339,6 +1546,23 @@ def table(res: dict, s: dict) -> str:
         row(f"upstream manifest GETs per warm pull, {client}", str(costs["manifest_gets"]),
             f"peer {peer.get('manifest_gets', 'n/a')}",
             f"(HEADs {costs['manifest_heads']} vs peer {peer.get('manifest_heads', 'n/a')})")
+    if "cluster_copies" in s:
+        row(f"upstream copies, {n8} concurrent cold pulls over 3 nodes", fmt(s["cluster_copies"]),
+            f"distribution x3, one storage {fmt(s.get('cluster_peer_copies'))}",
+            f"wall {fmt(s.get('cluster_cold8_s'))}s vs {fmt(s.get('cluster_peer_cold8_s'))}s")
+    if "replaced_ratio" in s:
+        row("warm pull, a replaced node with an empty store (s)", fmt(s["replaced_warm_s"]),
+            f"cold pull, fresh node {fmt(s['fresh_cold_s'])}",
+            fmt(s["replaced_ratio"]) + rng(s.get("replaced_ratios", []))
+            + f" (upstream bytes {max(s['replaced_upstream_bytes'])}; node start {fmt(s['replaced_start_s'])}s)")
+    if "tier_single_mb_s" in s:
+        row("warm blob rate, store empty: from the object store (MB/s)", fmt(s["tier_object_store_mb_s"], ".0f"),
+            f"single node {fmt(s['tier_single_mb_s'], '.0f')}",
+            fmt(s.get("tier_object_store_ratio")) + rng(s.get("tier_object_store_ratios", [])))
+        row("warm blob rate, the same node's own store next (MB/s)", fmt(s["tier_local_mb_s"], ".0f"),
+            f"single node {fmt(s['tier_single_mb_s'], '.0f')}",
+            fmt(s.get("tier_local_ratio")) + rng(s.get("tier_local_ratios", []))
+            + f" (upstream bytes {max(s['tier_upstream_bytes'])})")
     row(f"mitmdump peak RSS, warm {n}-client download (MB)", fmt(s.get("rss_warm_concurrent_mb"), ".0f"), "", "")
     row(f"mitmdump peak RSS, {n8} cold clients (MB)", fmt(s.get("rss_cold8_mb"), ".0f"), "", "")
     row("mitmdump peak RSS, overall (MB)", fmt(s.get("rss_overall_mb"), ".0f"), "", "")
@@ -1379,9 +1603,9 @@ def main(argv=None) -> int:
                          "(a long path or a CDN shaping one TCP stream; default: no cap)")
     ap.add_argument("--rtt-ms", type=float, default=0.0,
                     help="each upstream request waits this long before its answer (a distant server)")
-    ap.add_argument("--phases", default="cold,resume,warm,rates,copies,manifest,resolutions,pullcosts",
+    ap.add_argument("--phases", default="cold,resume,warm,rates,copies,manifest,resolutions,pullcosts,cluster,tiers",
                     help="comma-separated phases to run (default: all): cold, resume, warm, rates, copies, manifest, "
-                         "resolutions, pullcosts")
+                         "resolutions, pullcosts, cluster, tiers")
     ap.add_argument("--resolve-clients", type=int, default=32, help="concurrent clients resolving a warm image")
     ap.add_argument("--resolve-seconds", type=float, default=8.0, help="how long they resolve, per repetition")
     ap.add_argument("--mirror-option", action="append", default=[], metavar="NAME=VALUE",

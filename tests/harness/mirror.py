@@ -42,8 +42,9 @@ class Mirror:
 
     def __init__(self, workdir: Path, modes: list[str], cache_dir: Path | None = None,
                  options: dict[str, str] | None = None, scripts: list[Path] = (),
-                 listen_host: str = "127.0.0.1"):
+                 listen_host: str = "127.0.0.1", env: dict[str, str] | None = None):
         self.listen_host = listen_host
+        self.env = dict(env or {})  # added to mitmdump's environment (e.g. AWS credentials)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.modes = modes
@@ -113,6 +114,7 @@ class Mirror:
             self._output_done = False
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=env, cwd=self.workdir, start_new_session=True,

@@ -31,12 +31,14 @@ class DistributionProxy(Service):
     Use as a context manager or call :meth:`start`/:meth:`stop`. ``url`` is
     ``http://127.0.0.1:PORT``. The storage directory (``rootdir``) lives in
     ``workdir`` (a temp dir unless given), removed at stop unless
-    ``keep_workdir`` or a ``workdir`` was given.
+    ``keep_workdir`` or a ``workdir`` was given; with ``rootdir``, that one
+    (several instances on one shared storage, as distribution is scaled out).
     """
 
     def __init__(self, remote_url: str, *, username: str | None = None, password: str | None = None,
                  registry_binary: str = "docker-registry", workdir: str | None = None,
-                 keep_workdir: bool = False, log_level: str = "warn", start_timeout: float = 15.0):
+                 keep_workdir: bool = False, log_level: str = "warn", start_timeout: float = 15.0,
+                 rootdir: str | None = None):
         self.remote_url = remote_url.rstrip("/")
         self.username = username
         self.password = password
@@ -44,6 +46,7 @@ class DistributionProxy(Service):
         self.log_level = log_level
         self.start_timeout = start_timeout
         self._workdir_arg = workdir
+        self._rootdir_arg = rootdir  # a storage root shared with other instances (instead of its own)
         self._keep_workdir = keep_workdir
         self.workdir: str | None = None
         self.rootdir: str | None = None
@@ -62,7 +65,7 @@ class DistributionProxy(Service):
 
     def _start(self) -> None:
         self._files = RegistryWorkdir(self._workdir_arg, self._keep_workdir, "peer-")
-        self.workdir, self.rootdir = self._files.path, self._files.rootdir
+        self.workdir, self.rootdir = self._files.path, self._rootdir_arg or self._files.rootdir
         # No REGISTRY_* overrides from the environment, no proxies for its upstream fetches.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("REGISTRY_") and not k.lower().endswith("_proxy")}

@@ -17,6 +17,9 @@ so tests can make the store fail without touching weed:
   went away, or a hung load balancer in front of it);
 - `set_stalled(True)`: every connection, live or new, stops moving bytes until
   released (a store that is slow, mid-transfer);
+- `stall_after(n)`: connections made from now on send clients their first n
+  bytes, then nothing until `set_stalled(False)` (a store that goes silent
+  mid-blob, at a byte the test chose);
 - `restart()`: weed itself stopped and started again on the same ports with
   the same data (what survives a real restart).
 """
@@ -228,6 +231,9 @@ class SeaweedFS(Service):
     def set_stalled(self, stalled: bool) -> None:
         self.front.set_stalled(stalled)
 
+    def stall_after(self, nbytes: int | None) -> None:
+        self.front.stall_after(nbytes)
+
 
 class TcpFrontDoor:
     """A TCP relay on 127.0.0.1 in front of `target`, that tests can break.
@@ -247,6 +253,9 @@ class TcpFrontDoor:
         self._lock = threading.Lock()
         self._moving = threading.Event()
         self._moving.set()
+        self._stall_after: int | None = None
+        self._released = threading.Event()
+        self._released.set()
         self._down: str | None = None
         self._conns: set[socket.socket] = set()
         self._held: list[socket.socket] = []
@@ -260,6 +269,7 @@ class TcpFrontDoor:
 
     def stop(self) -> None:
         self._moving.set()
+        self._released.set()
         self._close_listener()
         self._cut_all()
 
@@ -267,7 +277,16 @@ class TcpFrontDoor:
         if stalled:
             self._moving.clear()
         else:
+            self._stall_after = None
+            self._released.set()
             self._moving.set()
+
+    def stall_after(self, nbytes: int | None) -> None:
+        """New connections pass their first nbytes to the client, then stall
+        (until set_stalled(False)); None: no more such connections."""
+        if nbytes is not None:
+            self._released.clear()
+        self._stall_after = nbytes
 
     def set_down(self, down: bool, how: str = "refuse") -> None:
         if how not in ("refuse", "reset", "hang"):
@@ -339,7 +358,7 @@ class TcpFrontDoor:
                 reset_socket(server)
                 return
             self._conns.update((client, server))
-        other = threading.Thread(target=self._pump, args=(server, client), daemon=True)
+        other = threading.Thread(target=self._pump, args=(server, client, self._stall_after), daemon=True)
         other.start()
         self._pump(client, server)
         other.join()
@@ -349,13 +368,19 @@ class TcpFrontDoor:
         client.close()
         server.close()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None = None) -> None:
         try:
             while True:
                 self._moving.wait()
                 data = src.recv(self.PIECE)
                 if not data:
                     break
+                if budget is not None and len(data) > budget:
+                    dst.sendall(data[:budget])
+                    data, budget = data[budget:], 0
+                    self._released.wait()  # this connection's budget is spent: stalled until released
+                elif budget is not None:
+                    budget -= len(data)
                 self._moving.wait()
                 dst.sendall(data)
         except OSError:
