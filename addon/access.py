@@ -293,6 +293,11 @@ class AccessGate:
                 with self._lock:
                     self._probing.discard((registry, repo))
 
+    def probing(self, registry: str, repo: str) -> bool:
+        """Is the check of whether repo is public that record() started still running?"""
+        with self._lock:
+            return (registry, repo) in self._probing
+
     def known_public(self, registry: str, repo: str) -> bool:
         """Was repo found public lately? (memory only: safe on the event loop)"""
         return self._is_public(registry, repo, time.time())

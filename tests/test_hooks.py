@@ -99,6 +99,13 @@ async def hall_for(tmp_path, registry, mode: str | None = None, **options):
             addon.done()
 
 
+async def probed(access, registry: str, repo: str) -> None:
+    """Until the background check of whether repo is public, which a fill
+    starts, has ended (a registry's answer to it ends its quiet time)."""
+    while access.probing(registry, repo):
+        await asyncio.sleep(0.01)
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 3 * WAIT))
 
@@ -487,6 +494,7 @@ def test_while_a_registry_hangs_an_access_check_is_decided_at_once_not_after_its
             await hall.follow(alice)
             await hall.settle(alice)
             services = hall.addon.services
+            await asyncio.wait_for(probed(services.storage.access, registry.url, "acme/private"), WAIT)
             services.upstream._timed_out[registry.url] = time.monotonic()  # it let a request time out just now
             release = threading.Event()
             hung = [asyncio.ensure_future(hall.addon.workers.upstream(registry.url, release.wait, WAIT))

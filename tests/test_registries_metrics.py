@@ -40,5 +40,6 @@ def test_metrics_render_prometheus_and_stats():
     assert "# TYPE registry_cache_fills_in_flight gauge" in text
     stats = m.stats(gauges)
     assert stats["requests"] == {"blob": {"hit": 1, "miss": 2}}
-    assert stats["bytes"] == {"served": {"store": 300}, "fetched_upstream": 100, "saved": 200}
+    assert stats["bytes"] == {"served": {"store": 300}, "fetched_upstream": 100, "fetched_from_tiers": {},
+                              "saved": 200}
     assert stats["upstream_errors"] == {"429": 1} and stats["evictions"] == 3
