@@ -13,11 +13,11 @@ import threading
 
 import requests
 
-from tests.harness.cluster import Cluster
+from tests.harness.cluster import Cluster, pull_everywhere
 from tests.harness.downloads import assert_one_fetch_streamed_to_all, stalled_downloaders
 from tests.harness.fresh import fresh_image
 from tests.harness.skopeo import make_skopeo_home, skopeo_copy, verify_dir_image
-from tests.harness.v2client import PULL_ERRORS, RegistryClient
+from tests.harness.v2client import RegistryClient
 
 WAIT = 60
 
@@ -28,38 +28,18 @@ def token_holding_client(url, image) -> RegistryClient:
     return client
 
 
-def concurrent_pulls(urls, image) -> list:
-    """One pull per url, all at once; the results (every one verified)."""
-    results, errors = [], []
-
-    def pull(url):
-        try:
-            results.append(RegistryClient(url).pull(image.repo, image.tag))
-        except PULL_ERRORS + (AssertionError,) as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=pull, args=(url,)) for url in urls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert not errors, errors
-    assert len(results) == len(urls) and all(r.layers == image.layers for r in results)
-    return results
-
-
 def test_concurrent_cold_pulls_spread_over_three_nodes_cost_one_upstream_copy(
         tmp_path, upstream, seaweedfs, s3_prefix):
     image = fresh_image(upstream, 20_000_000, 6_000_000, 500_000)
     with Cluster(tmp_path, upstream, 3, seaweedfs, s3_prefix) as cluster:
         urls = [cluster.nodes[i % 3].url for i in range(8)]
-        concurrent_pulls(urls, image)
+        pull_everywhere(urls, image)
         for digest, size in image.blobs:
             assert upstream.counters.blob_bytes_for(digest) == size, cluster.log_text()
         assert upstream.counters.blob_bytes == image.blob_bytes
         # Each node keeps its own copy: a second round costs nothing upstream.
         upstream.reset_counters()
-        concurrent_pulls(urls, image)
+        pull_everywhere(urls, image)
         assert upstream.counters.blob_bytes == 0
 
 
@@ -90,7 +70,7 @@ def test_skopeo_and_other_clients_on_different_nodes_share_one_fetch(tmp_path, u
 
         skopeo = threading.Thread(target=with_skopeo)
         skopeo.start()
-        concurrent_pulls([cluster.nodes[1].url, cluster.nodes[2].url], image)
+        pull_everywhere([cluster.nodes[1].url, cluster.nodes[2].url], image)
         skopeo.join(WAIT)
         assert not errors, errors
         assert verify_dir_image(str(tmp_path / "copy"))["manifest_digest"] == image.digest
@@ -100,7 +80,7 @@ def test_skopeo_and_other_clients_on_different_nodes_share_one_fetch(tmp_path, u
 def test_two_processes_sharing_one_cache_dir_fetch_once(tmp_path, upstream):
     image = fresh_image(upstream, 8_000_000, 2_000_000)
     with Cluster(tmp_path, upstream, 2, cache_dir=tmp_path / "one-store") as cluster:
-        concurrent_pulls([cluster.nodes[i % 2].url for i in range(4)], image)
+        pull_everywhere([cluster.nodes[i % 2].url for i in range(4)], image)
         for digest, size in image.blobs:
             assert upstream.counters.blob_bytes_for(digest) == size, cluster.log_text()
 

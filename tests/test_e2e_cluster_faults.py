@@ -4,7 +4,6 @@ leaves; a blob URL made by one node is brought to another."""
 
 from __future__ import annotations
 
-import threading
 from urllib.parse import urlsplit
 
 import pytest
@@ -12,10 +11,10 @@ import requests
 
 from addon.cluster import parse_members, rank
 from addon.store import DiskBlobStore
-from tests.harness.cluster import Cluster
-from tests.harness.downloads import Downloader, stalled_downloaders
+from tests.harness.cluster import Cluster, pull_everywhere
+from tests.harness.downloads import stalled_downloaders
 from tests.harness.fresh import fresh_image
-from tests.harness.v2client import PULL_ERRORS, RegistryClient
+from tests.harness.v2client import RegistryClient
 
 WAIT = 60
 
@@ -29,23 +28,6 @@ def token_holding_client(url, image) -> RegistryClient:
 def rank_of(cluster: Cluster, digest: str) -> list[int]:
     """The nodes' indexes in rendezvous order for digest: the owner first."""
     return [cluster.blob_ports.index(m.port) for m in rank(parse_members(cluster.members), digest)]
-
-
-def pull_all(urls, image) -> None:
-    errors = []
-
-    def pull(url):
-        try:
-            assert RegistryClient(url).pull(image.repo, image.tag).layers == image.layers
-        except PULL_ERRORS + (AssertionError,) as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=pull, args=(url,)) for url in urls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert not errors, errors
 
 
 def in_bucket(seaweedfs, prefix, digest) -> bytes | None:
@@ -111,7 +93,7 @@ def test_a_cluster_without_its_object_store_serves_every_client_with_one_copy(
     image = fresh_image(upstream, 9_000_000, 700_000)
     with Cluster(tmp_path, upstream, 3, seaweedfs, s3_prefix) as cluster:
         seaweedfs.set_down(True, how)
-        pull_all([node.url for node in cluster.nodes] * 2, image)
+        pull_everywhere([node.url for node in cluster.nodes] * 2, image)
         assert upstream.counters.blob_bytes == image.blob_bytes, cluster.log_text()
         seaweedfs.set_down(False)
         for digest, _ in image.blobs:  # caught up once it is back
@@ -127,7 +109,7 @@ def test_a_node_joining_or_leaving_causes_no_refetches_upstream(tmp_path, upstre
     try:
         for node in cluster.nodes[:3]:
             node.start()
-        pull_all([node.url for node in cluster.nodes[:3]], image)
+        pull_everywhere([node.url for node in cluster.nodes[:3]], image)
         assert upstream.counters.blob_bytes == image.blob_bytes
         for digest, _ in image.blobs:
             owner = [cluster.blob_ports.index(m.port) for m in rank(parse_members(three), digest)][0]
@@ -138,14 +120,14 @@ def test_a_node_joining_or_leaving_causes_no_refetches_upstream(tmp_path, upstre
         cluster.nodes[3].start()
         moved = sum(1 for d, _ in image.blobs if rank_of(cluster, d)[0] == 3)
         assert 0 < moved < len(image.blobs)
-        pull_all([node.url for node in cluster.nodes], image)
+        pull_everywhere([node.url for node in cluster.nodes], image)
         # A node leaves: its digests go to the next in rank.
         cluster.nodes[1].stop()
-        pull_all([cluster.nodes[i].url for i in (0, 2, 3)], image)
+        pull_everywhere([cluster.nodes[i].url for i in (0, 2, 3)], image)
         assert upstream.counters.blob_bytes == 0, cluster.log_text()
         # ... new ones too: fetched once, by the next in rank, without a client error.
         cold = fresh_image(upstream, *[300_000 + i for i in range(8)])
-        pull_all([cluster.nodes[i].url for i in (0, 2, 0, 2)], cold)
+        pull_everywhere([cluster.nodes[i].url for i in (0, 2, 0, 2)], cold)
         assert upstream.counters.blob_bytes == cold.blob_bytes, cluster.log_text()
         assert any(rank(parse_members(three), d)[0].port == cluster.blob_ports[1] for d, _ in cold.blobs)
     finally:

@@ -6,11 +6,15 @@ SeaweedFS bucket as their shared tier."""
 from __future__ import annotations
 
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .mirror import Mirror
 from .registryproc import free_port
+from .v2client import PULL_ERRORS, RegistryClient
+
+PULL_WAIT = 60  # seconds each pull of pull_everywhere may take
 
 
 class Cluster:
@@ -72,3 +76,27 @@ class Cluster:
 
     def log_text(self) -> str:
         return "\n\n".join(f"--- node {i}\n{node.log_text()}" for i, node in enumerate(self.nodes))
+
+
+def pull_everywhere(urls, image) -> list:
+    """One pull per url (a url may repeat), all at once; their results, each
+    verified against the image's layers. Any failure fails the caller."""
+    results, errors = [], []
+
+    def pull(url):
+        try:
+            result = RegistryClient(url).pull(image.repo, image.tag)
+            assert result.layers == image.layers, f"{url}: other layers than the image's"
+            results.append(result)
+        except PULL_ERRORS + (AssertionError,) as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pull, args=(url,)) for url in urls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(PULL_WAIT)
+    assert not any(t.is_alive() for t in threads), f"a pull took more than {PULL_WAIT} s"
+    assert not errors, errors
+    assert len(results) == len(urls)
+    return results
