@@ -20,9 +20,7 @@ when a bucket is configured.
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 from collections.abc import Callable
 
 from requests.structures import CaseInsensitiveDict
@@ -31,13 +29,13 @@ from .metrics import Metrics
 from .objectstore import BadDigest, ObjectStore, ObjectStoreConfig, RemoteBlob, StoreUnavailable
 from .sources import TierUnavailable
 from .store import StoredBlob
+from .store_queue import StoreQueue
 
 log = logging.getLogger(__name__)
 
 TIER = "object-store"
 UPLOADERS = 2
 MAX_PENDING = 10_000
-RETRY_EVERY = 1.0  # seconds between looks at a store that is down, while uploads wait
 
 
 class ObjectResponse:
@@ -152,53 +150,19 @@ class Uploader:
         self.objects = objects
         self.open_local = open_local
         self.metrics = metrics
-        self._pending: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._busy: set[str] = set()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._threads = [threading.Thread(target=self._run, name=f"s3-uploader-{i}", daemon=True)
-                         for i in range(UPLOADERS)]
-        for thread in self._threads:
-            thread.start()
+        self._queue = StoreQueue(objects.available, lambda digest, _: self._upload(digest), threads=UPLOADERS,
+                                 name="s3-uploader", limit=MAX_PENDING, latest_wins=False)
 
     def queue(self, digest: str) -> None:
-        with self._cond:
-            if digest in self._pending or digest in self._busy:
-                return
-            self._pending[digest] = None
-            if len(self._pending) > MAX_PENDING:
-                dropped, _ = self._pending.popitem(last=False)
-                log.warning("object store: more than %d blobs wait to be uploaded; %s will not be", MAX_PENDING,
-                            dropped)
-            self._cond.notify()
+        dropped = self._queue.put(digest)
+        if dropped is not None:
+            log.warning("object store: more than %d blobs wait to be uploaded; %s will not be", MAX_PENDING, dropped)
 
     def pending(self) -> int:
-        with self._cond:
-            return len(self._pending) + len(self._busy)
+        return self._queue.pending()
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not (self._pending and self.objects.available()):
-                    # Waiting for work, or for a store that is down to be asked again.
-                    self._cond.wait(RETRY_EVERY if self._pending else None)
-                if self._closed:
-                    return
-                digest, _ = self._pending.popitem(last=False)
-                self._busy.add(digest)
-            try:
-                again = self._upload(digest)
-            finally:
-                with self._cond:
-                    self._busy.discard(digest)
-                    if again and digest not in self._pending:
-                        self._pending[digest] = None
-                        self._pending.move_to_end(digest, last=False)
+        self._queue.close()
 
     def _upload(self, digest: str) -> bool:
         """One upload; True if it should be tried again later (the store was down)."""

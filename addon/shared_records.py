@@ -34,19 +34,18 @@ the store reads as "not known", so a node falls back to its own knowledge.
 from __future__ import annotations
 
 import base64
-import collections
 import hashlib
 import logging
 import threading
 from urllib.parse import urlsplit
 
 from .objectstore import ObjectStore, StoreUnavailable
+from .store_queue import StoreQueue
 
 log = logging.getLogger(__name__)
 
 WRITERS = 2
 MAX_PENDING = 50_000
-RETRY_EVERY = 1.0
 MAX_KNOWN = 200_000  # names written or read by this process, not written again
 
 
@@ -60,14 +59,12 @@ class SharedRecords:
     def __init__(self, objects: ObjectStore, secret=None):
         self.objects = objects
         self.secret = secret  # cluster_secret.ClusterSecret: grants are shared only with one
-        self._pending: collections.OrderedDict[str, tuple[str, object]] = collections.OrderedDict()
         self._known: set[str] = set()  # immutable records this process wrote or read
         self._tags: dict[str, str] = {}  # tag record -> digest, as last written or read here
         self._known_registries: set[str] = set()
-        self._cond = threading.Condition()
-        self._closed = False
-        for i in range(WRITERS):
-            threading.Thread(target=self._run, name=f"s3-records-{i}", daemon=True).start()
+        self._lock = threading.Lock()
+        self._queue = StoreQueue(objects.available, self._send, threads=WRITERS, name="s3-records",
+                                 limit=MAX_PENDING, latest_wins=True)
 
     # -- names -----------------------------------------------------------------
     @staticmethod
@@ -110,7 +107,7 @@ class SharedRecords:
 
     def note_tag(self, registry: str, repo: str, tag: str, digest: str) -> None:
         name = self._tag(registry, repo, tag)
-        with self._cond:
+        with self._lock:
             if self._tags.get(name) == digest:
                 return
             self._tags[name] = digest
@@ -119,7 +116,7 @@ class SharedRecords:
     # -- what other nodes learned (blocking) --------------------------------------
     def seen(self, registry: str, repo: str, digest: str) -> bool:
         name = self._seen(registry, repo, digest)
-        with self._cond:
+        with self._lock:
             if name in self._known:
                 return True
         found = self._read(name) is not None
@@ -163,7 +160,7 @@ class SharedRecords:
         digest = record.get("digest") if isinstance(record, dict) else None
         if not isinstance(digest, str):
             return None
-        with self._cond:
+        with self._lock:
             self._tags[name] = digest
         return digest
 
@@ -194,51 +191,37 @@ class SharedRecords:
             return None
 
     def _remember(self, name: str) -> None:
-        with self._cond:
+        with self._lock:
             if len(self._known) >= MAX_KNOWN:
                 self._known.clear()
             self._known.add(name)
 
     def _write(self, mode: str, name: str, value) -> None:
-        with self._cond:
-            if self._closed or (mode == "create" and name in self._known):
+        with self._lock:
+            if mode == "create" and name in self._known:
                 return
-            self._pending[name] = (mode, value)
-            self._pending.move_to_end(name)
-            if len(self._pending) > MAX_PENDING:
-                self._pending.popitem(last=False)
-            self._cond.notify()
+        self._queue.put(name, (mode, value))
 
     def pending(self) -> int:
-        with self._cond:
-            return len(self._pending)
+        return self._queue.pending()
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._queue.close()
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not (self._pending and self.objects.available()):
-                    self._cond.wait(RETRY_EVERY if self._pending else None)
-                if self._closed:
-                    return
-                name, (mode, value) = self._pending.popitem(last=False)
-            try:
-                if mode == "create":
-                    self.objects.create_record(name, value)
-                else:
-                    self.objects.put_record(name, value)
-            except StoreUnavailable:
-                with self._cond:
-                    self._pending.setdefault(name, (mode, value))  # a newer value queued meanwhile wins
-                    self._pending.move_to_end(name, last=False)
-                continue
-            except ValueError as exc:
-                log.info("object store: not sharing %s: %s", name[:200], exc)
-                continue
+    def _send(self, name: str, item) -> bool:
+        """One record out; True: the store was down, try again later."""
+        mode, value = item
+        try:
             if mode == "create":
-                self._remember(name)
-            log.debug("object store: shared %s", name[:200])
+                self.objects.create_record(name, value)
+            else:
+                self.objects.put_record(name, value)
+        except StoreUnavailable:
+            return True
+        except ValueError as exc:
+            log.info("object store: not sharing %s: %s", name[:200], exc)
+            return False
+        if mode == "create":
+            self._remember(name)
+        log.debug("object store: shared %s", name[:200])
+        return False

@@ -17,9 +17,10 @@ so tests can make the store fail without touching weed:
   went away, or a hung load balancer in front of it);
 - `set_stalled(True)`: every connection, live or new, stops moving bytes until
   released (a store that is slow, mid-transfer);
-- `stall_after(n)`: connections made from now on send clients their first n
-  bytes, then nothing until `set_stalled(False)` (a store that goes silent
-  mid-blob, at a byte the test chose);
+- `stall_after(n)`: every connection, live (a client's kept-alive pool) or
+  new, sends its client n more bytes from now on, then nothing until
+  `set_stalled(False)` (a store that goes silent mid-blob, at a byte the
+  test chose);
 - `restart()`: weed itself stopped and started again on the same ports with
   the same data (what survives a real restart).
 """
@@ -254,6 +255,7 @@ class TcpFrontDoor:
         self._moving = threading.Event()
         self._moving.set()
         self._stall_after: int | None = None
+        self._stall_round = 0  # stall_after() calls so far: each gives every connection a new budget
         self._released = threading.Event()
         self._released.set()
         self._down: str | None = None
@@ -278,15 +280,17 @@ class TcpFrontDoor:
             self._moving.clear()
         else:
             self._stall_after = None
+            self._stall_round += 1
             self._released.set()
             self._moving.set()
 
     def stall_after(self, nbytes: int | None) -> None:
-        """New connections pass their first nbytes to the client, then stall
-        (until set_stalled(False)); None: no more such connections."""
+        """Every connection, live or new, passes nbytes more to its client,
+        then stalls (until set_stalled(False)); None: no budget any more."""
         if nbytes is not None:
             self._released.clear()
         self._stall_after = nbytes
+        self._stall_round += 1
 
     def set_down(self, down: bool, how: str = "refuse") -> None:
         if how not in ("refuse", "reset", "hang"):
@@ -358,7 +362,7 @@ class TcpFrontDoor:
                 reset_socket(server)
                 return
             self._conns.update((client, server))
-        other = threading.Thread(target=self._pump, args=(server, client, self._stall_after), daemon=True)
+        other = threading.Thread(target=self._pump, args=(server, client, True), daemon=True)
         other.start()
         self._pump(client, server)
         other.join()
@@ -368,13 +372,16 @@ class TcpFrontDoor:
         client.close()
         server.close()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None = None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_client: bool = False) -> None:
+        budget, budget_round = None, 0
         try:
             while True:
                 self._moving.wait()
                 data = src.recv(self.PIECE)
                 if not data:
                     break
+                if to_client and budget_round != self._stall_round:
+                    budget, budget_round = self._stall_after, self._stall_round
                 if budget is not None and len(data) > budget:
                     dst.sendall(data[:budget])
                     data, budget = data[budget:], 0
