@@ -109,7 +109,7 @@ def test_a_draining_owner_hands_new_fills_to_the_next_node(tmp_path, upstream):
         assert downloader.started.wait(WAIT)
         a.proc.send_signal(signal.SIGTERM)  # A drains; its parked fill keeps it up
         a.wait_for_log(r"SIGTERM: draining", WAIT)
-        upstream.clear_faults()  # (the parked transfer stays parked)
+        # (the parked transfer stays parked: its fault stays set, and concerns its digest only)
         upstream.reset_counters()
         # A cold blob A owns, asked of B: A refuses to start a fill (503), B fetches it itself.
         assert RegistryClient(b.url).pull(cold.repo, cold.tag).layers == cold.layers
