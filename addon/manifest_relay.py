@@ -39,7 +39,7 @@ from .access import UNREACHABLE
 from .credentials import MirrorAccounts
 from .flows import Mark, Outcome, RegistryRequest
 from .metrics import Metrics
-from .responses import oci_error, relayed
+from .responses import oci_error, ready, relayed
 from .routes import Kind
 from .settings import Settings
 from .storage import Storage
@@ -402,16 +402,24 @@ class ManifestRelay:
 
 def _from_store(manifest, reference: str, method: str = "GET") -> Outcome:
     """A kept manifest as the registry would answer a GET (or HEAD) for it."""
-    response = http.Response.make(200, manifest.body, {
-        "Content-Type": manifest.media_type,
-        "Docker-Content-Digest": manifest.digest,
-        "Docker-Distribution-Api-Version": "registry/2.0",
-        "X-Registry-Cache": "hit",
-    })
-    if method == "HEAD":
-        response.content = b""
-        response.headers["Content-Length"] = str(len(manifest.body))
+    key = (manifest.digest, manifest.media_type, method)
+    fields = _hit_fields.get(key)
+    if fields is None:
+        if len(_hit_fields) >= 1024:
+            _hit_fields.clear()
+        fields = _hit_fields[key] = tuple((name.encode(), value.encode()) for name, value in (
+            ("Content-Type", manifest.media_type),
+            ("Docker-Content-Digest", manifest.digest),
+            ("Docker-Distribution-Api-Version", "registry/2.0"),
+            ("X-Registry-Cache", "hit"),
+            ("Content-Length", str(len(manifest.body)))))
+    response = ready(200, fields, b"" if method == "HEAD" else manifest.body)
     return Outcome(Mark.HIT, response=response, digest=reference, size=len(manifest.body))
+
+
+# The headers of a kept manifest's answer, by (digest, media type, method):
+# made once, not for every client of a rollout.
+_hit_fields: dict[tuple[str, str, str], tuple[tuple[bytes, bytes], ...]] = {}
 
 
 def _refused(status: int, headers, reason: str, reference: str) -> Outcome:

@@ -28,7 +28,7 @@ import time
 
 from mitmproxy import ctx, exceptions, hooks, http
 
-from . import flows, routes, settings
+from . import flows, hook_dispatch, routes, settings
 from .drain import HEALTH_PATH, Drain
 from .fill import Fill, State
 from .flows import Mark, Outcome
@@ -63,6 +63,7 @@ class RegistryCache:
     # -- lifecycle ---------------------------------------------------------------
 
     def load(self, loader) -> None:
+        hook_dispatch.install()
         settings.declare(loader)
         for problem in settings.check_set_values(ctx.options):
             log.error("registry-cache: %s", problem)

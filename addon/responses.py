@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from mitmproxy import http
+from mitmproxy.net.http import status_codes
 
 from .oci import error_body
 
 RELAY_DROPS = ("connection", "keep-alive", "transfer-encoding")
+_REASONS = {code: reason.encode() for code, reason in status_codes.RESPONSES.items()}
 
 
 def oci_error(status: int, code: str, message: str, detail: str = "") -> http.Response:
@@ -16,17 +20,24 @@ def oci_error(status: int, code: str, message: str, detail: str = "") -> http.Re
 
 def relayed(answer, method: str) -> http.Response:
     """mitmproxy response carrying an upstream answer unchanged (the body as
-    sent: Response.make would encode it again by its Content-Encoding)."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
-               if k.lower() not in RELAY_DROPS]
-    response = http.Response.make(answer.status)
-    response.headers = http.Headers(headers)  # after make(), which would re-encode by them
-    response.raw_content = answer.body
-    if method == "HEAD" and "Content-Length" in answer.headers:
-        response.headers["Content-Length"] = answer.headers["Content-Length"]
-    else:
-        response.headers["Content-Length"] = str(len(answer.body))
-    return response
+    sent: Response.make would encode it again by its Content-Encoding). Its
+    headers are made once per answer and method (answer.made)."""
+    fields = answer.made.get(method)
+    if fields is None:
+        fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
+                  if k.lower() not in RELAY_DROPS and k.lower() != "content-length"]
+        length = answer.headers.get("Content-Length") if method == "HEAD" else None
+        fields.append((b"Content-Length", (length or str(len(answer.body))).encode("latin-1")))
+        fields = answer.made[method] = tuple(fields)
+    return ready(answer.status, fields, answer.body)
+
+
+def ready(status: int, fields: tuple[tuple[bytes, bytes], ...], body: bytes) -> http.Response:
+    """A response from header fields made beforehand (Content-Length among
+    them) and a body sent as it is: what Response.make gives, without its
+    work per header and on the body (the warm answers of a rollout)."""
+    now = time.time()
+    return http.Response(b"HTTP/1.1", status, _REASONS.get(status, b""), http.Headers(fields), body, None, now, now)
 
 
 def blob_headers(digest: str) -> dict[str, str]:

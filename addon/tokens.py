@@ -157,6 +157,8 @@ class TokenEndpoint:
     def __init__(self, relay: TokenRelay, workers, settings, on_unreachable=lambda registry: None):
         self.relay, self.workers, self.settings = relay, workers, settings
         self.on_unreachable = on_unreachable  # the registry's token server could not be asked
+        # (registry, our realm) -> (its last challenges, as passed on): learnt and rewritten when they change
+        self._passed_on: dict[tuple[str, str | None], tuple[tuple[str, ...], list[str]]] = {}
 
     async def answer(self, name: str, method: str, query: str, headers: dict[str, bytes], body: bytes,
                      wanted):
@@ -190,6 +192,12 @@ class TokenEndpoint:
         challenges = response.headers.get_all("WWW-Authenticate")
         if not challenges:
             return
-        self.relay.learn(registry, challenges)
+        seen, passed_on = self._passed_on.get((registry, realm), ((), []))
+        if seen != tuple(challenges):  # not what it said last time (a rollout's clients all get the same)
+            self.relay.learn(registry, challenges)
+            passed_on = rewritten(challenges, realm) if realm is not None else challenges
+            if len(self._passed_on) >= 1024:
+                self._passed_on.clear()
+            self._passed_on[(registry, realm)] = (tuple(challenges), passed_on)
         if realm is not None:
-            response.headers.set_all("WWW-Authenticate", rewritten(challenges, realm))
+            response.headers.set_all("WWW-Authenticate", passed_on)

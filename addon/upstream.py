@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -59,6 +59,9 @@ class Answer:
     status: int
     headers: Mapping[str, str]  # case-insensitive
     body: bytes
+    # What the hall made of it, kept with it: a ping's or an anonymous
+    # token's answer is given again to every client of a rollout (responses.relayed).
+    made: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class BlobSource:

@@ -8,8 +8,11 @@ from mitmproxy.test import tutils
 from requests.structures import CaseInsensitiveDict
 
 from addon.flows import end_to_end_headers as _end_to_end_headers
+from addon.manifest_relay import _from_store
+from addon.oci import Manifest
 from addon.responses import relayed as _relayed
 from addon.settings import raise_open_files_limit
+from addon.tokens import TokenEndpoint, TokenRelay
 from addon.upstream import Answer
 
 
@@ -30,6 +33,44 @@ def test_a_relayed_answer_keeps_a_content_encoding_mitmproxy_does_not_know():
 def test_a_relayed_head_keeps_the_upstreams_content_length():
     answer = Answer(200, CaseInsensitiveDict({"Content-Length": "1234"}), b"")
     assert _relayed(answer, "HEAD").headers["Content-Length"] == "1234"
+
+
+def test_an_answer_given_again_is_a_new_response_each_time():
+    """A ping's or token's answer is relayed to every client of a rollout,
+    its headers made once: what the hall or another addon changes in one
+    client's response must not reach the next one."""
+    answer = Answer(401, CaseInsensitiveDict({"WWW-Authenticate": 'Bearer realm="https://auth.example/token"',
+                                              "Content-Length": "2"}), b"{}")
+    first = _relayed(answer, "GET")
+    first.headers["WWW-Authenticate"] = 'Bearer realm="http://mirror/token"'
+    first.headers["X-Added"] = "1"
+    second = _relayed(answer, "GET")
+    assert second.headers.get_all("WWW-Authenticate") == ['Bearer realm="https://auth.example/token"']
+    assert "X-Added" not in second.headers and second.raw_content == b"{}"
+    assert second.status_code == 401 and second.reason == "Unauthorized" and second.http_version == "HTTP/1.1"
+
+
+def test_a_kept_manifest_answers_each_client_with_a_response_of_its_own():
+    manifest = Manifest("sha256:" + "a" * 64, "application/vnd.oci.image.manifest.v1+json", b'{"schemaVersion":2}')
+    first = _from_store(manifest, "latest").response
+    first.headers["X-Added"] = "1"
+    second, head = _from_store(manifest, "latest").response, _from_store(manifest, "latest", "HEAD").response
+    assert "X-Added" not in second.headers and second.content == manifest.body
+    assert second.headers["Content-Type"] == manifest.media_type and second.headers["Docker-Content-Digest"] == manifest.digest
+    assert head.content == b"" and head.headers["Content-Length"] == str(len(manifest.body))
+
+
+def test_a_registry_that_changes_its_challenge_has_the_new_one_learnt_and_passed_on():
+    """The rewritten challenge is kept while the registry sends the same one;
+    a new one (back and forth) is learnt again and rewritten."""
+    relay = TokenRelay(upstream=None)
+    endpoint = TokenEndpoint(relay, workers=None, settings=None)
+    ours = "http://127.0.0.1:5000/_registry_cache/token/registry.example"
+    for realm in ("https://a.example/token", "https://b.example/token", "https://a.example/token"):
+        response = tutils.tresp(headers=((b"WWW-Authenticate", f'Bearer realm="{realm}",service="s"'.encode()),))
+        endpoint.pass_on_challenge(response, "https://registry.example:443", ours)
+        assert relay.realm_of("https://registry.example:443") == realm
+        assert response.headers.get_all("WWW-Authenticate") == [f'Bearer realm="{ours}",service="s"']
 
 
 def test_client_headers_go_upstream_as_sent_bytes_merged_and_without_hop_by_hop():
