@@ -7,8 +7,9 @@ coroutine and two generators, whether it has that hook or not
 (AddonManager.trigger_event and trigger). Most have none: 3 to 13 have a
 given flow hook. With 32 clients resolving an image (four small requests
 each) on loopback, that walk was about 40% of mitmdump's one thread (a py-spy
-profile), and the mirror, bound by that thread, managed 0.62x the upstream's
-resolutions/s; with this module, 1.02x (README, Performance).
+profile), and the mirror, bound by that thread, managed 0.59x the upstream's
+resolutions/s; with this module (and answers' headers made once), 0.82x in
+a full benchmark run (README, Performance).
 
 `install()` replaces those two methods with ones that first look whether an
 addon or one of its sub-addons has the hook right now (getattr, as mitmproxy
@@ -16,8 +17,8 @@ does), skip it if not, and otherwise invoke it exactly as mitmproxy does:
 its own invoke_addon under its own safecall, in chain order (an error is
 logged and the next addon runs; AddonHalt ends the event; sub-addons an
 addon adds in that hook get the event too). It installs only over the code it
-was written against (the source of both methods is checked), and leaves any
-other mitmproxy as it is.
+was written against (the source of both methods is checked; requirements.txt
+pins that release), and leaves any other mitmproxy as it is.
 """
 
 from __future__ import annotations
