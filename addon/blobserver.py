@@ -63,7 +63,7 @@ class BlobServer:
         self.serve_from(store, fills, proven)
         self._secret = secrets.token_bytes(32)
         self.cluster_secret = None  # cluster_secret.ClusterSecret: signs URLs instead of _secret
-        self.node = ""  # this node's member id, named in the URLs it signs
+        self._node_of: Callable[[], str] = lambda: ""  # this node's member id, named in the URLs it signs
         self.peers = None  # peers.PeerEndpoint: other nodes' requests, URLs they signed
         self.sending = 0  # requests being answered now (a drain waits for them)
         self._pins: dict[str, tuple[StoredBlob, float]] = {}  # digest -> (open blob, until)
@@ -80,10 +80,17 @@ class BlobServer:
         mirror itself? Asked for URLs made for a registry nobody chose (see access.py)."""
         self.store, self.fills, self.proven = store, fills, proven
 
-    def serve_cluster(self, secret, endpoint, node: str = "") -> None:
+    def serve_cluster(self, secret, endpoint, node_of: Callable[[], str] = lambda: "") -> None:
         """Sign URLs with the cluster secret (None: this process's own), and
-        answer other nodes with endpoint (peers.PeerEndpoint, or None)."""
-        self.cluster_secret, self.peers, self.node = secret, endpoint, node
+        answer other nodes with endpoint (peers.PeerEndpoint, or None).
+        node_of(): this node's member id as known now ("" while it is not
+        among the members yet: a pod joins a headless service's DNS answer
+        only once it is ready, after it started)."""
+        self.cluster_secret, self.peers, self._node_of = secret, endpoint, node_of
+
+    @property
+    def node(self) -> str:
+        return self._node_of()
 
     def start(self) -> None:
         self._thread.start()

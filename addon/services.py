@@ -146,8 +146,12 @@ class Services:
                                 lambda registry, repo, digest, authorization:
                                 access.vouch(registry, repo, digest, authorization),
                                 new.reverse_upstreams | new.listed_origins, self.draining)
+        self.blob_server.serve_cluster(self.secret, endpoint, self._node_id)
+
+    def _node_id(self) -> str:
+        """This node's member id now ("" while the members do not include it yet)."""
         me = self.peers.me if self.peers is not None else None
-        self.blob_server.serve_cluster(self.secret, endpoint, me.id if me else "")
+        return me.id if me else ""
 
     def _open_shared(self, new: Settings) -> None:
         """The object store of s3_bucket (boto3 is imported only then)."""

@@ -64,3 +64,47 @@ def test_this_node_is_found_again_among_members_from_dns(tmp_path):
         assert owners[0] == Member("203.0.113.8", 5001) and len(owners) == 2
     finally:
         peers.close()
+
+
+def test_a_node_that_joins_the_members_after_it_started_names_itself_in_the_urls_it_signs(tmp_path):
+    """A pod joins its headless service's DNS answer only once it is ready,
+    after its options were applied: the URLs it signs must still name it
+    once it is a member, or another node that has no copy answers a blob
+    URL of it with 404 BLOB_UNKNOWN (fatal to clients) instead of filling."""
+    import requests
+
+    from addon.blobserver import BlobServer
+    from addon.fill import Fills
+    from addon.peers import PeerEndpoint
+    from addon.sources import Tiers
+    from addon.store import DiskBlobStore
+    from addon.upstream import UpstreamClient
+    from tests.test_store import put
+
+    secret = ClusterSecret(secret_file(tmp_path, "s" * 32))
+    nodes = []
+    for name in "ab":
+        store = DiskBlobStore(str(tmp_path / name), 1 << 30)
+        fills = Fills(store)
+        nodes.append((store, fills, BlobServer(store, fills, "127.0.0.1", 0)))
+        nodes[-1][2].start()
+    members = [Member("127.0.0.1", server.port) for _, _, server in nodes]
+    membership = Membership(members)
+    membership._members = ()  # what a DNS refresh leaves while neither pod is ready: nobody
+    try:
+        for store, fills, server in nodes:  # the options applied: neither node among the members
+            peers = Peers(membership, secret, server.port, None)  # no cluster_address: found among the members
+            endpoint = PeerEndpoint(secret, fills, Tiers(None, peers), UpstreamClient(), lambda *a: None,
+                                    frozenset({"https://registry-1.docker.io:443"}))
+            server.serve_cluster(secret, endpoint, lambda peers=peers: peers.me.id if peers.me else "")
+        (a_store, _, a), (_, _, b) = nodes
+        digest = put(a_store, os.urandom(100_000))
+        assert a.node == "" and "&node=" not in a.signed_path(digest)
+        membership._members = tuple(sorted(members))  # both ready: the next refresh finds both
+        path = a.signed_path(digest)
+        assert a.node == members[0].id and f"&node={members[0].id}" in path.replace("%3A", ":")
+        answer = requests.get(f"http://127.0.0.1:{b.port}{path}", timeout=30)
+        assert answer.status_code == 200 and len(answer.content) == 100_000  # filled from A
+    finally:
+        for _, _, server in nodes:
+            server.stop()
