@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RELOAD_EVERY = 5.0
 MIN_LENGTH = 16  # characters of a secret
+SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")  # what sign() makes: an HMAC-SHA256 in lower-case hex
 
 
 class ClusterSecret:
@@ -65,5 +67,9 @@ class ClusterSecret:
         return hmac.new(self._fresh()[0], message, hashlib.sha256).hexdigest()
 
     def verify(self, message: bytes, signature: str) -> bool:
+        """Whether any line signed message. Anything but 64 lower-case hex digits is
+        refused first (hmac.compare_digest raises on non-ASCII text)."""
+        if not SIGNATURE_RE.fullmatch(signature):
+            return False
         return any(hmac.compare_digest(hmac.new(secret, message, hashlib.sha256).hexdigest(), signature)
                    for secret in self._fresh())

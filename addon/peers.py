@@ -88,7 +88,7 @@ def sign_request(secret: ClusterSecret, node: str, method: str, target: str,
 
 def verify_request(secret: ClusterSecret, method: str, target: str, headers, now: float | None = None) -> bool:
     timestamp, _, signature = (headers.get(SIGNATURE_HEADER) or "").partition(":")
-    if not timestamp.isdigit() or abs((time.time() if now is None else now) - int(timestamp)) > MAX_SKEW:
+    if not (timestamp.isascii() and timestamp.isdigit()) or abs((time.time() if now is None else now) - int(timestamp)) > MAX_SKEW:
         return False
     return secret.verify(_message(method, target, timestamp, headers.get("Authorization")), signature)
 
