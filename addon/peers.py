@@ -65,10 +65,16 @@ log = logging.getLogger(__name__)
 CLUSTER_PATH = "/cluster/blobs/"
 NODE_HEADER = "X-Registry-Cache-Node"
 SIGNATURE_HEADER = "X-Registry-Cache-Signature"
-RELAYED_HEADER = "X-Registry-Cache-Relayed"  # "upstream", or "redirect" (the upstream's CDN answered)
+RELAYED_HEADER = "X-Registry-Cache-Relayed"  # "upstream", "redirect" (the upstream's CDN answered), "pending"
+PENDING = "pending"  # the owner's upstream has not answered yet: ask again
 MAX_SKEW = 60.0  # seconds a signed request stays valid (clocks of the nodes may differ this much)
 PEER_CONNECT_TIMEOUT = 3.0
-START_TIMEOUT = 120.0  # as blobs.START_TIMEOUT: bound on the owner's wait for the upstream's answer
+START_TIMEOUT = 120.0  # as blobs.START_TIMEOUT: bound on a client's wait for the upstream's answer
+# The owner holds another node's request this long at most while its upstream
+# has not answered, then says "not yet" (503, relayed "pending") and is asked
+# again, until START_TIMEOUT: well inside the asking node's READ_TIMEOUT, which
+# would otherwise take a slow upstream for a dead owner and fetch it twice.
+PEER_WAIT = READ_TIMEOUT / 2
 CONFLICT_RETRIES = 2  # a node that follows another is asked again this often mid-fill before it is skipped
 TIER = "peer"
 
@@ -206,7 +212,7 @@ class PeerTier:
                 continue
             self.asking = member
             try:
-                response = self.peers.get(member, self.digest, self.query, self.authorization, start)
+                response = self._ask(member, start)
             except requests.RequestException as exc:
                 self.peers.mark_down(member, f"could not be reached ({type(exc).__name__})")
                 continue
@@ -231,6 +237,17 @@ class PeerTier:
             self.peers.mark_down(member, f"answered {status}")
         self.asking = None
         raise TierUnavailable("no other node can serve it")
+
+    def _ask(self, member: Member, start: int) -> requests.Response:
+        """member's answer; its "not yet" (its upstream is slow to answer) is
+        asked again until START_TIMEOUT, and then relayed as the upstream's 503."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            response = self.peers.get(member, self.digest, self.query, self.authorization, start)
+            if response.headers.get(RELAYED_HEADER) != PENDING or time.monotonic() >= deadline:
+                return response
+            response.close()
+            log.info("cluster: %s: %s is still waiting for the upstream; asking again", self.digest, member.id)
 
 
 @dataclass
@@ -269,8 +286,8 @@ class PeerEndpoint:
         if fill is not None and fill.state is not State.FAILED:
             if self._follows_another_node(fill):
                 return PeerRefusal(409, "this node follows another node for this blob")
-            if not fill.started_within(START_TIMEOUT):
-                return PeerRefusal(503, "the upstream has not answered yet", relayed="upstream")
+            if not fill.started_within(PEER_WAIT):
+                return PeerRefusal(503, "the upstream has not answered yet", relayed=PENDING)
             if fill.state is not State.FAILED:
                 return fill  # (one that failed meanwhile: another is started below)
         if not registry:
@@ -290,8 +307,8 @@ class PeerEndpoint:
             fill, started = self.fills.start_or_join(digest, source, vouch,
                                                      on_stored=lambda source=source: self.tiers.stored(digest, source))
             log.info("cluster: %s for another node: %s fill", digest, "started" if started else "joined")
-            if not fill.started_within(START_TIMEOUT):
-                return PeerRefusal(503, "the upstream has not answered yet", relayed="upstream")
+            if not fill.started_within(PEER_WAIT):
+                return PeerRefusal(503, "the upstream has not answered yet", relayed=PENDING)
             if started or fill.state is not State.FAILED or fill.answer is None:
                 break  # (a fill someone else started was refused with THEIR credentials: try ours)
         if fill.state is State.FAILED:

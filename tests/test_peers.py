@@ -113,3 +113,76 @@ def test_a_node_that_joins_the_members_after_it_started_names_itself_in_the_urls
     finally:
         for _, _, server in nodes:
             server.stop()
+
+
+def test_an_owner_whose_upstream_is_slow_to_answer_says_not_yet_and_is_asked_again(tmp_path, monkeypatch):
+    """The asking node reads the owner's answer with the upstream's read
+    timeout; an owner that held the request until its own upstream answered
+    (up to START_TIMEOUT, longer) was taken for dead on a slow upstream, and
+    the blob fetched a second time. The owner says "not yet" in time and is
+    asked again; the upstream is asked once."""
+    import hashlib
+    import http.server
+    import threading
+
+    from addon import peers as peers_module
+    from addon.blobserver import BlobServer
+    from addon.fill import Fills
+    from addon.peers import PeerEndpoint, PeerTier
+    from addon.sources import Tiers
+    from addon.store import DiskBlobStore
+    from addon.upstream import UpstreamClient
+
+    monkeypatch.setattr(peers_module, "READ_TIMEOUT", 2.0)  # the asking node's patience per read
+    monkeypatch.setattr(peers_module, "PEER_WAIT", 0.2, raising=False)
+    data = os.urandom(50_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    release, upstream_gets = threading.Event(), []
+
+    class SlowUpstream(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            upstream_gets.append(self.path)
+            release.wait(30)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowUpstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    registry = f"http://127.0.0.1:{upstream.server_address[1]}"
+    secret = ClusterSecret(secret_file(tmp_path, "s" * 32))
+    store = DiskBlobStore(str(tmp_path / "owner"), 1 << 30)
+    fills = Fills(store)
+    owner = BlobServer(store, fills, "127.0.0.1", 0)
+    owner.start()
+    membership = Membership([Member("127.0.0.1", owner.port)])
+    asked = []
+    try:
+        owner_peers = Peers(membership, secret, owner.port, Member("127.0.0.1", owner.port))
+        endpoint = PeerEndpoint(secret, fills, Tiers(None, owner_peers), UpstreamClient(), lambda *a: None,
+                                frozenset({registry}))
+        real_fill_for = endpoint.fill_for
+
+        def fill_for(*args):
+            asked.append(args)
+            if len(asked) == 3:  # asked again twice: now let the upstream answer
+                release.set()
+            return real_fill_for(*args)
+
+        endpoint.fill_for = fill_for
+        owner.serve_cluster(secret, endpoint, lambda: f"127.0.0.1:{owner.port}")
+        asking = Peers(membership, secret, 1, Member("127.0.0.2", 1))  # another node, not among the members
+        tier = PeerTier(asking, digest, f"registry={registry}&repo=library/x", None)
+        with tier.open(0, None) as answer:
+            assert answer.status_code == 200 and answer.raw.read() == data
+        assert len(asked) >= 3 and len(upstream_gets) == 1
+        assert Member("127.0.0.1", owner.port) not in membership._down
+    finally:
+        release.set()
+        owner.stop()
+        upstream.shutdown()
+        upstream.server_close()
