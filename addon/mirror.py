@@ -189,8 +189,8 @@ class RegistryCache:
     def _pass_on_challenge(self, flow: http.HTTPFlow, trusted: bool) -> None:
         """Learn a chosen registry's token realm; in reverse mode, name the mirror's (tokens.py)."""
         if trusted:
-            realm = flows.client_base_url(flow) + TOKEN_PATH + flows.host_port(flow.request) \
-                if flows.is_reverse(flow) else None
+            base = self.services.settings.mirror_url or flows.client_base_url(flow)
+            realm = base + TOKEN_PATH + flows.host_port(flow.request) if flows.is_reverse(flow) else None
             self.services.token_endpoint.pass_on_challenge(flow.response, flows.registry_of(flow.request), realm)
 
     async def _token(self, flow: http.HTTPFlow, name: str) -> http.Response:

@@ -13,6 +13,7 @@ import resource
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
@@ -95,6 +96,12 @@ def declare(loader) -> None:
         "blob_url", str, "",
         "Base URL clients use to reach the blob server, e.g. http://mirror.lan:5001 "
         "(default: the address the client connected to, with blob_port).",
+    )
+    loader.add_option(
+        "mirror_url", str, "",
+        "Base URL clients use to reach the mirror, e.g. http://mirror.lan:5000, named in the token realm "
+        "it hands out in reverse mode (default: the address the client connected to). Set it behind a "
+        "load balancer or NAT, where that address is the node's own.",
     )
     loader.add_option(
         "drain_timeout", int, 25,
@@ -191,6 +198,7 @@ class Settings:
     blob_host: str  # where the blob server listens
     blob_port: int
     blob_url: str
+    mirror_url: str = ""  # the token realm's base; empty: the address the client connected to
     s3: "S3Settings | None" = None  # the shared tier (s3_* options)
     cluster: "ClusterSettings | None" = None  # cluster_members, cluster_address
     cluster_secret_file: str = ""  # signs blob URLs and the nodes' requests (cluster_secret.py)
@@ -231,7 +239,8 @@ class Settings:
             blob_redirect=options.blob_redirect,
             blob_host=options.blob_host or _proxy_listen_host(modes, options.listen_host),
             blob_port=port,
-            blob_url=options.blob_url.rstrip("/"),
+            blob_url=_base_url("blob_url", options.blob_url),
+            mirror_url=_base_url("mirror_url", options.mirror_url),
             s3=_s3_settings(options),
             cluster=_cluster_settings(options, port),
             cluster_secret_file=options.cluster_secret_file,
@@ -294,6 +303,24 @@ class ClusterSettings:
     dns_name: str  # resolves to every node (dns:NAME:PORT)
     dns_port: int
     address: Member | None  # this node, when given (cluster_address)
+
+
+def _base_url(name: str, value: str) -> str:
+    """An http(s) URL the mirror appends its own paths to (a path prefix is
+    kept, for a proxy in front that strips it). A typo here would send every
+    client elsewhere, so it is checked at start."""
+    value = value.strip().rstrip("/")
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range or not a number
+    except ValueError:
+        raise ValueError(f"{name}: not a valid port in {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.username is not None:
+        raise ValueError(f"{name} must be http(s)://HOST[:PORT][/PATH] with no query or user, not {value!r}")
+    return value
 
 
 def _s3_settings(options) -> S3Settings | None:

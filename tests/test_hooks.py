@@ -362,6 +362,21 @@ def test_a_challenge_names_the_token_relay_which_reaches_the_registrys_own_realm
     run(scenario())
 
 
+def test_behind_a_load_balancer_the_realm_names_the_mirror_url(tmp_path, registry):
+    """Behind a load balancer or NAT, the address the client connected to is
+    the node's own (a pod's IP), which the client may not reach."""
+    registry.auth = True
+
+    async def scenario():
+        async with hall_for(tmp_path, registry, mirror_url="https://mirror.example.com:443/") as hall:
+            ping = await hall.get("/v2/")
+            assert ping.response.headers["WWW-Authenticate"] == \
+                f'Bearer realm="https://mirror.example.com:443/_registry_cache/token/{registry.server.host_port}",' \
+                'service="canned"'
+
+    run(scenario())
+
+
 def test_a_token_request_never_goes_where_the_client_says(tmp_path, registry):
     registry.auth = True
     canary = CannedRegistry().start()

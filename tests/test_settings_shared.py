@@ -66,7 +66,19 @@ def test_a_cluster_from_dns(tmp_path):
     ({"cluster_members": "dns:mirror", "cluster_secret_file": "/x", "blob_port": "5001"}, "dns:NAME:PORT"),
     ({"cluster_members": "10.0.0.1:5001", "cluster_secret_file": "/x", "blob_port": "5001",
       "cluster_address": "10.0.0.9:5001"}, "not among cluster_members"),
+    ({"blob_url": "mirror.lan:5001"}, "blob_url must be"),
+    ({"blob_url": "http://mirror.lan:99999"}, "blob_url: not a valid port"),
+    ({"mirror_url": "http://mirror.lan:5000/?x=1"}, "mirror_url must be"),
+    ({"mirror_url": "http://user@mirror.lan:5000"}, "mirror_url must be"),
+    ({"mirror_url": "ftp://mirror.lan"}, "mirror_url must be"),
 ])
 def test_unusable_values_are_refused_with_a_message(values, message):
     with pytest.raises(ValueError, match=message):
         read(**values)
+
+
+def test_the_urls_clients_are_handed():
+    s = read()
+    assert (s.blob_url, s.mirror_url) == ("", "")  # the address each client connected to
+    s = read(blob_url="http://mirror.lan:5001/", mirror_url="https://mirror.example.com/registry/")
+    assert (s.blob_url, s.mirror_url) == ("http://mirror.lan:5001", "https://mirror.example.com/registry")
