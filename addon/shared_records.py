@@ -22,8 +22,13 @@ Privacy is the same as on one node. A grant is written only after the
 upstream accepted that very credential for that repository, and is found
 only by a client presenting that same credential: its key is an HMAC of the
 Authorization header with the cluster secret (no secret: no grants shared),
-so the bucket holds nothing that tells a credential. Whoever may write the
-bucket can of course forge records: give the mirror nodes alone write access.
+so the bucket holds nothing that tells a credential. It is written under
+the secret's first line and looked up under every line (rotation). The gate
+takes a grant or public state in only while it still counts (access.py
+learn_shared). Only registries the operator chose have records here: in
+regular mode a client names any host, and the bucket is not theirs to fill.
+Whoever may write the bucket can of course forge records: give the mirror
+nodes alone write access.
 
 Writes go out in the background (WRITERS threads; while the store is down
 they wait, up to MAX_PENDING, and go out once it answers). Reads are
