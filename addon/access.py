@@ -337,7 +337,7 @@ class AccessGate:
                             self._public[(registry, repo)] = found
                         self.index.record_public(registry, repo, *found)
             decision = self.check_locally(registry, repo, digest, authorization)
-            if decision is not None:  # public: no grant needed (one lookup less)
+            if decision is not None and decision.allowed:  # public: no grant needed (one lookup less)
                 return decision
             key = (fingerprint(authorization), registry, repo)
             if not self._granted(*key, now):

@@ -142,6 +142,22 @@ def test_a_local_grant_that_expired_does_not_hide_a_newer_shared_one(node, clock
     assert gate.learn_shared(REGISTRY, REPO, DIGEST, basic).allowed
 
 
+def test_a_shared_grant_is_looked_for_while_the_registry_is_in_its_quiet_time(node, clock):
+    """It timed out moments ago: the gate decides from what it knows, which
+    includes what other nodes learned (not a 503 before looking)."""
+    gate, records, bucket = node
+    gate.upstream = Quiet()
+    token = f"Bearer {jwt_with({'exp': clock.now + 300})}"
+    put_grant(records, bucket, token, clock.now + 300)
+    assert gate.learn_shared(REGISTRY, REPO, DIGEST, token).allowed
+    assert not gate.learn_shared(REGISTRY, REPO, DIGEST, "Bearer someone-else").allowed
+
+
+class Quiet(Never):
+    def in_quiet_time(self, registry):
+        return True
+
+
 def test_grants_taken_in_are_bounded_like_this_nodes_own(node, clock, monkeypatch):
     monkeypatch.setattr(access, "MAX_GRANTS", 10)
     gate, records, bucket = node
