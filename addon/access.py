@@ -314,13 +314,15 @@ class AccessGate:
         this very credential for it. Blocking (the object store): run it in
         its pool. None: ask the registry.
 
-        A shared public state or grant is taken in only while it would still
-        count on the node that wrote it without asking the upstream: a state
-        checked less than PUBLIC_TTL ago, a grant not expired, and no longer
-        than this node would trust that credential. A time further ahead than
+        A shared grant is taken in only while it would still count on the
+        node that wrote it: not expired, and no longer than this node would
+        trust that credential. A shared public state is taken in with the
+        time it was checked, and ages here as this node's own does: fresh for
+        PUBLIC_TTL, then asked again, and while the upstream cannot be asked
+        it counts as "was public" (allowed_offline), so stale answers work on
+        every node as on the one that checked. A time further ahead than
         CLOCK_SKEW (a clock ahead, a forged record) is not believed; a nearer
-        one counts as now. Once taken in, a record ages here as this node's
-        own knowledge does (allowed_offline)."""
+        one counts as now."""
         shared = self.shared
         if shared is not None:
             if not self.index.contains(registry, repo, digest) and shared.seen(registry, repo, digest):
@@ -332,7 +334,7 @@ class AccessGate:
                 found = shared.public(registry, repo)
                 if found is not None and _believable(found[1] - now, f"the public state of {repo}"):
                     found = (found[0], min(found[1], now))
-                    if now - found[1] <= PUBLIC_TTL and (state is None or found[1] > state[1]):
+                    if state is None or found[1] > state[1]:
                         with self._lock:
                             self._public[(registry, repo)] = found
                         self.index.record_public(registry, repo, *found)
