@@ -56,6 +56,7 @@ UNREACHABLE = (429, 500, 502, 503, 504)
 MAX_GRANTS = 20_000
 MAX_RECORDED_REMEMBERED = 100_000  # triples known to be in the index already
 PROBE_THREADS = 4  # "is R public?" checks run in the background, this many at a time
+CLOCK_SKEW = 60.0  # how far ahead another node's clock may be: a shared record's time further ahead is not believed
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,14 @@ def credential_expiry(authorization: str | None, now: float) -> float:
         except (IndexError, ValueError, KeyError, TypeError):
             pass
     return now + OPAQUE_GRANT_TTL
+
+
+def _believable(ahead: float, what: str) -> bool:
+    """A time another node wrote, at most CLOCK_SKEW later than this node's clock allows."""
+    if ahead <= CLOCK_SKEW:
+        return True
+    log.info("access: ignoring %s from the object store: %.0fs ahead of this node's clock", what, ahead)
+    return False
 
 
 class SeenIndex:
@@ -273,11 +282,7 @@ class AccessGate:
         self.index.record(registry, repo, digest)
         key, until = (fingerprint(authorization), registry, repo), credential_expiry(authorization, now)
         with self._lock:
-            before = self._grants.get(key, 0.0)
-            self._grants[key] = until
-            if len(self._grants) > MAX_GRANTS:
-                newest = sorted(self._grants.items(), key=lambda item: item[1])[len(self._grants) // 2:]
-                self._grants = dict(newest)
+            before = self._keep_grant(key, until)
             probe = trusted and (registry, repo) not in self._probing \
                 and self._public_state(registry, repo, now) is None
             if probe:
@@ -307,7 +312,17 @@ class AccessGate:
         nodes learned (shared_records.py): that the upstream served digest
         under repo, whether repo is public, and whether the upstream accepted
         this very credential for it. Blocking (the object store): run it in
-        its pool. None: ask the registry."""
+        its pool. None: ask the registry.
+
+        A shared grant is taken in only while it would still count on the
+        node that wrote it: not expired, and no longer than this node would
+        trust that credential. A shared public state is taken in with the
+        time it was checked, and ages here as this node's own does: fresh for
+        PUBLIC_TTL, then asked again, and while the upstream cannot be asked
+        it counts as "was public" (allowed_offline), so stale answers work on
+        every node as on the one that checked. A time further ahead than
+        CLOCK_SKEW (a clock ahead, a forged record) is not believed; a nearer
+        one counts as now."""
         shared = self.shared
         if shared is not None:
             if not self.index.contains(registry, repo, digest) and shared.seen(registry, repo, digest):
@@ -317,21 +332,23 @@ class AccessGate:
                 state = self._public.get((registry, repo))
             if state is None or now - state[1] > PUBLIC_TTL:
                 found = shared.public(registry, repo)
-                if found is not None and (state is None or found[1] > state[1]):
-                    with self._lock:
-                        self._public[(registry, repo)] = found
-                    self.index.record_public(registry, repo, *found)
+                if found is not None and _believable(found[1] - now, f"the public state of {repo}"):
+                    found = (found[0], min(found[1], now))
+                    if state is None or found[1] > state[1]:
+                        with self._lock:
+                            self._public[(registry, repo)] = found
+                        self.index.record_public(registry, repo, *found)
             decision = self.check_locally(registry, repo, digest, authorization)
-            if decision is not None:  # public: no grant needed (one lookup less)
+            if decision is not None and decision.allowed:  # public: no grant needed (one lookup less)
                 return decision
             key = (fingerprint(authorization), registry, repo)
-            with self._lock:
-                known = key in self._grants
-            if not known:
+            if not self._granted(*key, now):
                 until = shared.grant(authorization, registry, repo)
-                if until is not None:
+                longest = credential_expiry(authorization, now)  # were it accepted now
+                if until is not None and min(until, longest) > now and \
+                        _believable(until - longest, f"a grant for {repo}"):
                     with self._lock:
-                        self._grants.setdefault(key, until)
+                        self._keep_grant(key, min(until, longest))
         return self.check_locally(registry, repo, digest, authorization)
 
     def public_now(self, registry: str, repo: str, path: str) -> bool:
@@ -363,9 +380,21 @@ class AccessGate:
             self._allowed_before(fingerprint(authorization), registry, repo)
 
     def _allowed_before(self, cred: str, registry: str, repo: str) -> bool:
+        """Was repo public, or this credential granted, at any time this node
+        knows of? Shared records are part of that only as learn_shared() took
+        them in: while they still counted."""
         with self._lock:
             public = self._public.get((registry, repo), (False, 0))[0]
             return public or (cred, registry, repo) in self._grants
+
+    def _keep_grant(self, key: tuple[str, str, str], until: float) -> float:
+        """Remember a grant (self._lock held); returns the one before (0: none)."""
+        before = self._grants.get(key, 0.0)
+        self._grants[key] = max(before, until)
+        if len(self._grants) > MAX_GRANTS:
+            newest = sorted(self._grants.items(), key=lambda item: item[1])[len(self._grants) // 2:]
+            self._grants = dict(newest)
+        return before
 
     def _granted(self, cred: str, registry: str, repo: str, now: float) -> bool:
         with self._lock:

@@ -3,7 +3,8 @@
 It signs what one node hands another or a client to bring to another: blob
 URLs (any node's blob server honours them, nobody else can make them) and
 the nodes' requests to each other. It also keys the names under which
-grants are shared, so the bucket holds no plain hash of a credential.
+grants are shared, so the bucket holds no plain hash of a credential (a
+grant is written under the first line and looked up under every line).
 
 The file's first line signs; every line is accepted. Rotation without a
 failed request: add the new secret as a second line on every node, then
@@ -65,6 +66,11 @@ class ClusterSecret:
 
     def sign(self, message: bytes) -> str:
         return hmac.new(self._fresh()[0], message, hashlib.sha256).hexdigest()
+
+    def signatures(self, message: bytes) -> list[str]:
+        """message signed with every line, the signing one first: what a node
+        signed with another line (while the secret rotates) is found too."""
+        return [hmac.new(secret, message, hashlib.sha256).hexdigest() for secret in self._fresh()]
 
     def verify(self, message: bytes, signature: str) -> bool:
         """Whether any line signed message. Anything but 64 lower-case hex digits is

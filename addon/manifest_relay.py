@@ -329,7 +329,7 @@ class ManifestRelay:
             return
         route = req.route
         digest = self.storage.manifests.remember(req.registry, route.name, route.reference, answer.body,
-                                                 answer.headers, list(req.accept))
+                                                 answer.headers, list(req.accept), share=req.trusted)
         if digest is not None:  # the upstream served this manifest under this repository to this client
             self.storage.access.vouch(req.registry, route.name, digest, req.authorization, kind="manifests",
                                       trusted=req.trusted)

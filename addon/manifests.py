@@ -59,10 +59,13 @@ class ManifestStore:
         self._recent_lock = threading.Lock()
         self.shared = None  # shared_records.SharedRecords: kept manifests and tags go there too
 
-    def put(self, manifest: StoredManifest) -> None:
+    def put(self, manifest: StoredManifest, share: bool = True) -> None:
+        """Keep a manifest. `share`: write it to the shared records too, only
+        for a registry the operator chose (whatever a client names would
+        otherwise go to the bucket)."""
         self._cache.set(f"manifest:{manifest.digest}", (manifest.media_type, manifest.body))
         self._keep_in_memory(manifest)
-        if self.shared is not None:
+        if share and self.shared is not None:
             self.shared.note_manifest(manifest.digest, manifest.media_type, manifest.body)
 
     def get(self, digest: str) -> StoredManifest | None:
@@ -91,21 +94,22 @@ class ManifestStore:
             while self._recent_bytes > IN_MEMORY_BYTES and self._recent:
                 self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))).body)
 
-    def remember_tag(self, registry: str, repo: str, tag: str, digest: str) -> None:
+    def remember_tag(self, registry: str, repo: str, tag: str, digest: str, share: bool = True) -> None:
+        """`share`: as for put()."""
         key = f"tag:{registry}/{repo}:{tag}"
         if self._cache.get(key) != digest:  # a read; every pull asks about the tag, few move it
             self._cache.set(key, digest)
-            if self.shared is not None:
+            if share and self.shared is not None:
                 self.shared.note_tag(registry, repo, tag, digest)
 
     def digest_of_tag(self, registry: str, repo: str, tag: str) -> str | None:
         return self._cache.get(f"tag:{registry}/{repo}:{tag}")
 
     def remember(self, registry: str, repo: str, reference: str, body: bytes, headers,
-                 accepted: list[str]) -> str | None:
+                 accepted: list[str], share: bool = True) -> str | None:
         """Keep a verified 200 manifest (GET), or a tag's fresh digest (HEAD).
         Returns the digest, or None if nothing was kept. `accepted`: the
-        Accept values of the client's request.
+        Accept values of the client's request; `share`: as for put().
 
         A tag points only at a kept manifest. containerd resolves a tag by
         HEAD and then GETs the manifest by digest (or not at all, if it has
@@ -116,9 +120,9 @@ class ManifestStore:
             manifest = verified_manifest(body, headers, reference)
             if manifest is None:
                 return None
-            self.put(manifest)
+            self.put(manifest, share)
             digest = manifest.digest
-            self._promote_pending(registry, repo, digest)
+            self._promote_pending(registry, repo, digest, share)
         else:
             digest = headers.get("Docker-Content-Digest", "")
             if not SHA256_RE.fullmatch(digest):
@@ -126,7 +130,7 @@ class ManifestStore:
         media_type = oci.media_type_of(headers)
         if ":" not in reference and is_what_the_tag_names(accepted, media_type):
             if body or self.get(digest) is not None:
-                self.remember_tag(registry, repo, reference, digest)
+                self.remember_tag(registry, repo, reference, digest, share)
             else:
                 self._set_pending(registry, repo, reference, digest)
         return digest
@@ -138,7 +142,7 @@ class ManifestStore:
             pending[tag] = digest
             self._cache.set(key, pending)
 
-    def _promote_pending(self, registry: str, repo: str, digest: str) -> None:
+    def _promote_pending(self, registry: str, repo: str, digest: str, share: bool) -> None:
         key = f"pending:{registry}/{repo}"
         if digest not in (self._cache.get(key) or {}).values():
             return  # the usual case: read only, no write lock for every manifest kept
@@ -147,7 +151,7 @@ class ManifestStore:
             if not pending or digest not in pending.values():
                 return
             for tag in [t for t, d in pending.items() if d == digest]:
-                self.remember_tag(registry, repo, tag, digest)
+                self.remember_tag(registry, repo, tag, digest, share)
                 del pending[tag]
             self._cache.set(key, pending)
 

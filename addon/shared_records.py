@@ -22,8 +22,13 @@ Privacy is the same as on one node. A grant is written only after the
 upstream accepted that very credential for that repository, and is found
 only by a client presenting that same credential: its key is an HMAC of the
 Authorization header with the cluster secret (no secret: no grants shared),
-so the bucket holds nothing that tells a credential. Whoever may write the
-bucket can of course forge records: give the mirror nodes alone write access.
+so the bucket holds nothing that tells a credential. It is written under
+the secret's first line and looked up under every line (rotation). The gate
+takes a grant in only while it still counts, and a public state with the
+time it was checked, to age as its own (access.py learn_shared). Only registries the operator chose have records here: in
+regular mode a client names any host, and the bucket is not theirs to fill.
+Whoever may write the bucket can of course forge records: give the mirror
+nodes alone write access.
 
 Writes go out in the background (WRITERS threads; while the store is down
 they wait, up to MAX_PENDING, and go out once it answers). Reads are
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 WRITERS = 2
 MAX_PENDING = 50_000
 MAX_KNOWN = 200_000  # names written or read by this process, not written again
+MAX_TAGS = 100_000  # tags' last digests remembered here (the latest written or read), not written again
 
 
 def registry_part(registry: str) -> str:
@@ -60,7 +66,7 @@ class SharedRecords:
         self.objects = objects
         self.secret = secret  # cluster_secret.ClusterSecret: grants are shared only with one
         self._known: set[str] = set()  # immutable records this process wrote or read
-        self._tags: dict[str, str] = {}  # tag record -> digest, as last written or read here
+        self._tags: dict[str, str] = {}  # tag record -> digest, as last written or read here, oldest use first
         self._known_registries: set[str] = set()
         self._lock = threading.Lock()
         self._queue = StoreQueue(objects.available, self._send, threads=WRITERS, name="s3-records",
@@ -75,11 +81,13 @@ class SharedRecords:
     def _public(registry: str, repo: str) -> str:
         return f"public/{registry_part(registry)}/{repo}"
 
-    def _grant(self, authorization: str | None, registry: str, repo: str) -> str | None:
+    def _grants(self, authorization: str | None, registry: str, repo: str) -> list[str]:
+        """The names of a grant under each line of the cluster secret, the
+        one to write first (none without a secret)."""
         if self.secret is None:
-            return None
-        key = self.secret.sign(b"grant\n" + (authorization or "").encode())[:40]
-        return f"grant/{key}/{registry_part(registry)}/{repo}"
+            return []
+        return [f"grant/{key[:40]}/{registry_part(registry)}/{repo}"
+                for key in self.secret.signatures(b"grant\n" + (authorization or "").encode())]
 
     @staticmethod
     def _manifest(digest: str) -> str:
@@ -97,9 +105,9 @@ class SharedRecords:
         self._write("put", self._public(registry, repo), {"public": public, "checked_at": checked_at})
 
     def note_grant(self, authorization: str | None, registry: str, repo: str, until: float) -> None:
-        name = self._grant(authorization, registry, repo)
-        if name is not None:
-            self._write("put", name, {"until": until})
+        names = self._grants(authorization, registry, repo)
+        if names:
+            self._write("put", names[0], {"until": until})
 
     def note_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         self._write("create", self._manifest(digest),
@@ -110,7 +118,7 @@ class SharedRecords:
         with self._lock:
             if self._tags.get(name) == digest:
                 return
-            self._tags[name] = digest
+            self._remember_tag(name, digest)
         self._write("put", name, {"digest": digest})
 
     # -- what other nodes learned (blocking) --------------------------------------
@@ -132,13 +140,17 @@ class SharedRecords:
             return None
 
     def grant(self, authorization: str | None, registry: str, repo: str) -> float | None:
-        """Until when a node trusted this credential for repo (None: no node did)."""
-        name = self._grant(authorization, registry, repo)
-        record = self._read(name) if name else None
-        try:
-            return float(record["until"]) if record else None
-        except (KeyError, TypeError, ValueError):
-            return None
+        """Until when a node trusted this credential for repo (None: no node
+        did), under any line of the cluster secret: while it rotates, nodes
+        write under different lines."""
+        found = []
+        for name in self._grants(authorization, registry, repo):
+            record = self._read(name)
+            try:
+                found.append(float(record["until"]))
+            except (KeyError, TypeError, ValueError):  # (None: not there)
+                pass
+        return max(found, default=None)
 
     def manifest(self, digest: str) -> tuple[str, bytes] | None:
         """(media type, body) of a manifest a node kept, checked against digest."""
@@ -161,7 +173,7 @@ class SharedRecords:
         if not isinstance(digest, str):
             return None
         with self._lock:
-            self._tags[name] = digest
+            self._remember_tag(name, digest)
         return digest
 
     def knows_registry_here(self, registry: str) -> bool:
@@ -195,6 +207,14 @@ class SharedRecords:
             if len(self._known) >= MAX_KNOWN:
                 self._known.clear()
             self._known.add(name)
+
+    def _remember_tag(self, name: str, digest: str) -> None:
+        """(self._lock held) The MAX_TAGS tags written or read latest are kept:
+        every tag a client names would otherwise stay for the process's life."""
+        self._tags.pop(name, None)
+        self._tags[name] = digest
+        while len(self._tags) > MAX_TAGS:
+            del self._tags[next(iter(self._tags))]
 
     def _write(self, mode: str, name: str, value) -> None:
         with self._lock:

@@ -8,11 +8,13 @@ are real mitmdump processes sharing one SeaweedFS bucket.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 
+from addon.access import PUBLIC_TTL
 from tests.harness.fresh import fresh_layer, unique_seed
 from tests.harness.images import push_image
 from tests.harness.mirror import Mirror
@@ -21,14 +23,14 @@ from tests.harness.v2client import PULL_ERRORS, RegistryClient, RegistryError
 
 WAIT = 60
 SECRET = "a-cluster-secret-of-some-length\n"
+NEW_SECRET = "the-cluster-secret-that-replaces-it\n"
 
 
-def node(tmp_path, name, upstream, seaweedfs, prefix, **options) -> Mirror:
-    secret = tmp_path / "secret"
-    if not secret.exists():
-        secret.write_text(SECRET)
-        secret.chmod(0o600)
-    return Mirror(tmp_path / name, [f"reverse:{upstream.url}"], options={
+def node(tmp_path, name, upstream, seaweedfs, prefix, secret_lines=SECRET, modes=(), **options) -> Mirror:
+    secret = tmp_path / f"{name}.secret"
+    secret.write_text(secret_lines)
+    secret.chmod(0o600)
+    return Mirror(tmp_path / name, [f"reverse:{upstream.url}", *modes], options={
         "s3_bucket": seaweedfs.bucket, "s3_endpoint": seaweedfs.endpoint, "s3_prefix": prefix,
         "s3_timeout": "1", "s3_retry_after": "2", "cluster_secret_file": str(secret), **options,
     }, env=seaweedfs.client_env())
@@ -49,6 +51,16 @@ def records(seaweedfs, prefix: str, under: str) -> list[str]:
     base = f"{prefix}records/{under}"
     page = client.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=base)
     return [item["Key"][len(f"{prefix}records/"):] for item in page.get("Contents", [])]
+
+
+def rewrite(seaweedfs, prefix: str, under: str, value: dict, ending: str = "") -> None:
+    """Every record under `under` (whose name ends so) says value now (a node's
+    clock ahead, a forged or an old record)."""
+    client = seaweedfs.client(endpoint=seaweedfs.direct_endpoint)
+    names = [name for name in records(seaweedfs, prefix, under) if name.endswith(ending)]
+    assert names
+    for name in names:
+        client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}records/{name}", Body=json.dumps(value).encode())
 
 
 def image_on(upstream, repo=None):
@@ -135,6 +147,14 @@ def test_stale_answers_on_the_second_node_while_the_upstream_is_down(tmp_path, u
                 RegistryClient(b.url, *who).pull(private.repo, private.tag)
             with pytest.raises(PULL_ERRORS):
                 RegistryClient(b.url, *who).get_blob(private.repo, private.layers[0][0])
+    # An outage that lasts: A's "public" is older than a node believes fresh. A
+    # would still answer stale from it; so does a node that only read it.
+    rewrite(seaweedfs, s3_prefix, "public/", {"public": True, "checked_at": time.time() - 2 * PUBLIC_TTL},
+            ending="/" + public.repo)
+    with node(tmp_path, "c", upstream, seaweedfs, s3_prefix) as c:
+        assert RegistryClient(c.url).pull(public.repo, public.tag).layers == public.layers
+        with pytest.raises(PULL_ERRORS):
+            RegistryClient(c.url).pull(private.repo, private.tag)
 
 
 def test_without_a_cluster_secret_no_grant_is_shared(tmp_path, upstream, seaweedfs, s3_prefix):
@@ -142,3 +162,65 @@ def test_without_a_cluster_secret_no_grant_is_shared(tmp_path, upstream, seaweed
     with node(tmp_path, "a", upstream, seaweedfs, s3_prefix, cluster_secret_file="") as a:
         pulled_on_a(a, seaweedfs, s3_prefix, image, RegistryClient(a.url, *ALICE))
     assert records(seaweedfs, s3_prefix, "grant/") == []
+
+
+def test_a_grant_written_under_the_old_secret_is_found_while_the_secret_rotates(
+        tmp_path, upstream, seaweedfs, s3_prefix):
+    """A still signs with the old secret; B already signs with the new one
+    (the old one its second line). alice's grant, written by A, lets her pull
+    on B while the upstream is down; nobody else."""
+    image = image_on(upstream, repo="acme/private")
+    with node(tmp_path, "a", upstream, seaweedfs, s3_prefix, secret_lines=SECRET) as a:
+        alice = RegistryClient(a.url, *ALICE)
+        pulled_on_a(a, seaweedfs, s3_prefix, image, alice)
+        wait_until(lambda: records(seaweedfs, s3_prefix, "grant/"), "alice's grant")
+    upstream.set_down(True)
+    with node(tmp_path, "b", upstream, seaweedfs, s3_prefix, secret_lines=NEW_SECRET + SECRET) as b:
+        alice.base_url = b.url
+        assert alice.pull(image.repo, image.tag).layers == image.layers
+        with pytest.raises(PULL_ERRORS):
+            RegistryClient(b.url, *BOB).pull(image.repo, image.tag)
+
+
+def test_an_expired_grant_or_a_public_state_from_the_future_opens_nothing_on_the_second_node(
+        tmp_path, upstream, seaweedfs, s3_prefix):
+    """What the bucket says counts only while it would on the node that wrote
+    it: alice's grant once it expired, or a "public" dated a day ahead (a
+    clock ahead, a forged record), let no one read the private image while
+    the upstream is down."""
+    image = image_on(upstream, repo="acme/private")
+    with node(tmp_path, "a", upstream, seaweedfs, s3_prefix) as a:
+        alice = RegistryClient(a.url, *ALICE)
+        pulled_on_a(a, seaweedfs, s3_prefix, image, alice)
+        wait_until(lambda: records(seaweedfs, s3_prefix, "grant/"), "alice's grant")
+    now = time.time()
+    rewrite(seaweedfs, s3_prefix, "grant/", {"until": now - 1})
+    upstream.set_down(True)
+    for name, checked_at in (("b", now + 86_400),):
+        rewrite(seaweedfs, s3_prefix, "public/", {"public": True, "checked_at": checked_at})
+        with node(tmp_path, name, upstream, seaweedfs, s3_prefix) as b:
+            alice.base_url = b.url
+            for client in (alice, RegistryClient(b.url)):
+                with pytest.raises(PULL_ERRORS):
+                    client.get_blob(image.repo, image.layers[0][0])
+                with pytest.raises(PULL_ERRORS):
+                    client.pull(image.repo, image.tag)
+
+
+def test_manifests_and_tags_of_a_registry_nobody_chose_are_not_shared(tmp_path, upstream, second, seaweedfs,
+                                                                      s3_prefix):
+    """In regular mode a client names any host: what that host serves stays on
+    the node (its own store), and never goes to the bucket the nodes share."""
+    seed = unique_seed()
+    unlisted = push_image(second.url, f"corp/app{seed}", f"t{seed}", [fresh_layer(300_000)], auth=ALICE)
+    listed = image_on(upstream)
+    with node(tmp_path, "a", upstream, seaweedfs, s3_prefix, modes=["regular"]) as a:
+        proxy = {"http": a.url_of(1)}
+        assert RegistryClient(second.url, proxies=proxy).pull(unlisted.repo, unlisted.tag).layers == unlisted.layers
+        pulled_on_a(a, seaweedfs, s3_prefix, listed, RegistryClient(a.url_of(0)))
+        wait_until(lambda: {f"manifest/{listed.digest}"} <= set(records(seaweedfs, s3_prefix, "manifest/"))
+                   and any(name.endswith(f"/{listed.repo}/{listed.tag}") for name in records(seaweedfs, s3_prefix, "tag/")),
+                   "the listed registry's manifest and tag")
+    names = records(seaweedfs, s3_prefix, "")
+    assert f"manifest/{unlisted.digest}" not in names
+    assert [name for name in names if unlisted.repo in name] == []

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from addon import objectstore
 from addon.objectstore import BadDigest, ObjectStore, ObjectStoreConfig, StoreUnavailable
+from addon.shared_records import SharedRecords, registry_part
 
 
 class Clock:
@@ -178,6 +182,42 @@ def test_list_records_by_prefix(store):
     assert list(store.list_records("nothing/")) == []
     with pytest.raises(ValueError):
         store.record_key("../escape")
+
+
+def test_the_lifecycle_rules_in_deploy_expire_grants_only(seaweedfs, env_credentials):
+    """deploy/s3-lifecycle.json, as an operator applies it: the object store
+    takes it, and with the default s3_prefix its expiry covers the shared
+    grants (believed an hour at most) and no other record (public states,
+    proofs, manifests and tags make stale answers). (That the server deletes
+    them a day later is not seen here.)"""
+    rules = json.loads((Path(__file__).parent.parent / "deploy" / "s3-lifecycle.json").read_text())
+    bucket = f"lifecycle-{secrets.token_hex(4)}"
+    client = seaweedfs.client(endpoint=seaweedfs.direct_endpoint)
+    client.create_bucket(Bucket=bucket)
+    objects = ObjectStore(ObjectStoreConfig(bucket=bucket, endpoint=seaweedfs.endpoint))
+    try:
+        client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=rules)
+        kept = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+        expiring = [rule["Filter"]["Prefix"] for rule in kept if "Expiration" in rule]
+        names = SharedRecords(objects, secret=None)
+        registry, repo, digest = "https://registry-1.docker.io:443", "library/alpine", "sha256:" + "0" * 64
+        expired = {f"grant/{'0' * 40}/{registry_part(registry)}/{repo}"}
+        kept_for_good = {names._public(registry, repo), names._seen(registry, repo, digest), names._manifest(digest),
+                         names._tag(registry, repo, "latest")}
+        for name in expired | kept_for_good:
+            key = objects.record_key(name)
+            assert any(key.startswith(prefix) for prefix in expiring) == (name in expired), name
+            objects.put_record(name, {})  # written under the rules, and there to read
+            assert objects.get_record(name).json() == {}
+        assert any("AbortIncompleteMultipartUpload" in rule and objects.blob_key(digest).startswith(
+            rule["Filter"]["Prefix"]) for rule in kept)
+        names.close()
+    finally:
+        objects.close()
+        client.delete_bucket_lifecycle(Bucket=bucket)
+        for item in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=item["Key"])
+        client.delete_bucket(Bucket=bucket)
 
 
 def test_a_down_store_fails_fast_and_is_asked_again_later(store, seaweedfs, tmp_path, clock):
