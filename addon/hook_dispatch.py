@@ -11,23 +11,24 @@ mitmdump's one thread (a py-spy profile), and the mirror, bound by that
 thread, managed 0.59x the upstream's resolutions/s (README, Performance).
 
 `install()` replaces those two methods with ones that visit, per hook name,
-only the addons of the chain found to have it, and call each as mitmproxy
-does: in chain order, the hook looked up when it is called, its arguments
-as the event gives them, an error logged as mitmproxy logs it (traceback
-and all) and the next addon run, AddonHalt ending the event. Which addons
-have a hook is remembered per chain, and found again:
-- when the chain changes (AddonManager.add appends to it, remove replaces it;
-  an addon added to the chain during an event gets that event, as in mitmproxy);
+only the addons of the chain found to have it, or to have sub-addons, and do
+with each what mitmproxy does: in chain order, the addon then its sub-addons
+depth first (each one's `addons` read after its hook ran, so one added
+during the event gets it), the hook looked up as it is called, with the
+event's arguments; an error logged as mitmproxy's safecall logs it (an
+error in a hook with the same traceback) and the next addon of the chain
+run; AddonHalt ending the event. Which addons to visit is remembered per chain and found again:
+- when the chain changes (AddonManager.add appends to it, remove replaces it);
+  an addon added to the chain during an event gets that event, as in mitmproxy;
 - after a lifecycle event (load, configure, running, done), where addons set
-  themselves up, and which are dispatched as before, looking at every addon;
-- never for an addon with sub-addons (`addons`: the script loader, whose
-  scripts are reloaded and replaced, and any addon that manages others):
-  its tree is looked through at each event, and mitmproxy's own
-  invoke_addon calls it, so a sub-addon added meanwhile, even during the
-  event, is called, and a removed one is not.
-What it cannot see: an addon without sub-addons that gives itself a hook
-(sets an attribute of that name) outside a lifecycle event is called for
-that hook from the next chain change or lifecycle event on (README, Limits).
+  themselves up, and which visit every addon;
+- addons with sub-addons (the script loader, whose scripts are reloaded and
+  replaced, and any addon that manages others) are visited at each event,
+  their sub-addons looked through then.
+What it cannot see: an addon of the chain without sub-addons that gives
+itself a hook (sets an attribute of that name) outside a lifecycle event is
+called for that hook only from the next chain change or lifecycle event on
+(README, Limits).
 
 It installs only over the code it was written against (the source of the
 mitmproxy functions it replaces or repeats is checked; requirements.txt pins
@@ -53,8 +54,9 @@ KNOWN_SOURCE = "d9f1db59b750eefdfa82c339280bbdc4f115f9cbda206f938c7eed4a600dafc0
 MITMPROXY_TRIGGER_EVENT = addonmanager.AddonManager.trigger_event
 MITMPROXY_TRIGGER = addonmanager.AddonManager.trigger
 
-# What this module replaces (the first two) or does as they do (the rest): a
-# change in any of them in a new release leaves mitmproxy's dispatch in place.
+# What this module replaces (the first two) or does as they do (the rest: the walk, the
+# error handling, how the chain changes): a change in any of them in a new release leaves
+# mitmproxy's dispatch in place.
 WATCHED = (MITMPROXY_TRIGGER_EVENT, MITMPROXY_TRIGGER, addonmanager.AddonManager.invoke_addon,
            addonmanager.AddonManager.invoke_addon_sync, addonmanager.AddonManager._iter_hooks,
            addonmanager.AddonManager.add, addonmanager.AddonManager.remove, addonmanager.AddonManager.clear,
@@ -62,27 +64,27 @@ WATCHED = (MITMPROXY_TRIGGER_EVENT, MITMPROXY_TRIGGER, addonmanager.AddonManager
 
 LIFECYCLE = frozenset({"load", "configure", "running", "done"})  # addons set themselves up here
 _PLAN = "_registry_cache_hook_plan"  # the AddonManager attribute holding its Plan
+_END = object()
 
 
 class Plan:
     """For one chain (the list object, at one length): per hook name, the
-    addons to visit, each with whether it has sub-addons (looked through
-    at each event) or not (has the hook itself)."""
+    addons to visit: those that have the hook, and those with sub-addons
+    (which are looked through at each event)."""
 
     __slots__ = ("chain", "length", "visits")
 
     def __init__(self, chain: list) -> None:
         self.chain, self.length = chain, len(chain)
-        self.visits: dict[str, tuple[tuple[object, bool], ...]] = {}
+        self.visits: dict[str, tuple] = {}
 
-    def find(self, name: str) -> tuple[tuple[object, bool], ...]:
-        visits = self.visits[name] = tuple(
-            (addon, nested) for addon in self.chain
-            if (nested := hasattr(addon, "addons")) or getattr(addon, name, None))
+    def find(self, name: str) -> tuple:
+        visits = self.visits[name] = tuple(addon for addon in self.chain
+                                           if getattr(addon, name, None) or hasattr(addon, "addons"))
         return visits
 
 
-def _visits(manager: addonmanager.AddonManager, name: str) -> tuple[tuple[object, bool], ...]:
+def _visits(manager: addonmanager.AddonManager, name: str) -> tuple:
     plan = manager.__dict__.get(_PLAN)
     chain = manager.chain
     if plan is None or plan.chain is not chain or plan.length != len(chain):
@@ -96,13 +98,6 @@ def forget(manager: addonmanager.AddonManager) -> None:
     manager.__dict__.pop(_PLAN, None)
 
 
-def _has_hook(addon, name: str) -> bool:
-    """Would mitmproxy find hook `name` on addon or its sub-addons (traverse, _iter_hooks)?"""
-    if getattr(addon, name, None):
-        return True
-    return hasattr(addon, "addons") and any(_has_hook(child, name) for child in addon.addons)
-
-
 def _log_error(frame_name: str) -> None:
     """Log the exception being handled as mitmproxy's safecall does, the
     traceback starting below our frame as it starts below its invoke_addon."""
@@ -111,112 +106,103 @@ def _log_error(frame_name: str) -> None:
     addonmanager.logger.error(f"Addon error: {value}", exc_info=(etype, value, tb))
 
 
+def _not_callable(name: str, addon) -> exceptions.AddonManagerError:
+    return exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
+
+
 async def trigger_event(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
-    """AddonManager.trigger_event, visiting only the addons with the hook."""
+    """AddonManager.trigger_event, visiting only the addons with the hook.
+
+    Each addon visited is walked as mitmproxy's invoke_addon walks it (its
+    traverse and _iter_hooks): the addon, then its sub-addons depth first,
+    each one's `addons` read after its hook ran; all of it under one error
+    handler, as under mitmproxy's one safecall per addon of the chain."""
     name = event.name
-    if name in LIFECYCLE:
-        try:
-            await _trigger_event_each(self, event, self.chain, 0)
-        finally:
-            forget(self)
-        return
+    lifecycle = name in LIFECYCLE
     chain = self.chain
-    length = len(chain)
-    args = None
-    for addon, nested in _visits(self, name):
-        if nested:
-            if _has_hook(addon, name):
+    start, args = 0, None
+    try:
+        while True:
+            visits = chain[start:] if lifecycle or start else _visits(self, name)
+            length = len(chain)
+            for top in visits:
                 try:
-                    with addonmanager.safecall():
-                        await self.invoke_addon(addon, event)
+                    pending = [iter((top,))]
+                    while pending:
+                        addon = next(pending[-1], _END)
+                        if addon is _END:
+                            pending.pop()
+                            continue
+                        func = getattr(addon, name, None)
+                        if func:
+                            if callable(func):
+                                if args is None:
+                                    args = event.args()
+                                result = func(*args)
+                                if result is not None and inspect.isawaitable(result):
+                                    await result
+                            elif not isinstance(func, types.ModuleType):
+                                raise _not_callable(name, addon)
+                        if hasattr(addon, "addons"):
+                            pending.append(iter(addon.addons))
                 except exceptions.AddonHalt:
                     return
-            continue
-        func = getattr(addon, name, None)
-        if not func or not callable(func):  # gone since, or not a function: mitmproxy's own way
-            try:
-                with addonmanager.safecall():
-                    await self.invoke_addon(addon, event)
-            except exceptions.AddonHalt:
+                except exceptions.OptionsError:
+                    raise
+                except Exception:
+                    _log_error("trigger_event")
+            if len(chain) == length:
                 return
-            continue
-        if args is None:
-            args = event.args()
-        try:
-            result = func(*args)
-            if result is not None and inspect.isawaitable(result):
-                await result
-        except exceptions.AddonHalt:
-            return
-        except exceptions.OptionsError:
-            raise
-        except Exception:
-            _log_error("trigger_event")
-    if len(chain) > length:  # addons added to the chain during this event get it too
-        await _trigger_event_each(self, event, chain, length)
-
-
-async def _trigger_event_each(self: addonmanager.AddonManager, event: hooks.Hook, chain: list, start: int) -> None:
-    """mitmproxy's walk from chain[start] on, skipping the addons without the hook."""
-    name = event.name
-    for addon in chain[start:] if start else chain:
-        if not _has_hook(addon, name):
-            continue
-        try:
-            with addonmanager.safecall():
-                await self.invoke_addon(addon, event)
-        except exceptions.AddonHalt:
-            return
+            start = length  # addons added to the chain during this event get it too, as in mitmproxy
+    finally:
+        if lifecycle:
+            forget(self)
 
 
 def trigger(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
     """AddonManager.trigger (the synchronous one: add_log, configure, update),
-    visiting only the addons with the hook."""
+    visiting only the addons with the hook, as trigger_event does."""
     name = event.name
-    if name in LIFECYCLE:
-        try:
-            _trigger_each(self, event, self.chain, 0)
-        finally:
-            forget(self)
-        return
+    lifecycle = name in LIFECYCLE
     chain = self.chain
-    length = len(chain)
-    args = None
-    for addon, nested in _visits(self, name):
-        func = None if nested else getattr(addon, name, None)
-        if nested or not func or not callable(func) or inspect.iscoroutinefunction(func):
-            # sub-addons, a hook gone since, or one to refuse: mitmproxy's own way
-            if _has_hook(addon, name):
+    start, args = 0, None
+    try:
+        while True:
+            visits = chain[start:] if lifecycle or start else _visits(self, name)
+            length = len(chain)
+            for top in visits:
                 try:
-                    with addonmanager.safecall():
-                        self.invoke_addon_sync(addon, event)
+                    pending = [iter((top,))]
+                    while pending:
+                        addon = next(pending[-1], _END)
+                        if addon is _END:
+                            pending.pop()
+                            continue
+                        func = getattr(addon, name, None)
+                        if func:
+                            if callable(func):
+                                if inspect.iscoroutinefunction(func):
+                                    raise exceptions.AddonManagerError(
+                                        f"Async handler {name} ({addon}) cannot be called from sync context")
+                                if args is None:
+                                    args = event.args()
+                                func(*args)
+                            elif not isinstance(func, types.ModuleType):
+                                raise _not_callable(name, addon)
+                        if hasattr(addon, "addons"):
+                            pending.append(iter(addon.addons))
                 except exceptions.AddonHalt:
                     return
-            continue
-        if args is None:
-            args = event.args()
-        try:
-            func(*args)
-        except exceptions.AddonHalt:
-            return
-        except exceptions.OptionsError:
-            raise
-        except Exception:
-            _log_error("trigger")
-    if len(chain) > length:
-        _trigger_each(self, event, chain, length)
-
-
-def _trigger_each(self: addonmanager.AddonManager, event: hooks.Hook, chain: list, start: int) -> None:
-    name = event.name
-    for addon in chain[start:] if start else chain:
-        if not _has_hook(addon, name):
-            continue
-        try:
-            with addonmanager.safecall():
-                self.invoke_addon_sync(addon, event)
-        except exceptions.AddonHalt:
-            return
+                except exceptions.OptionsError:
+                    raise
+                except Exception:
+                    _log_error("trigger")
+            if len(chain) == length:
+                return
+            start = length
+    finally:
+        if lifecycle:
+            forget(self)
 
 
 def source_hash() -> str:

@@ -198,21 +198,46 @@ def test_an_addon_added_to_the_chain_during_an_event_gets_it_as_in_mitmproxy(syn
     assert run((hook_dispatch.trigger_event, hook_dispatch.trigger)) == theirs == ["adder", "added"] * 2
 
 
-def test_an_addon_that_gives_itself_a_hook_when_configured_gets_it():
+@pytest.mark.parametrize("sync", [False, True])
+def test_an_addon_that_gives_itself_a_hook_when_set_up_gets_it(sync):
     calls: list[str] = []
 
-    class Configured:
+    class SetUp:
         def configure(self, updated):
-            if "x" in updated:
-                self.request = lambda flow: calls.append("request")
+            self.request = lambda flow: calls.append("request")
+
+        async def running(self):
+            self.request = lambda flow: calls.append("request")
 
     with taddons.context() as tctx:
         manager = addonmanager.AddonManager(tctx.master)
-        manager.add(Configured())
+        manager.add(SetUp())
         request_event(tctx, manager)
-        hook_dispatch.trigger(manager, hooks.ConfigureHook({"x"}))
+        if sync:
+            hook_dispatch.trigger(manager, hooks.ConfigureHook({"x"}))
+        else:
+            del SetUp.configure
+            tctx.master.event_loop.run_until_complete(hook_dispatch.trigger_event(manager, hooks.RunningHook()))
         request_event(tctx, manager)
     assert calls == ["request"]
+
+
+def test_a_hook_that_is_no_function_is_refused_and_a_module_skipped_as_in_mitmproxy(caplog):
+    def run(tctx, dispatch) -> tuple[list[str], list[str]]:
+        calls: list[str] = []
+        odd, skipped = Plain(), Plain()
+        odd.request, skipped.request = 5, logging  # as after `from x import request` in a script
+        caplog.clear()
+        manager = addonmanager.AddonManager(tctx.master)
+        manager.add(Recorder(calls, "before"), skipped, odd, Recorder(calls, "after"))
+        for _ in range(2):
+            request_event(tctx, manager, dispatch)
+        return calls, [r.getMessage().replace(repr(odd), "odd") for r in caplog.records]
+
+    with taddons.context() as tctx, caplog.at_level(logging.ERROR):
+        theirs = run(tctx, hook_dispatch.MITMPROXY_TRIGGER_EVENT)
+        assert run(tctx, hook_dispatch.trigger_event) == theirs
+    assert theirs == (["before", "after"] * 2, ["Addon error: Addon handler request (odd) not callable"] * 2)
 
 
 def test_a_reloaded_script_gets_its_new_hooks_and_not_the_removed_ones(tmp_path):
