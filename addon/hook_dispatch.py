@@ -25,10 +25,11 @@ run; AddonHalt ending the event. Which addons to visit is remembered per chain a
 - addons with sub-addons (the script loader, whose scripts are reloaded and
   replaced, and any addon that manages others) are visited at each event,
   their sub-addons looked through then.
-What it cannot see: an addon of the chain without sub-addons that gives
-itself a hook (sets an attribute of that name) outside a lifecycle event is
-called for that hook only from the next chain change or lifecycle event on
-(README, Limits).
+What it cannot see: an addon of the chain that gives itself a hook or
+sub-addons (sets an attribute of that name, or `addons`) outside a
+lifecycle event gets that hook only from the next chain change or lifecycle
+event on (README, Limits). mitmproxy's own addons do not; scripts are
+sub-addons of its script loader.
 
 It installs only over the code it was written against (the source of the
 mitmproxy functions it replaces or repeats is checked; requirements.txt pins
@@ -64,7 +65,6 @@ WATCHED = (MITMPROXY_TRIGGER_EVENT, MITMPROXY_TRIGGER, addonmanager.AddonManager
 
 LIFECYCLE = frozenset({"load", "configure", "running", "done"})  # addons set themselves up here
 _PLAN = "_registry_cache_hook_plan"  # the AddonManager attribute holding its Plan
-_END = object()
 
 
 class Plan:
@@ -113,10 +113,11 @@ def _not_callable(name: str, addon) -> exceptions.AddonManagerError:
 async def trigger_event(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
     """AddonManager.trigger_event, visiting only the addons with the hook.
 
-    Each addon visited is walked as mitmproxy's invoke_addon walks it (its
-    traverse and _iter_hooks): the addon, then its sub-addons depth first,
-    each one's `addons` read after its hook ran; all of it under one error
-    handler, as under mitmproxy's one safecall per addon of the chain."""
+    Each addon visited is walked as mitmproxy's invoke_addon walks it (with
+    its traverse, as its _iter_hooks does): the addon, then its sub-addons
+    depth first, each one's `addons` read after its hook ran; all of it
+    under one error handler, as under mitmproxy's one safecall per addon of
+    the chain."""
     name = event.name
     lifecycle = name in LIFECYCLE
     chain = self.chain
@@ -127,24 +128,19 @@ async def trigger_event(self: addonmanager.AddonManager, event: hooks.Hook) -> N
             length = len(chain)
             for top in visits:
                 try:
-                    pending = [iter((top,))]
-                    while pending:
-                        addon = next(pending[-1], _END)
-                        if addon is _END:
-                            pending.pop()
-                            continue
+                    for addon in addonmanager.traverse((top,)) if hasattr(top, "addons") else (top,):
                         func = getattr(addon, name, None)
-                        if func:
-                            if callable(func):
-                                if args is None:
-                                    args = event.args()
-                                result = func(*args)
-                                if result is not None and inspect.isawaitable(result):
-                                    await result
-                            elif not isinstance(func, types.ModuleType):
-                                raise _not_callable(name, addon)
-                        if hasattr(addon, "addons"):
-                            pending.append(iter(addon.addons))
+                        if not func:
+                            continue
+                        if not callable(func):
+                            if isinstance(func, types.ModuleType):
+                                continue
+                            raise _not_callable(name, addon)
+                        if args is None:
+                            args = event.args()
+                        result = func(*args)
+                        if result is not None and inspect.isawaitable(result):
+                            await result
                 except exceptions.AddonHalt:
                     return
                 except exceptions.OptionsError:
@@ -172,25 +168,20 @@ def trigger(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
             length = len(chain)
             for top in visits:
                 try:
-                    pending = [iter((top,))]
-                    while pending:
-                        addon = next(pending[-1], _END)
-                        if addon is _END:
-                            pending.pop()
-                            continue
+                    for addon in addonmanager.traverse((top,)) if hasattr(top, "addons") else (top,):
                         func = getattr(addon, name, None)
-                        if func:
-                            if callable(func):
-                                if inspect.iscoroutinefunction(func):
-                                    raise exceptions.AddonManagerError(
-                                        f"Async handler {name} ({addon}) cannot be called from sync context")
-                                if args is None:
-                                    args = event.args()
-                                func(*args)
-                            elif not isinstance(func, types.ModuleType):
-                                raise _not_callable(name, addon)
-                        if hasattr(addon, "addons"):
-                            pending.append(iter(addon.addons))
+                        if not func:
+                            continue
+                        if not callable(func):
+                            if isinstance(func, types.ModuleType):
+                                continue
+                            raise _not_callable(name, addon)
+                        if inspect.iscoroutinefunction(func):
+                            raise exceptions.AddonManagerError(
+                                f"Async handler {name} ({addon}) cannot be called from sync context")
+                        if args is None:
+                            args = event.args()
+                        func(*args)
                 except exceptions.AddonHalt:
                     return
                 except exceptions.OptionsError:
