@@ -2,7 +2,7 @@
 
 mitmproxy runs each hook of each flow (requestheaders, request,
 responseheaders, response, and an `update` after each) and each log line's
-add_log by walking every addon of the process, 34 in mitmdump, and for each
+add_log by walking every addon of the process, 36 in mitmdump, and for each
 one entering a context manager, a coroutine and two generators, whether it
 has that hook or not (AddonManager.trigger_event and trigger). Most have
 none: 3 to 13 have a given flow hook. With 32 clients resolving an image
