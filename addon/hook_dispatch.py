@@ -1,24 +1,39 @@
 """mitmproxy's hook dispatch, without its cost for addons that lack the hook.
 
 mitmproxy runs each hook of each flow (requestheaders, request,
-responseheaders, response) and each log line's add_log by walking every addon
-of the process, 36 in mitmdump, and for each one entering a context manager, a
-coroutine and two generators, whether it has that hook or not
-(AddonManager.trigger_event and trigger). Most have none: 3 to 13 have a
-given flow hook. With 32 clients resolving an image (four small requests
-each) on loopback, that walk was about 40% of mitmdump's one thread (a py-spy
-profile), and the mirror, bound by that thread, managed 0.59x the upstream's
-resolutions/s; with this module (and answers' headers made once), 0.82x in
-a full benchmark run (README, Performance).
+responseheaders, response, and an `update` after each) and each log line's
+add_log by walking every addon of the process, 36 in mitmdump, and for each
+one entering a context manager, a coroutine and two generators, whether it
+has that hook or not (AddonManager.trigger_event and trigger). Most have
+none: 3 to 13 have a given flow hook. With 32 clients resolving an image
+(four small requests each) on loopback, that walk was about 40% of
+mitmdump's one thread (a py-spy profile), and the mirror, bound by that
+thread, managed 0.59x the upstream's resolutions/s (README, Performance).
 
-`install()` replaces those two methods with ones that first look whether an
-addon or one of its sub-addons has the hook right now (getattr, as mitmproxy
-does), skip it if not, and otherwise invoke it exactly as mitmproxy does:
-its own invoke_addon under its own safecall, in chain order (an error is
-logged and the next addon runs; AddonHalt ends the event; sub-addons an
-addon adds in that hook get the event too). It installs only over the code it
-was written against (the source of both methods is checked; requirements.txt
-pins that release), and leaves any other mitmproxy as it is.
+`install()` replaces those two methods with ones that visit, per hook name,
+only the addons of the chain found to have it, or to have sub-addons, and do
+with each what mitmproxy does: in chain order, the addon then its sub-addons
+depth first (each one's `addons` read after its hook ran, so one added
+during the event gets it), the hook looked up as it is called, with the
+event's arguments; an error logged as mitmproxy's safecall logs it (an
+error in a hook with the same traceback) and the next addon of the chain
+run; AddonHalt ending the event. Which addons to visit is remembered per chain and found again:
+- when the chain changes (AddonManager.add appends to it, remove replaces it);
+  an addon added to the chain during an event gets that event, as in mitmproxy;
+- after a lifecycle event (load, configure, running, done), where addons set
+  themselves up, and which visit every addon;
+- addons with sub-addons (the script loader, whose scripts are reloaded and
+  replaced, and any addon that manages others) are visited at each event,
+  their sub-addons looked through then.
+What it cannot see: an addon of the chain that gives itself a hook or
+sub-addons (sets an attribute of that name, or `addons`) outside a
+lifecycle event gets that hook only from the next chain change or lifecycle
+event on (README, Limits). mitmproxy's own addons do not; scripts are
+sub-addons of its script loader.
+
+It installs only over the code it was written against (the source of the
+mitmproxy functions it replaces or repeats is checked; requirements.txt pins
+that release), and leaves any other mitmproxy as it is.
 """
 
 from __future__ import annotations
@@ -26,56 +41,164 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import sys
+import types
 
 from mitmproxy import addonmanager, exceptions, hooks
 
 log = logging.getLogger(__name__)
 
-# sha256 of the source of AddonManager.trigger_event and trigger in mitmproxy 12.3.1
-KNOWN_SOURCE = "6d7757e7a1506882afc9e327e1a3056d9229415798f0236c739ca3ea4f726316"
-
+# sha256 of the source of the mitmproxy code below (WATCHED) in mitmproxy 12.3.1
+KNOWN_SOURCE = "d9f1db59b750eefdfa82c339280bbdc4f115f9cbda206f938c7eed4a600dafc0"
 
 # mitmproxy's own, as imported (tests compare the two)
 MITMPROXY_TRIGGER_EVENT = addonmanager.AddonManager.trigger_event
 MITMPROXY_TRIGGER = addonmanager.AddonManager.trigger
 
+# What this module replaces (the first two) or does as they do (the rest: the walk, the
+# error handling, how the chain changes): a change in any of them in a new release leaves
+# mitmproxy's dispatch in place.
+WATCHED = (MITMPROXY_TRIGGER_EVENT, MITMPROXY_TRIGGER, addonmanager.AddonManager.invoke_addon,
+           addonmanager.AddonManager.invoke_addon_sync, addonmanager.AddonManager._iter_hooks,
+           addonmanager.AddonManager.add, addonmanager.AddonManager.remove, addonmanager.AddonManager.clear,
+           addonmanager.traverse, addonmanager.safecall, addonmanager.cut_traceback)
 
-def _has_hook(addon, name: str) -> bool:
-    """Would mitmproxy find hook `name` on addon or its sub-addons (traverse, _iter_hooks)?"""
-    if getattr(addon, name, None):
-        return True
-    return hasattr(addon, "addons") and any(_has_hook(child, name) for child in addon.addons)
+LIFECYCLE = frozenset({"load", "configure", "running", "done"})  # addons set themselves up here
+_PLAN = "_registry_cache_hook_plan"  # the AddonManager attribute holding its Plan
+
+
+class Plan:
+    """For one chain (the list object, at one length): per hook name, the
+    addons to visit: those that have the hook, and those with sub-addons
+    (which are looked through at each event)."""
+
+    __slots__ = ("chain", "length", "visits")
+
+    def __init__(self, chain: list) -> None:
+        self.chain, self.length = chain, len(chain)
+        self.visits: dict[str, tuple] = {}
+
+    def find(self, name: str) -> tuple:
+        visits = self.visits[name] = tuple(addon for addon in self.chain
+                                           if getattr(addon, name, None) or hasattr(addon, "addons"))
+        return visits
+
+
+def _visits(manager: addonmanager.AddonManager, name: str) -> tuple:
+    plan = manager.__dict__.get(_PLAN)
+    chain = manager.chain
+    if plan is None or plan.chain is not chain or plan.length != len(chain):
+        plan = manager.__dict__[_PLAN] = Plan(chain)
+    visits = plan.visits.get(name)
+    return plan.find(name) if visits is None else visits
+
+
+def forget(manager: addonmanager.AddonManager) -> None:
+    """Find every addon's hooks again at the next event."""
+    manager.__dict__.pop(_PLAN, None)
+
+
+def _log_error(frame_name: str) -> None:
+    """Log the exception being handled as mitmproxy's safecall does, the
+    traceback starting below our frame as it starts below its invoke_addon."""
+    etype, value, tb = sys.exc_info()
+    tb = addonmanager.cut_traceback(tb, frame_name)
+    addonmanager.logger.error(f"Addon error: {value}", exc_info=(etype, value, tb))
+
+
+def _not_callable(name: str, addon) -> exceptions.AddonManagerError:
+    return exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
 
 
 async def trigger_event(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
-    """AddonManager.trigger_event, skipping the addons without the hook."""
+    """AddonManager.trigger_event, visiting only the addons with the hook.
+
+    Each addon visited is walked as mitmproxy's invoke_addon walks it (with
+    its traverse, as its _iter_hooks does): the addon, then its sub-addons
+    depth first, each one's `addons` read after its hook ran; all of it
+    under one error handler, as under mitmproxy's one safecall per addon of
+    the chain."""
     name = event.name
-    for addon in self.chain:
-        if not _has_hook(addon, name):
-            continue
-        try:
-            with addonmanager.safecall():
-                await self.invoke_addon(addon, event)
-        except exceptions.AddonHalt:
-            return
+    lifecycle = name in LIFECYCLE
+    chain = self.chain
+    start, args = 0, None
+    try:
+        while True:
+            visits = chain[start:] if lifecycle or start else _visits(self, name)
+            length = len(chain)
+            for top in visits:
+                try:
+                    for addon in addonmanager.traverse((top,)) if hasattr(top, "addons") else (top,):
+                        func = getattr(addon, name, None)
+                        if not func:
+                            continue
+                        if not callable(func):
+                            if isinstance(func, types.ModuleType):
+                                continue
+                            raise _not_callable(name, addon)
+                        if args is None:
+                            args = event.args()
+                        result = func(*args)
+                        if result is not None and inspect.isawaitable(result):
+                            await result
+                except exceptions.AddonHalt:
+                    return
+                except exceptions.OptionsError:
+                    raise
+                except Exception:
+                    _log_error("trigger_event")
+            if len(chain) == length:
+                return
+            start = length  # addons added to the chain during this event get it too, as in mitmproxy
+    finally:
+        if lifecycle:
+            forget(self)
 
 
 def trigger(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
-    """AddonManager.trigger (the synchronous one: add_log, update), skipping the addons without the hook."""
+    """AddonManager.trigger (the synchronous one: add_log, configure, update),
+    visiting only the addons with the hook, as trigger_event does."""
     name = event.name
-    for addon in self.chain:
-        if not _has_hook(addon, name):
-            continue
-        try:
-            with addonmanager.safecall():
-                self.invoke_addon_sync(addon, event)
-        except exceptions.AddonHalt:
-            return
+    lifecycle = name in LIFECYCLE
+    chain = self.chain
+    start, args = 0, None
+    try:
+        while True:
+            visits = chain[start:] if lifecycle or start else _visits(self, name)
+            length = len(chain)
+            for top in visits:
+                try:
+                    for addon in addonmanager.traverse((top,)) if hasattr(top, "addons") else (top,):
+                        func = getattr(addon, name, None)
+                        if not func:
+                            continue
+                        if not callable(func):
+                            if isinstance(func, types.ModuleType):
+                                continue
+                            raise _not_callable(name, addon)
+                        if inspect.iscoroutinefunction(func):
+                            raise exceptions.AddonManagerError(
+                                f"Async handler {name} ({addon}) cannot be called from sync context")
+                        if args is None:
+                            args = event.args()
+                        func(*args)
+                except exceptions.AddonHalt:
+                    return
+                except exceptions.OptionsError:
+                    raise
+                except Exception:
+                    _log_error("trigger")
+            if len(chain) == length:
+                return
+            start = length
+    finally:
+        if lifecycle:
+            forget(self)
 
 
 def source_hash() -> str:
-    """What mitmproxy's own two methods are (the ones install() replaces)."""
-    return hashlib.sha256((inspect.getsource(MITMPROXY_TRIGGER_EVENT) + inspect.getsource(MITMPROXY_TRIGGER)).encode()).hexdigest()
+    """What mitmproxy's own code is (the functions install() replaces or repeats)."""
+    return hashlib.sha256("".join(inspect.getsource(f) for f in WATCHED).encode()).hexdigest()
 
 
 def install() -> bool:

@@ -4,13 +4,14 @@ itself is tested end to end, in the test_e2e_* modules)."""
 import gzip
 import resource
 
+from mitmproxy import http
 from mitmproxy.test import tutils
 from requests.structures import CaseInsensitiveDict
 
 from addon.flows import end_to_end_headers as _end_to_end_headers
 from addon.manifest_relay import _from_store
 from addon.oci import Manifest
-from addon.responses import relayed as _relayed
+from addon.responses import ready, relayed as _relayed
 from addon.settings import raise_open_files_limit
 from addon.tokens import TokenEndpoint, TokenRelay
 from addon.upstream import Answer
@@ -147,3 +148,18 @@ def test_fill_failures_are_counted_by_the_reason_the_fill_set(tmp_path, monkeypa
         assert stats["upstream_errors"] == {"503": 1}
     finally:
         store.close()
+
+
+def test_a_ready_answer_is_what_mitmproxys_constructor_makes_and_passes_its_type_check():
+    """responses.ready skips mitmproxy's per-field type check (the cost of a warm answer)."""
+    fields = ((b"Content-Type", b"application/json"), (b"Content-Length", b"2"))
+    made = ready(404, fields, b"{}")
+    checked = http.Response(b"HTTP/1.1", 404, b"Not Found", fields, b"{}", None,
+                            made.timestamp_start, made.timestamp_end)
+    assert made.get_state() == checked.get_state()
+    for ours, theirs in ((made, checked), (made.data, checked.data), (made.headers, checked.headers)):
+        assert vars(ours).keys() == vars(theirs).keys()
+    made.data.__post_init__()  # mitmproxy's type check, on what was made without it
+    made.headers["X-Added"] = "1"
+    assert ready(404, fields, b"{}").headers.fields == fields  # a change is the response's own
+    assert repr(made) == "Response(404, application/json, 2b)" and made.status_code == 404 and made.reason == "Not Found"

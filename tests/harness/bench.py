@@ -1111,6 +1111,8 @@ class Bench:
                 self.upstream.reset_counters()
                 tokens0 = self.upstream.tokens_issued
                 start_at = time.monotonic() + 0.5
+                pid = self.mirror.proc.pid if name == "mirror" else self.registry_pid()
+                cpu0 = (_cpu_ticks(f"/proc/{pid}/stat"), _cpu_ticks(f"/proc/{pid}/task/{pid}/stat")) if pid else (None, None)
                 try:
                     futures = [self.pool.submit(task_resolutions, targets[name], image.repo, image.tag, threads,
                                                 a.resolve_seconds, start_at) for _ in range(procs)]
@@ -1118,7 +1120,13 @@ class Bench:
                     count = sum(r["resolutions"] for r in results)
                     latencies = sorted(x for r in results for x in r["latencies_ms"])
                     snap = self.upstream.counters.snapshot()
+                    cpu1 = (_cpu_ticks(f"/proc/{pid}/stat"), _cpu_ticks(f"/proc/{pid}/task/{pid}/stat")) if pid else (None, None)
+                    cpu_ms = [(b - a) / CLK_TCK * 1000 / max(count, 1) if a is not None and b is not None else None
+                              for a, b in zip(cpu0, cpu1)]
                     out[name].append({
+                        # CPU of the process answering (mitmdump, or the upstream registry), and of its main
+                        # thread (mitmdump's event loop, what bounds it), per resolution; includes the 0.5 s lead
+                        "cpu_ms_per_resolution": cpu_ms[0], "main_thread_cpu_ms_per_resolution": cpu_ms[1],
                         "clients": procs * threads, "per_s": count / a.resolve_seconds,
                         "p50_ms": latencies[len(latencies) // 2] if latencies else None,
                         "errors": sum(r["error_count"] for r in results),
@@ -1347,6 +1355,10 @@ def summarize(res: dict) -> dict:
         s["resolve_upstream_per"] = {name: median([r["upstream_requests_per_resolution"] for r in rs[name]])
                                      for name in rs}
         s["resolve_errors"] = sum(r["errors"] for name in rs for r in rs[name])
+        s["resolve_cpu_ms"] = {name: (median([r["cpu_ms_per_resolution"] for r in rs[name] if r.get("cpu_ms_per_resolution")]),
+                                      median([r["main_thread_cpu_ms_per_resolution"] for r in rs[name]
+                                              if r.get("main_thread_cpu_ms_per_resolution")]))
+                               for name in rs}
     cl = res.get("cluster", {})
     if cl.get("copies"):
         s["cluster_copies"] = cl["copies"]["upstream_copies"]
@@ -1541,6 +1553,9 @@ def table(res: dict, s: dict) -> str:
             + f" (p50 {fmt(s['resolve_p50_ms'].get('mirror'), '.0f')} vs {fmt(s['resolve_p50_ms'].get('direct'), '.0f')} ms;"
             f" upstream requests each {fmt(s['resolve_upstream_per'].get('mirror'))} vs"
             f" {fmt(s['resolve_upstream_per'].get('direct'))}; {s['resolve_errors']} errors)")
+        mirror_cpu, direct_cpu = s["resolve_cpu_ms"].get("mirror", (None,) * 2), s["resolve_cpu_ms"].get("direct", (None,) * 2)
+        row("  CPU ms per resolution", f"{fmt(mirror_cpu[0])} (main thread {fmt(mirror_cpu[1])})",
+            f"upstream {fmt(direct_cpu[0])}", "mitmdump / the upstream registry, medians")
     for client, costs in sorted(s.get("pull_costs", {}).get("mirror", {}).items()):
         peer = s["pull_costs"].get("peer", {}).get(client, {})
         row(f"upstream manifest GETs per warm pull, {client}", str(costs["manifest_gets"]),
