@@ -25,8 +25,9 @@ Authorization header with the cluster secret (no secret: no grants shared),
 so the bucket holds nothing that tells a credential. It is written under
 the secret's first line and looked up under every line (rotation). The gate
 takes a grant in only while it still counts, and a public state with the
-time it was checked, to age as its own (access.py learn_shared). Only registries the operator chose have records here: in
-regular mode a client names any host, and the bucket is not theirs to fill.
+time it was checked, to age as its own (access.py learn_shared). Only
+registries the operator chose have records here: in regular mode a client
+names any host, and the bucket is not theirs to fill.
 Whoever may write the bucket can of course forge records: give the mirror
 nodes alone write access.
 
