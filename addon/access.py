@@ -95,6 +95,13 @@ def _believable(ahead: float, what: str) -> bool:
     return False
 
 
+def others_may_know(decision: "Decision | None") -> bool:
+    """Whether what other nodes learned (learn_shared) may settle decision:
+    none yet, or a refusal made only from what this node knew while the
+    registry is in its quiet time (a grant another node holds would allow it)."""
+    return decision is None or not (decision.allowed or decision.pass_through)
+
+
 class SeenIndex:
     """Persistent (registry, repository, digest) triples the upstream vouched for."""
 

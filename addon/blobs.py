@@ -20,7 +20,7 @@ import logging
 
 from mitmproxy import http
 
-from .access import Decision
+from .access import Decision, others_may_know
 from .blobserver import BlobServer
 from .fill import Fill, State
 from .flows import Mark, Outcome, RegistryRequest
@@ -134,7 +134,7 @@ class BlobPath:
         repo = req.route.name
         decision = await self.workers.local(access.check_locally, req.registry, repo, digest, req.authorization,
                                             req.trusted, its_own_fill)
-        if decision is None and req.trusted and access.shared is not None:  # what other nodes learned
+        if others_may_know(decision) and req.trusted and access.shared is not None:  # what other nodes learned
             decision = await self.workers.object_store(access.learn_shared, req.registry, repo, digest,
                                                        req.authorization)
         if decision is None:  # one HEAD there settles it

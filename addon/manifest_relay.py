@@ -35,7 +35,7 @@ import requests
 from mitmproxy import http
 
 from . import manifests, oci
-from .access import UNREACHABLE
+from .access import UNREACHABLE, others_may_know
 from .credentials import MirrorAccounts
 from .flows import Mark, Outcome, RegistryRequest
 from .metrics import Metrics
@@ -133,7 +133,7 @@ class ManifestRelay:
         access, repo = self.storage.access, req.route.name
         decision = await self.workers.local(access.check_locally, req.registry, repo, manifest.digest,
                                             req.authorization)
-        if decision is None and access.shared is not None:
+        if others_may_know(decision) and access.shared is not None:
             decision = await self.workers.object_store(access.learn_shared, req.registry, repo, manifest.digest,
                                                        req.authorization)
         if decision is None:

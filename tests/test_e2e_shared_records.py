@@ -157,6 +157,30 @@ def test_stale_answers_on_the_second_node_while_the_upstream_is_down(tmp_path, u
             RegistryClient(c.url).pull(private.repo, private.tag)
 
 
+def test_a_grant_another_node_holds_serves_blobs_while_the_upstream_hangs(tmp_path, upstream, seaweedfs, s3_prefix):
+    """A hung registry puts a node in its quiet time, where it decides from
+    what it knows; what it knows includes what other nodes shared: alice's
+    blob request on B (her manifest went to A, behind a load balancer) is
+    served from her grant in the bucket, not refused 503."""
+    image = image_on(upstream, repo="acme/private")
+    with node(tmp_path, "a", upstream, seaweedfs, s3_prefix) as a:
+        alice = RegistryClient(a.url, *ALICE)
+        pulled_on_a(a, seaweedfs, s3_prefix, image, alice)
+        alice.get_manifest(image.repo, image.tag)  # her token, for B too
+        wait_until(lambda: records(seaweedfs, s3_prefix, "grant/"), "alice's grant")
+    upstream.set_down(True, how="hang")
+    with node(tmp_path, "b", upstream, seaweedfs, s3_prefix, upstream_timeout="2") as b:
+        with pytest.raises(PULL_ERRORS):  # a request that times out: B's quiet time starts
+            RegistryClient(b.url).get_manifest("library/other", "latest")
+        b.wait_for_log(r"timed out", WAIT)
+        alice.base_url = b.url
+        digest, size = image.layers[0]
+        assert alice.get_blob(image.repo, digest) == size  # verified against its digest
+        for who in [(), BOB]:
+            with pytest.raises(PULL_ERRORS):
+                RegistryClient(b.url, *who).get_blob(image.repo, digest)
+
+
 def test_without_a_cluster_secret_no_grant_is_shared(tmp_path, upstream, seaweedfs, s3_prefix):
     image = image_on(upstream, repo="acme/private")
     with node(tmp_path, "a", upstream, seaweedfs, s3_prefix, cluster_secret_file="") as a:
