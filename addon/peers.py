@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ NODE_HEADER = "X-Registry-Cache-Node"
 SIGNATURE_HEADER = "X-Registry-Cache-Signature"
 RELAYED_HEADER = "X-Registry-Cache-Relayed"  # "upstream", "redirect" (the upstream's CDN answered), "pending"
 PENDING = "pending"  # the owner's upstream has not answered yet: ask again
+TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")  # unix seconds (int() of thousands of digits raises)
 MAX_SKEW = 60.0  # seconds a signed request stays valid (clocks of the nodes may differ this much)
 PEER_CONNECT_TIMEOUT = 3.0
 START_TIMEOUT = 120.0  # as blobs.START_TIMEOUT: bound on a client's wait for the upstream's answer
@@ -94,7 +96,7 @@ def sign_request(secret: ClusterSecret, node: str, method: str, target: str,
 
 def verify_request(secret: ClusterSecret, method: str, target: str, headers, now: float | None = None) -> bool:
     timestamp, _, signature = (headers.get(SIGNATURE_HEADER) or "").partition(":")
-    if not (timestamp.isascii() and timestamp.isdigit()) or abs((time.time() if now is None else now) - int(timestamp)) > MAX_SKEW:
+    if not TIMESTAMP_RE.fullmatch(timestamp) or abs((time.time() if now is None else now) - int(timestamp)) > MAX_SKEW:
         return False
     return secret.verify(_message(method, target, timestamp, headers.get("Authorization")), signature)
 
@@ -282,11 +284,16 @@ class PeerEndpoint:
     def fill_for(self, digest: str, registry: str, repo: str, authorization: str | None) -> Fill | PeerRefusal:
         """The fill another node's request for digest follows: the one running
         here, or a new one (the caller looked in the store first)."""
+        deadline = time.monotonic() + PEER_WAIT  # one wait in all: the asking node reads with READ_TIMEOUT
+
+        def started(fill: Fill) -> bool:
+            return fill.started_within(max(0.0, deadline - time.monotonic()))
+
         fill = self.fills.get(digest)
         if fill is not None and fill.state is not State.FAILED:
             if self._follows_another_node(fill):
                 return PeerRefusal(409, "this node follows another node for this blob")
-            if not fill.started_within(PEER_WAIT):
+            if not started(fill):
                 return PeerRefusal(503, "the upstream has not answered yet", relayed=PENDING)
             if fill.state is not State.FAILED:
                 return fill  # (one that failed meanwhile: another is started below)
@@ -304,12 +311,12 @@ class PeerEndpoint:
                 if source.upstream_answered:
                     self.vouch(registry, repo, digest, authorization)
 
-            fill, started = self.fills.start_or_join(digest, source, vouch,
+            fill, is_new = self.fills.start_or_join(digest, source, vouch,
                                                      on_stored=lambda source=source: self.tiers.stored(digest, source))
-            log.info("cluster: %s for another node: %s fill", digest, "started" if started else "joined")
-            if not fill.started_within(PEER_WAIT):
+            log.info("cluster: %s for another node: %s fill", digest, "started" if is_new else "joined")
+            if not started(fill):
                 return PeerRefusal(503, "the upstream has not answered yet", relayed=PENDING)
-            if started or fill.state is not State.FAILED or fill.answer is None:
+            if is_new or fill.state is not State.FAILED or fill.answer is None:
                 break  # (a fill someone else started was refused with THEIR credentials: try ours)
         if fill.state is State.FAILED:
             answer = fill.answer
