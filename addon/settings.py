@@ -314,11 +314,11 @@ def _base_url(name: str, value: str) -> str:
         return ""
     parts = urlsplit(value)
     try:
-        parts.port  # noqa: B018 - raises on a port out of range or not a number
+        port = parts.port  # raises on a port out of range or not a number
     except ValueError:
         raise ValueError(f"{name}: not a valid port in {value!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
-            or parts.username is not None:
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0 or parts.username is not None \
+            or any(c in value for c in '?#"\\') or any(c.isspace() for c in value):
         raise ValueError(f"{name} must be http(s)://HOST[:PORT][/PATH] with no query or user, not {value!r}")
     return value
 

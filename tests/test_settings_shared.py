@@ -71,6 +71,11 @@ def test_a_cluster_from_dns(tmp_path):
     ({"mirror_url": "http://mirror.lan:5000/?x=1"}, "mirror_url must be"),
     ({"mirror_url": "http://user@mirror.lan:5000"}, "mirror_url must be"),
     ({"mirror_url": "ftp://mirror.lan"}, "mirror_url must be"),
+    ({"mirror_url": "http://m.lan?"}, "mirror_url must be"),
+    ({"blob_url": "http://m.lan#"}, "blob_url must be"),
+    ({"mirror_url": "http://mirror lan:5000"}, "mirror_url must be"),
+    ({"mirror_url": "http://m.lan:5000/a b"}, "mirror_url must be"),
+    ({"blob_url": "http://mirror.lan:0"}, "blob_url must be"),
 ])
 def test_unusable_values_are_refused_with_a_message(values, message):
     with pytest.raises(ValueError, match=message):
