@@ -79,9 +79,18 @@ class Plan:
         self.visits: dict[str, tuple] = {}
 
     def find(self, name: str) -> tuple:
-        visits = self.visits[name] = tuple(addon for addon in self.chain
-                                           if getattr(addon, name, None) or hasattr(addon, "addons"))
+        visits = self.visits[name] = tuple(addon for addon in self.chain if _may_have(addon, name))
         return visits
+
+
+def _may_have(addon, name: str) -> bool:
+    """Whether addon has the hook or sub-addons. One whose attributes raise is
+    visited: the walk then logs the error under that addon, as mitmproxy does,
+    instead of the event failing for all."""
+    try:
+        return bool(getattr(addon, name, None)) or hasattr(addon, "addons")
+    except Exception:
+        return True
 
 
 def _visits(manager: addonmanager.AddonManager, name: str) -> tuple:

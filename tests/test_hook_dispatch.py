@@ -240,6 +240,37 @@ def test_a_hook_that_is_no_function_is_refused_and_a_module_skipped_as_in_mitmpr
     assert theirs == (["before", "after"] * 2, ["Addon error: Addon handler request (odd) not callable"] * 2)
 
 
+class Raising(Plain):
+    """An addon whose hook attribute raises when looked up (a property, say),
+    once it is in the chain (mitmproxy's add() looks at every attribute)."""
+
+    broken = False
+
+    @property
+    def request(self):
+        if self.broken:
+            raise KeyError("request")
+        return None
+
+
+def test_an_addon_whose_hook_lookup_raises_is_logged_and_the_others_run_as_in_mitmproxy(caplog):
+    def run(tctx, dispatch) -> tuple[list[str], list[str]]:
+        calls: list[str] = []
+        caplog.clear()
+        manager = addonmanager.AddonManager(tctx.master)
+        raising = Raising()
+        manager.add(Recorder(calls, "before"), raising, Recorder(calls, "after"))
+        raising.broken = True
+        for _ in range(2):
+            request_event(tctx, manager, dispatch)
+        return calls, [r.getMessage() for r in caplog.records]
+
+    with taddons.context() as tctx, caplog.at_level(logging.ERROR):
+        theirs = run(tctx, hook_dispatch.MITMPROXY_TRIGGER_EVENT)
+        assert run(tctx, hook_dispatch.trigger_event) == theirs
+    assert theirs == (["before", "after"] * 2, ["Addon error: 'request'"] * 2)
+
+
 def test_a_reloaded_script_gets_its_new_hooks_and_not_the_removed_ones(tmp_path):
     """mitmproxy's script loader replaces a script's module when its file
     changes (Script.loadscript, which its watcher calls)."""
