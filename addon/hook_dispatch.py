@@ -119,89 +119,84 @@ def _not_callable(name: str, addon) -> exceptions.AddonManagerError:
     return exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
 
 
+def _tops(manager: addonmanager.AddonManager, name: str):
+    """The addons of the chain to visit for hook `name`, in chain order, then
+    those added to the chain while they ran (they get the event too, as in
+    mitmproxy). A lifecycle event visits every addon."""
+    chain = manager.chain
+    start = 0
+    while True:
+        length = len(chain)
+        yield from chain[start:] if start or name in LIFECYCLE else _visits(manager, name)
+        if len(chain) == length:
+            return
+        start = length
+
+
+def _handlers(top, name: str):
+    """(addon, hook) for top, then its sub-addons depth first, as mitmproxy's
+    invoke_addon finds them (with its traverse: each one's `addons` read
+    after its hook ran). A module of that name is skipped; anything else not
+    callable is refused."""
+    for addon in addonmanager.traverse((top,)) if hasattr(top, "addons") else (top,):
+        func = getattr(addon, name, None)
+        if not func:
+            continue
+        if not callable(func):
+            if isinstance(func, types.ModuleType):
+                continue
+            raise _not_callable(name, addon)
+        yield addon, func
+
+
 async def trigger_event(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
     """AddonManager.trigger_event, visiting only the addons with the hook.
 
-    Each addon visited is walked as mitmproxy's invoke_addon walks it (with
-    its traverse, as its _iter_hooks does): the addon, then its sub-addons
-    depth first, each one's `addons` read after its hook ran; all of it
-    under one error handler, as under mitmproxy's one safecall per addon of
-    the chain."""
-    name = event.name
-    lifecycle = name in LIFECYCLE
-    chain = self.chain
-    start, args = 0, None
+    Each addon of the chain visited is walked under one error handler, as
+    under mitmproxy's one safecall per addon of the chain."""
+    name, args = event.name, None
     try:
-        while True:
-            visits = chain[start:] if lifecycle or start else _visits(self, name)
-            length = len(chain)
-            for top in visits:
-                try:
-                    for addon in addonmanager.traverse((top,)) if hasattr(top, "addons") else (top,):
-                        func = getattr(addon, name, None)
-                        if not func:
-                            continue
-                        if not callable(func):
-                            if isinstance(func, types.ModuleType):
-                                continue
-                            raise _not_callable(name, addon)
-                        if args is None:
-                            args = event.args()
-                        result = func(*args)
-                        if result is not None and inspect.isawaitable(result):
-                            await result
-                except exceptions.AddonHalt:
-                    return
-                except exceptions.OptionsError:
-                    raise
-                except Exception:
-                    _log_error("trigger_event")
-            if len(chain) == length:
+        for top in _tops(self, name):
+            try:
+                for _addon, func in _handlers(top, name):
+                    if args is None:
+                        args = event.args()
+                    result = func(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+            except exceptions.AddonHalt:
                 return
-            start = length  # addons added to the chain during this event get it too, as in mitmproxy
+            except exceptions.OptionsError:
+                raise
+            except Exception:
+                _log_error("trigger_event")
     finally:
-        if lifecycle:
+        if name in LIFECYCLE:
             forget(self)
 
 
 def trigger(self: addonmanager.AddonManager, event: hooks.Hook) -> None:
     """AddonManager.trigger (the synchronous one: add_log, configure, update),
     visiting only the addons with the hook, as trigger_event does."""
-    name = event.name
-    lifecycle = name in LIFECYCLE
-    chain = self.chain
-    start, args = 0, None
+    name, args = event.name, None
     try:
-        while True:
-            visits = chain[start:] if lifecycle or start else _visits(self, name)
-            length = len(chain)
-            for top in visits:
-                try:
-                    for addon in addonmanager.traverse((top,)) if hasattr(top, "addons") else (top,):
-                        func = getattr(addon, name, None)
-                        if not func:
-                            continue
-                        if not callable(func):
-                            if isinstance(func, types.ModuleType):
-                                continue
-                            raise _not_callable(name, addon)
-                        if inspect.iscoroutinefunction(func):
-                            raise exceptions.AddonManagerError(
-                                f"Async handler {name} ({addon}) cannot be called from sync context")
-                        if args is None:
-                            args = event.args()
-                        func(*args)
-                except exceptions.AddonHalt:
-                    return
-                except exceptions.OptionsError:
-                    raise
-                except Exception:
-                    _log_error("trigger")
-            if len(chain) == length:
+        for top in _tops(self, name):
+            try:
+                for addon, func in _handlers(top, name):
+                    if inspect.iscoroutinefunction(func):
+                        raise exceptions.AddonManagerError(
+                            f"Async handler {name} ({addon}) cannot be called from sync context")
+                    if args is None:
+                        args = event.args()
+                    func(*args)
+            except exceptions.AddonHalt:
                 return
-            start = length
+            except exceptions.OptionsError:
+                raise
+            except Exception:
+                _log_error("trigger")
     finally:
-        if lifecycle:
+        if name in LIFECYCLE:
             forget(self)
 
 
