@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
 from urllib.parse import parse_qs, quote, urlsplit
 
+from .cluster_secret import SIGNATURE_RE
 from .fill import Cursor, FillFailed, Fills
 from .metrics import Metrics
 from .oci import error_body
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 URL_TTL = 300.0  # seconds a signed URL may be used to START a download
 EXPIRES_RE = re.compile(r"[0-9]{1,12}")  # what signed_path writes: a Unix time
-SIG_RE = re.compile(r"[0-9a-f]{64}")  # an HMAC-SHA256 in hex
 SEND_TIMEOUT = 60.0  # a client that accepts nothing for this long is dropped
 FOLLOW_TIMEOUT = 90.0  # > the fill's own upstream read timeout
 PIN_FOR = 60.0  # seconds a blob the mirror chose to serve stays readable here, evicted or not
@@ -145,7 +145,7 @@ class BlobServer:
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     def check_signature(self, digest: str, expires: str, sig: str, registry: str = "", node: str = "") -> bool:
-        if not (EXPIRES_RE.fullmatch(expires) and SIG_RE.fullmatch(sig)) or int(expires) < time.time():
+        if not (EXPIRES_RE.fullmatch(expires) and SIGNATURE_RE.fullmatch(sig)) or int(expires) < time.time():
             return False
         message = self._message(digest, int(expires), registry, node)
         if self.cluster_secret is not None:
